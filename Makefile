@@ -1,0 +1,39 @@
+# vmexportfs — build, test, demo, benchmark, fuzz.
+export PATH := /usr/local/go/bin:$(PATH)
+
+GO        ?= go
+BIN       ?= bin/vmexportfs
+MNT       ?= /mnt/vms
+FUZZTIME  ?= 30s
+
+.PHONY: build test demo bench fuzz vet clean
+
+build:
+	$(GO) build -o $(BIN) ./cmd/vmexportfs
+
+vet:
+	$(GO) vet ./...
+
+# The tests mount real FUSE filesystems: run as root with /dev/fuse present.
+test: vet
+	$(GO) test -count=1 -timeout 20m ./...
+
+# Mounts the built-in Coriolis simulator with sample VMs on $(MNT).
+demo: build
+	mkdir -p $(MNT)
+	$(BIN) demo $(MNT)
+
+bench: build
+	scripts/bench.sh
+
+# Runs every fuzz target for $(FUZZTIME).
+fuzz:
+	@set -e; for pkg in $$($(GO) list ./...); do \
+		for target in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz' || true); do \
+			echo "== $$pkg $$target"; \
+			$(GO) test -run '^$$' -fuzz "^$$target$$" -fuzztime $(FUZZTIME) $$pkg; \
+		done; \
+	done
+
+clean:
+	rm -rf bin

@@ -1,0 +1,114 @@
+package coriolis
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/golang-jwt/jwt/v5"
+
+	"github.com/vmexportfs/vmexportfs/backend"
+	"github.com/vmexportfs/vmexportfs/backend/httprange"
+)
+
+// renewDebounce: a 401 that arrives this soon after a login was almost
+// certainly sent with the old token, so it does not need another login.
+const renewDebounce = time.Second
+
+// authorizer holds the exporter's JWT and logs in again before it expires
+// or after a 401. One mutex makes concurrent requests share one login.
+type authorizer struct {
+	login  *httprange.Client // no Auth: login is how credentials are made
+	url    string
+	user   string
+	pass   string
+	logger *slog.Logger
+
+	mu       sync.Mutex
+	token    string
+	renewAt  time.Time // log in again from here on
+	loggedIn time.Time
+}
+
+// Authorize adds the bearer token, logging in first when it is near expiry.
+func (a *authorizer) Authorize(ctx context.Context, req *http.Request) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.token == "" || !time.Now().Before(a.renewAt) {
+		if err := a.loginLocked(ctx); err != nil {
+			return err
+		}
+	}
+	req.Header.Set("Authorization", "Bearer "+a.token)
+	return nil
+}
+
+// Renew logs in again, unless another request just did.
+func (a *authorizer) Renew(ctx context.Context) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.token != "" && time.Since(a.loggedIn) < renewDebounce {
+		return nil
+	}
+	return a.loginLocked(ctx)
+}
+
+func (a *authorizer) loginLocked(ctx context.Context) error {
+	body, err := json.Marshal(loginRequest{Username: a.user, Password: a.pass})
+	if err != nil {
+		return fmt.Errorf("coriolis: login: %w", err)
+	}
+	resp, err := a.login.Do(ctx, func(ctx context.Context) (*http.Request, error) {
+		req, err := http.NewRequestWithContext(ctx, http.MethodPost, a.url, bytes.NewReader(body))
+		if err != nil {
+			return nil, err
+		}
+		req.Header.Set("Content-Type", "application/json")
+		// Logging in twice is harmless, so network faults may be retried.
+		req.Header.Set("Idempotency-Key", "login")
+		return req, nil
+	})
+	if err != nil {
+		return fmt.Errorf("coriolis: login as %q: %w", a.user, err)
+	}
+	defer resp.Body.Close()
+	var ans loginAnswer
+	if err := decodeJSON(resp.Body, &ans); err != nil {
+		return fmt.Errorf("coriolis: login: %w", err)
+	}
+	now := time.Now()
+	renewAt, err := tokenRenewal(ans.Token, now)
+	if err != nil {
+		return fmt.Errorf("coriolis: login: %w", err)
+	}
+	a.token, a.renewAt, a.loggedIn = ans.Token, renewAt, now
+	a.logger.Debug("coriolis: logged in", "user", a.user, "renew_at", renewAt)
+	return nil
+}
+
+// tokenRenewal reads the token's exp without verifying it (only the server
+// holds the secret) and returns when to log in again: min(60s, TTL/5) early.
+func tokenRenewal(token string, now time.Time) (time.Time, error) {
+	if token == "" {
+		return time.Time{}, fmt.Errorf("%w: answer has no token", backend.ErrUnavailable)
+	}
+	var claims jwt.RegisteredClaims
+	if _, _, err := jwt.NewParser().ParseUnverified(token, &claims); err != nil {
+		// The error text of a JWT parser may quote the token; do not wrap it.
+		return time.Time{}, fmt.Errorf("%w: answer token is not a JWT", backend.ErrUnavailable)
+	}
+	if claims.ExpiresAt == nil {
+		// No expiry: rely on the 401 path.
+		return now.Add(100 * 365 * 24 * time.Hour), nil
+	}
+	ttl := claims.ExpiresAt.Sub(now)
+	if ttl <= 0 {
+		return time.Time{}, fmt.Errorf("%w: server issued an already expired token (clock skew?)", backend.ErrUnavailable)
+	}
+	return claims.ExpiresAt.Add(-min(60*time.Second, ttl/5)), nil
+}

@@ -1,0 +1,345 @@
+// Package coriolis is a backend.Source for the Coriolis OVM exporter
+// (see specs/coriolis.md): VMs, reflink snapshots with chunk maps, and
+// Range reads of snapshot disks.
+package coriolis
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/vmexportfs/vmexportfs/backend"
+	"github.com/vmexportfs/vmexportfs/backend/extent"
+	"github.com/vmexportfs/vmexportfs/backend/httprange"
+)
+
+// Config says where the exporter is and how to log in.
+type Config struct {
+	URL                string // https://host:5544 (the "coriolis+" scheme prefix is stripped by the command)
+	Username           string
+	Password           string         // never logged, never in an error
+	RootCAs            *x509.CertPool // nil: system pool. TLS is always verified unless InsecureSkipVerify
+	InsecureSkipVerify bool
+	Policy             httprange.Policy
+	Logger             *slog.Logger
+	HTTP               *http.Client // optional override (tests); otherwise built from RootCAs
+}
+
+// maxJSONBody bounds a JSON answer: a snapshot of a huge, fragmented disk has
+// many chunks, but nothing legitimate comes close.
+const maxJSONBody = 64 << 20
+
+// snapshotCacheTTL is how long one snapshot answer serves OpenDisk calls, so
+// opening every disk of a snapshot costs one GET. Snapshots are immutable, so
+// the only risk is serving a deleted one briefly, which reads then report.
+const snapshotCacheTTL = 10 * time.Second
+
+// Client talks to one Coriolis OVM exporter.
+type Client struct {
+	base   *url.URL
+	http   *httprange.Client
+	auth   *authorizer
+	logger *slog.Logger
+
+	mu    sync.Mutex
+	cache map[[2]string]cachedSnapshot
+}
+
+type cachedSnapshot struct {
+	snap    apiSnapshot
+	fetched time.Time
+}
+
+var (
+	_ backend.Source          = (*Client)(nil)
+	_ backend.SnapshotCreator = (*Client)(nil)
+	_ backend.SnapshotDeleter = (*Client)(nil)
+	_ backend.Disk            = (*Disk)(nil)
+	_ backend.ChangeTracker   = (*Disk)(nil)
+)
+
+// New builds a client and logs in once, so bad credentials fail here.
+func New(ctx context.Context, cfg Config) (*Client, error) {
+	base, err := url.Parse(strings.TrimRight(cfg.URL, "/"))
+	if err != nil || base.Host == "" || (base.Scheme != "https" && base.Scheme != "http") || base.RawQuery != "" || base.User != nil {
+		return nil, fmt.Errorf("coriolis: %w: URL must be https://host:port", backend.ErrInvalid)
+	}
+	logger := cfg.Logger
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	hc := cfg.HTTP
+	if hc == nil {
+		tr := http.DefaultTransport.(*http.Transport).Clone()
+		tr.TLSClientConfig = &tls.Config{RootCAs: cfg.RootCAs, InsecureSkipVerify: cfg.InsecureSkipVerify, MinVersion: tls.VersionTLS12}
+		tr.MaxIdleConnsPerHost = 32
+		tr.MaxIdleConns = 64
+		hc = &http.Client{Transport: tr}
+	}
+	if cfg.InsecureSkipVerify {
+		logger.Warn("coriolis: TLS certificate verification disabled", "url", base.Redacted())
+	}
+	c := &Client{base: base, logger: logger, cache: map[[2]string]cachedSnapshot{}}
+	c.auth = &authorizer{
+		login:  &httprange.Client{HTTP: hc, Policy: cfg.Policy, Logger: logger},
+		url:    c.route("auth", "login"),
+		user:   cfg.Username,
+		pass:   cfg.Password,
+		logger: logger,
+	}
+	c.http = &httprange.Client{HTTP: hc, Auth: c.auth, Policy: cfg.Policy, Logger: logger}
+	if err := c.auth.Renew(ctx); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// route builds /api/v1/<segments...>, escaping each segment so hostile ids
+// cannot change the path.
+func (c *Client) route(segments ...string) string {
+	esc := make([]string, len(segments))
+	for i, s := range segments {
+		esc[i] = url.PathEscape(s)
+	}
+	return c.base.String() + "/api/v1/" + strings.Join(esc, "/")
+}
+
+// call decodes the answer of method url into v (when v is not nil).
+func (c *Client) call(ctx context.Context, method, u string, v any) error {
+	resp, err := c.http.Do(ctx, func(ctx context.Context) (*http.Request, error) {
+		req, err := http.NewRequestWithContext(ctx, method, u, nil)
+		if err == nil {
+			req.Header.Set("Accept", "application/json")
+		}
+		return req, err
+	})
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if v == nil {
+		return nil
+	}
+	if err := decodeJSON(resp.Body, v); err != nil {
+		return fmt.Errorf("%s %s: %w", method, u, err)
+	}
+	return nil
+}
+
+// decodeJSON reads one bounded JSON value; trailing data or an oversize body
+// is malformed.
+func decodeJSON(r io.Reader, v any) error {
+	b, err := io.ReadAll(io.LimitReader(r, maxJSONBody+1))
+	if err != nil {
+		return fmt.Errorf("%w: read answer: %w", backend.ErrUnavailable, err)
+	}
+	if len(b) > maxJSONBody {
+		return fmt.Errorf("%w: answer larger than %d bytes", backend.ErrUnavailable, maxJSONBody)
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("%w: malformed JSON answer: %w", backend.ErrUnavailable, err)
+	}
+	if dec.More() {
+		return fmt.Errorf("%w: malformed JSON answer: trailing data", backend.ErrUnavailable)
+	}
+	return nil
+}
+
+// VMs lists the exporter's VMs.
+func (c *Client) VMs(ctx context.Context) ([]backend.VM, error) {
+	var vms []apiVM
+	if err := c.call(ctx, http.MethodGet, c.route("vms"), &vms); err != nil {
+		return nil, fmt.Errorf("coriolis: list VMs: %w", err)
+	}
+	out := make([]backend.VM, 0, len(vms))
+	for _, v := range vms {
+		out = append(out, v.toBackend())
+	}
+	return out, nil
+}
+
+func (c *Client) vm(ctx context.Context, vmID string) (apiVM, error) {
+	var v apiVM
+	if err := c.call(ctx, http.MethodGet, c.route("vms", vmID), &v); err != nil {
+		return apiVM{}, fmt.Errorf("coriolis: get VM: %w", err)
+	}
+	return v, nil
+}
+
+// Snapshots lists a VM's snapshots oldest first (the VM's own snapshot id
+// order; any it does not list go last).
+func (c *Client) Snapshots(ctx context.Context, vmID string) ([]backend.Snapshot, error) {
+	v, err := c.vm(ctx, vmID)
+	if err != nil {
+		return nil, err
+	}
+	var snaps []apiSnapshot
+	if err := c.call(ctx, http.MethodGet, c.route("vms", vmID, "snapshots"), &snaps); err != nil {
+		return nil, fmt.Errorf("coriolis: list snapshots: %w", err)
+	}
+	return orderSnapshots(v, snaps), nil
+}
+
+func orderSnapshots(v apiVM, snaps []apiSnapshot) []backend.Snapshot {
+	rank := make(map[string]int, len(v.Snapshots))
+	for i, id := range v.Snapshots {
+		if _, dup := rank[id]; !dup {
+			rank[id] = i
+		}
+	}
+	var listed, unlisted []backend.Snapshot
+	ordered := make([][]backend.Snapshot, len(v.Snapshots))
+	for _, s := range snaps {
+		bs := s.toBackend(v)
+		if i, ok := rank[s.ID]; ok {
+			ordered[i] = append(ordered[i], bs)
+		} else {
+			unlisted = append(unlisted, bs)
+		}
+	}
+	for _, group := range ordered {
+		listed = append(listed, group...)
+	}
+	return append(listed, unlisted...)
+}
+
+// CreateSnapshot takes a snapshot; name is ignored (Coriolis generates ids).
+func (c *Client) CreateSnapshot(ctx context.Context, vmID, _ string) (backend.Snapshot, error) {
+	var s apiSnapshot
+	if err := c.call(ctx, http.MethodPost, c.route("vms", vmID, "snapshots"), &s); err != nil {
+		return backend.Snapshot{}, fmt.Errorf("coriolis: create snapshot: %w", err)
+	}
+	if s.ID == "" {
+		return backend.Snapshot{}, fmt.Errorf("coriolis: create snapshot: %w: answer has no id", backend.ErrUnavailable)
+	}
+	v, err := c.vm(ctx, vmID)
+	if err != nil {
+		// The snapshot exists; devices fall back to disk names.
+		c.logger.Warn("coriolis: cannot read VM after snapshot", "err", err)
+	}
+	return s.toBackend(v), nil
+}
+
+// DeleteSnapshot deletes one snapshot.
+func (c *Client) DeleteSnapshot(ctx context.Context, vmID, snapshotID string) error {
+	if err := c.call(ctx, http.MethodDelete, c.route("vms", vmID, "snapshots", snapshotID), nil); err != nil {
+		return fmt.Errorf("coriolis: delete snapshot: %w", err)
+	}
+	c.mu.Lock()
+	delete(c.cache, [2]string{vmID, snapshotID})
+	c.mu.Unlock()
+	return nil
+}
+
+func (c *Client) snapshotURL(vmID, sid, compareTo string) string {
+	q := url.Values{"squashChunks": {"true"}}
+	if compareTo != "" {
+		q.Set("compareTo", compareTo)
+	}
+	return c.route("vms", vmID, "snapshots", sid) + "?" + q.Encode()
+}
+
+func (c *Client) snapshot(ctx context.Context, vmID, sid string) (apiSnapshot, error) {
+	key := [2]string{vmID, sid}
+	c.mu.Lock()
+	cs, ok := c.cache[key]
+	c.mu.Unlock()
+	if ok && time.Since(cs.fetched) < snapshotCacheTTL {
+		return cs.snap, nil
+	}
+	var s apiSnapshot
+	if err := c.call(ctx, http.MethodGet, c.snapshotURL(vmID, sid, ""), &s); err != nil {
+		return apiSnapshot{}, fmt.Errorf("coriolis: get snapshot: %w", err)
+	}
+	c.mu.Lock()
+	for k, v := range c.cache {
+		if time.Since(v.fetched) >= snapshotCacheTTL {
+			delete(c.cache, k)
+		}
+	}
+	c.cache[key] = cachedSnapshot{snap: s, fetched: time.Now()}
+	c.mu.Unlock()
+	return s, nil
+}
+
+// OpenDisk opens one snapshot disk: its size from HEAD and its allocation
+// from the snapshot's chunks.
+func (c *Client) OpenDisk(ctx context.Context, ref backend.DiskRef) (backend.Disk, error) {
+	s, err := c.snapshot(ctx, ref.VM, ref.Snapshot)
+	if err != nil {
+		return nil, err
+	}
+	ds, ok := s.disk(ref.Disk)
+	if !ok {
+		return nil, fmt.Errorf("coriolis: open disk: %w: snapshot has no disk %q", backend.ErrNotFound, ref.Disk)
+	}
+	d := &Disk{c: c, ref: ref, url: c.route("vms", ref.VM, "snapshots", ref.Snapshot, "disks", ref.Disk)}
+	if d.size, err = c.http.Size(ctx, d.url); err != nil {
+		return nil, fmt.Errorf("coriolis: open disk: %w", err)
+	}
+	if d.alloc, err = chunkMap(ds.Chunks, d.size); err != nil {
+		// Reading everything is always correct; a wrong map is not.
+		c.logger.Warn("coriolis: untrusted chunk map, reading the whole disk", "vm", ref.VM, "snapshot", ref.Snapshot, "disk", ref.Disk, "reason", err.Error())
+		d.alloc = extent.Full(d.size)
+	}
+	return d, nil
+}
+
+// Disk is one opened snapshot disk.
+type Disk struct {
+	c     *Client
+	ref   backend.DiskRef
+	url   string
+	size  int64
+	alloc extent.Map
+}
+
+// Size is the disk's size in bytes.
+func (d *Disk) Size() int64 { return d.size }
+
+// Allocated is the snapshot's chunk map.
+func (d *Disk) Allocated() extent.Map { return d.alloc }
+
+// ReadAt fills p from off with a checked Range read.
+func (d *Disk) ReadAt(ctx context.Context, p []byte, off int64) error {
+	if off < 0 || off > d.size || int64(len(p)) > d.size-off {
+		return fmt.Errorf("coriolis: read: %w: %d bytes at %d past disk size %d", backend.ErrInvalid, len(p), off, d.size)
+	}
+	if err := d.c.http.ReadRange(ctx, d.url, p, off); err != nil {
+		return fmt.Errorf("coriolis: read: %w", err)
+	}
+	return nil
+}
+
+// ChangedSince is the map of extents rewritten since base. A hostile map is an
+// error here: guessing would make an incremental backup silently wrong.
+func (d *Disk) ChangedSince(ctx context.Context, baseSnapshotID string) (extent.Map, error) {
+	var s apiSnapshot
+	if err := d.c.call(ctx, http.MethodGet, d.c.snapshotURL(d.ref.VM, d.ref.Snapshot, baseSnapshotID), &s); err != nil {
+		return extent.Map{}, fmt.Errorf("coriolis: changes since %q: %w", baseSnapshotID, err)
+	}
+	ds, ok := s.disk(d.ref.Disk)
+	if !ok {
+		return extent.Map{}, fmt.Errorf("coriolis: changes since %q: %w: answer has no disk %q", baseSnapshotID, backend.ErrUnavailable, d.ref.Disk)
+	}
+	m, err := chunkMap(ds.Chunks, d.size)
+	if err != nil {
+		return extent.Map{}, fmt.Errorf("coriolis: changes since %q: %w: %w", baseSnapshotID, backend.ErrUnavailable, err)
+	}
+	return m, nil
+}
+
+// errHostile marks chunk values that cannot be byte offsets.
+var errHostile = errors.New("hostile chunk")

@@ -1,0 +1,405 @@
+// Package coriolistest runs an in-process simulator of the Coriolis OVM
+// exporter (cloudbase/coriolis-ovm-exporter) over real HTTPS, in the spirit of
+// net/http/httptest. Disks are sparse files with copy-on-write extent
+// bookkeeping, so snapshots, chunks and compareTo behave like the real server
+// on a reflink repository. It is used by tests and by `vmexportfs demo`.
+package coriolistest
+
+import (
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Options configure a simulator. Dir is required.
+type Options struct {
+	Dir      string        // where disk files and the CA PEM live
+	Username string        // default "admin"
+	Password string        // default "secret"
+	TokenTTL time.Duration // default 1h
+	Addr     string        // default "127.0.0.1:0"
+	Logger   *slog.Logger
+}
+
+// Stats counts what clients asked for since Start or the last ResetStats.
+type Stats struct {
+	DiskBytes    int64 // body bytes of disk GETs actually written
+	DiskRequests int64 // GET/HEAD requests on the disk route
+	Logins       int64 // successful logins (tokens issued)
+	APIRequests  int64 // every other routed request (metadata, snapshots)
+}
+
+// Server is a running simulator.
+type Server struct {
+	opts      Options
+	log       *slog.Logger
+	jwtSecret []byte
+	tokenTTL  atomic.Int64
+	handler   http.Handler
+
+	ln      net.Listener
+	srv     *http.Server
+	caPool  *x509.CertPool
+	caFile  string
+	done    chan struct{}
+	closeMu sync.Once
+
+	mu      sync.RWMutex
+	vms     []*vm
+	nextPID uint64
+	nextSeq uint64
+
+	diskBytes, diskRequests, logins, apiRequests atomic.Int64
+}
+
+// Start creates the TLS material, listens and serves in the background.
+func Start(opts Options) (*Server, error) {
+	if opts.Dir == "" {
+		return nil, errors.New("coriolistest start: Options.Dir is required")
+	}
+	if opts.Username == "" {
+		opts.Username = "admin"
+	}
+	if opts.Password == "" {
+		opts.Password = "secret"
+	}
+	if opts.TokenTTL == 0 {
+		opts.TokenTTL = time.Hour
+	}
+	if opts.Addr == "" {
+		opts.Addr = "127.0.0.1:0"
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if err := os.MkdirAll(filepath.Join(opts.Dir, "vms"), 0o755); err != nil {
+		return nil, fmt.Errorf("coriolistest start: create dir: %w", err)
+	}
+	secret := make([]byte, 32)
+	if _, err := rand.Read(secret); err != nil {
+		return nil, fmt.Errorf("coriolistest start: jwt secret: %w", err)
+	}
+	s := &Server{opts: opts, log: log, jwtSecret: secret, done: make(chan struct{}), nextPID: 1}
+	s.tokenTTL.Store(int64(opts.TokenTTL))
+	s.handler = s.routes()
+
+	pki, err := newPKI()
+	if err != nil {
+		return nil, fmt.Errorf("coriolistest start: %w", err)
+	}
+	s.caPool = pki.pool
+	s.caFile = filepath.Join(opts.Dir, "ca.pem")
+	if err := os.WriteFile(s.caFile, pki.caPEM, 0o644); err != nil {
+		return nil, fmt.Errorf("coriolistest start: write CA: %w", err)
+	}
+
+	ln, err := net.Listen("tcp", opts.Addr)
+	if err != nil {
+		return nil, fmt.Errorf("coriolistest start: listen %s: %w", opts.Addr, err)
+	}
+	s.ln = ln
+	s.srv = &http.Server{
+		Handler:           s.handler,
+		TLSConfig:         &tls.Config{Certificates: []tls.Certificate{pki.leaf}, MinVersion: tls.VersionTLS12},
+		ReadHeaderTimeout: 10 * time.Second,
+		// Handshake failures from clients that do not trust the CA are
+		// expected in tests; keep them out of stderr.
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+	}
+	go func() {
+		defer close(s.done)
+		if err := s.srv.ServeTLS(ln, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("coriolis simulator serve", "err", err)
+		}
+	}()
+	log.Info("coriolis simulator started", "url", s.URL())
+	return s, nil
+}
+
+// URL is the base URL, https://host:port, without /api/v1.
+func (s *Server) URL() string { return "https://" + s.ln.Addr().String() }
+
+// CAPool trusts the simulator's freshly generated CA.
+func (s *Server) CAPool() *x509.CertPool { return s.caPool }
+
+// CAFile is the PEM file of the CA, inside Dir.
+func (s *Server) CAFile() string { return s.caFile }
+
+// Handler is the full API handler, for serving behind a proxy.
+func (s *Server) Handler() http.Handler { return s.handler }
+
+// Close stops serving and drops open connections. Files in Dir stay.
+func (s *Server) Close() error {
+	var err error
+	s.closeMu.Do(func() {
+		err = s.srv.Close()
+		<-s.done
+	})
+	if err != nil {
+		return fmt.Errorf("coriolistest close: %w", err)
+	}
+	return nil
+}
+
+// SetTokenTTL changes the lifetime of tokens issued from now on; a negative
+// value issues already-expired tokens.
+func (s *Server) SetTokenTTL(d time.Duration) { s.tokenTTL.Store(int64(d)) }
+
+// Stats returns the counters.
+func (s *Server) Stats() Stats {
+	return Stats{
+		DiskBytes:    s.diskBytes.Load(),
+		DiskRequests: s.diskRequests.Load(),
+		Logins:       s.logins.Load(),
+		APIRequests:  s.apiRequests.Load(),
+	}
+}
+
+// ResetStats zeroes the counters.
+func (s *Server) ResetStats() {
+	s.diskBytes.Store(0)
+	s.diskRequests.Store(0)
+	s.logins.Store(0)
+	s.apiRequests.Store(0)
+}
+
+func (s *Server) alloc() uint64 {
+	p := s.nextPID
+	s.nextPID++
+	return p
+}
+
+func (s *Server) findVM(id string) *vm {
+	for _, v := range s.vms {
+		if v.spec.ID == id {
+			return v
+		}
+	}
+	return nil
+}
+
+// AddVM registers a VM and creates its (sparse, all-hole) live disks.
+func (s *Server) AddVM(spec VMSpec) error {
+	if err := s.addVM(spec); err != nil {
+		return fmt.Errorf("coriolistest add vm %q: %w", spec.ID, err)
+	}
+	return nil
+}
+
+func (s *Server) addVM(spec VMSpec) error {
+	if err := safeName(spec.ID); err != nil {
+		return err
+	}
+	disks := make([]DiskSpec, len(spec.Disks))
+	copy(disks, spec.Disks)
+	seen := map[string]bool{}
+	for i := range disks {
+		d := &disks[i]
+		if err := safeName(d.Name); err != nil {
+			return err
+		}
+		if seen[d.Name] {
+			return fmt.Errorf("%w: duplicate disk %q", errInvalid, d.Name)
+		}
+		seen[d.Name] = true
+		if d.Size < 0 {
+			return fmt.Errorf("%w: disk %q has negative size", errInvalid, d.Name)
+		}
+		if d.Device == "" {
+			d.Device = "xvd" + string(rune('a'+i%26))
+		}
+		if d.CDROM && !strings.HasSuffix(d.Device, ":cdrom") {
+			d.Device += ":cdrom"
+		}
+	}
+	spec.Disks = disks
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.findVM(spec.ID) != nil {
+		return errExists
+	}
+	repo, err := newHexID()
+	if err != nil {
+		return err
+	}
+	uuid, err := vmUUID(spec.ID)
+	if err != nil {
+		return err
+	}
+	v := &vm{spec: spec, uuid: uuid, repo: repo, dir: vmDir(s.opts.Dir, spec.ID)}
+	liveDir := filepath.Join(v.dir, "live")
+	if err := os.MkdirAll(liveDir, 0o755); err != nil {
+		return fmt.Errorf("create vm dir: %w", err)
+	}
+	for _, ds := range spec.Disks {
+		p := filepath.Join(liveDir, ds.Name)
+		f, err := os.OpenFile(p, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644)
+		if err != nil {
+			return fmt.Errorf("create live disk: %w", err)
+		}
+		terr := f.Truncate(ds.Size)
+		if cerr := f.Close(); terr == nil {
+			terr = cerr
+		}
+		if terr != nil {
+			return fmt.Errorf("size live disk: %w", terr)
+		}
+		v.disks = append(v.disks, &disk{spec: ds, livePath: p, granules: granuleMap{}})
+	}
+	s.vms = append(s.vms, v)
+	return nil
+}
+
+func (s *Server) liveDisk(vmID, diskName string) (*disk, error) {
+	v := s.findVM(vmID)
+	if v == nil {
+		return nil, fmt.Errorf("vm %q: %w", vmID, errNotFound)
+	}
+	d := v.disk(diskName)
+	if d == nil {
+		return nil, fmt.Errorf("disk %q: %w", diskName, errNotFound)
+	}
+	return d, nil
+}
+
+// WriteDisk writes data into the live disk at off; every touched granule gets
+// a new physical location (copy-on-write).
+func (s *Server) WriteDisk(vmID, diskName string, off int64, data []byte) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d, err := s.liveDisk(vmID, diskName)
+	if err == nil {
+		err = writeLive(d, off, data, s.alloc)
+	}
+	if err != nil {
+		return fmt.Errorf("coriolistest write disk %s/%s: %w", vmID, diskName, err)
+	}
+	return nil
+}
+
+// DiscardDisk punches a hole in the live disk; fully covered granules are
+// deallocated, partially covered ones are rewritten.
+func (s *Server) DiscardDisk(vmID, diskName string, off, n int64) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	d, err := s.liveDisk(vmID, diskName)
+	if err == nil {
+		err = discardLive(d, off, n, s.alloc)
+	}
+	if err != nil {
+		return fmt.Errorf("coriolistest discard disk %s/%s: %w", vmID, diskName, err)
+	}
+	return nil
+}
+
+// TakeSnapshot creates a snapshot as POST .../snapshots does and returns its id.
+func (s *Server) TakeSnapshot(vmID string) (string, error) {
+	snap, err := s.takeSnapshot(vmID)
+	if err != nil {
+		return "", fmt.Errorf("coriolistest take snapshot of %q: %w", vmID, err)
+	}
+	return snap.id, nil
+}
+
+func (s *Server) takeSnapshot(vmID string) (*snapshot, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	v := s.findVM(vmID)
+	if v == nil {
+		return nil, fmt.Errorf("vm %q: %w", vmID, errNotFound)
+	}
+	id, err := newUUID()
+	if err != nil {
+		return nil, err
+	}
+	s.nextSeq++
+	snap := &snapshot{id: id, seq: s.nextSeq, dir: filepath.Join(v.dir, "snapshots", id)}
+	if err := os.MkdirAll(snap.dir, 0o755); err != nil {
+		return nil, fmt.Errorf("create snapshot dir: %w", err)
+	}
+	for _, d := range v.disks {
+		if d.spec.CDROM {
+			continue
+		}
+		sd, err := snapshotDisk(d, filepath.Join(snap.dir, d.spec.Name))
+		if err != nil {
+			_ = os.RemoveAll(snap.dir)
+			return nil, err
+		}
+		snap.disks = append(snap.disks, sd)
+	}
+	v.snapshots = append(v.snapshots, snap)
+	s.log.Debug("coriolis simulator snapshot", "vm", vmID, "snapshot", id)
+	return snap, nil
+}
+
+// deleteSnapshots removes one snapshot (id != "") or all of the VM's, with
+// their files. Like the server, deleting an unknown snapshot id succeeds and
+// does not check the VM, while a snapshot of another VM is a conflict.
+func (s *Server) deleteSnapshots(vmID, id string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var v *vm
+	if id != "" {
+		owner, _, err := s.lookupSnapshot(vmID, id)
+		if errors.Is(err, errNotFound) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		v = owner
+	} else if v = s.findVM(vmID); v == nil {
+		return fmt.Errorf("vm %q: %w", vmID, errNotFound)
+	}
+	kept := v.snapshots[:0:0]
+	for i, snap := range v.snapshots {
+		if id != "" && snap.id != id {
+			kept = append(kept, snap)
+			continue
+		}
+		// Open readers keep their file descriptors; new requests get 404.
+		if err := os.RemoveAll(snap.dir); err != nil {
+			v.snapshots = append(kept, v.snapshots[i:]...)
+			return fmt.Errorf("remove snapshot %s: %w", snap.id, err)
+		}
+	}
+	v.snapshots = kept
+	return nil
+}
+
+// SnapshotData returns the path of a snapshot's disk file, for checksums.
+func (s *Server) SnapshotData(vmID, snapID, diskName string) (string, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	sd, err := s.snapDisk(vmID, snapID, diskName)
+	if err != nil {
+		return "", fmt.Errorf("coriolistest snapshot data %s/%s/%s: %w", vmID, snapID, diskName, err)
+	}
+	return sd.path, nil
+}
+
+func (s *Server) snapDisk(vmID, snapID, diskName string) (*snapDisk, error) {
+	_, snap, err := s.lookupSnapshot(vmID, snapID)
+	if err != nil {
+		return nil, err
+	}
+	sd := snap.disk(diskName)
+	if sd == nil {
+		return nil, fmt.Errorf("disk %q: %w", diskName, errNotFound)
+	}
+	return sd, nil
+}

@@ -1,0 +1,323 @@
+package coriolistest
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// Granularity is the block size of the extent bookkeeping. Data is stored
+// byte-exact; only the "physical location" accounting is per granule, like the
+// block size of a reflink filesystem.
+const Granularity = 64 << 10
+
+// Errors returned by the model; the HTTP layer maps them to APIError statuses.
+var (
+	errNotFound = errors.New("not found")
+	errInvalid  = errors.New("invalid argument")
+	errExists   = errors.New("already exists")
+	errConflict = errors.New("conflict")
+)
+
+// VMSpec describes a VM to add to the simulator.
+type VMSpec struct {
+	ID           string // used in URLs (the server's "name")
+	FriendlyName string
+	Disks        []DiskSpec
+}
+
+// DiskSpec describes one disk of a VM. Device defaults to xvda, xvdb, ...;
+// a CD-ROM gets the ":cdrom" suffix and mode "r" and is never snapshotted.
+type DiskSpec struct {
+	Name   string // the diskID of the disk route
+	Device string
+	Size   int64
+	CDROM  bool
+}
+
+// granuleMap maps a granule index to the physical id it was allocated at.
+type granuleMap map[int64]uint64
+
+type disk struct {
+	spec     DiskSpec
+	livePath string
+	granules granuleMap
+}
+
+type snapshot struct {
+	id    string
+	seq   uint64 // creation order, to tell older from newer for compareTo
+	dir   string
+	disks []*snapDisk
+}
+
+type snapDisk struct {
+	spec   DiskSpec
+	path   string
+	chunks []Chunk // unsquashed extents, recorded at creation like the server's database
+}
+
+type vm struct {
+	spec      VMSpec
+	uuid      string
+	repo      string
+	dir       string
+	disks     []*disk
+	snapshots []*snapshot // creation order
+}
+
+func (v *vm) disk(name string) *disk {
+	for _, d := range v.disks {
+		if d.spec.Name == name {
+			return d
+		}
+	}
+	return nil
+}
+
+func (v *vm) snapshot(id string) *snapshot {
+	for _, s := range v.snapshots {
+		if s.id == id {
+			return s
+		}
+	}
+	return nil
+}
+
+func (s *snapshot) disk(name string) *snapDisk {
+	for _, d := range s.disks {
+		if d.spec.Name == name {
+			return d
+		}
+	}
+	return nil
+}
+
+// safeName keeps ids usable as single path components in Dir.
+func safeName(s string) error {
+	if s == "" || s == "." || s == ".." || strings.ContainsAny(s, "/\\\x00") {
+		return fmt.Errorf("%w: bad name %q", errInvalid, s)
+	}
+	return nil
+}
+
+// granuleRange returns the granules touched by [off, off+n).
+func granuleRange(off, n int64) (first, last int64) {
+	return off / Granularity, (off + n - 1) / Granularity
+}
+
+// granuleBounds returns the byte range of granule g, clipped to the disk size.
+func granuleBounds(g, size int64) (start, end int64) {
+	start = g * Granularity
+	end = min(start+Granularity, size)
+	return start, end
+}
+
+func checkRange(off, n, size int64) error {
+	if off < 0 || n < 0 || off > size || n > size-off {
+		return fmt.Errorf("%w: range [%d,+%d) outside disk of %d bytes", errInvalid, off, n, size)
+	}
+	return nil
+}
+
+// punchHole deallocates [off, off+n) of f so the live file stays sparse; where
+// the filesystem cannot punch holes, zeros are written instead (same bytes).
+func punchHole(f *os.File, off, n int64) error {
+	err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	if err == nil {
+		return nil
+	}
+	zeros := make([]byte, min(n, 1<<20))
+	for n > 0 {
+		k := min(n, int64(len(zeros)))
+		if _, werr := f.WriteAt(zeros[:k], off); werr != nil {
+			return fmt.Errorf("zero range after fallocate failed (%v): %w", err, werr)
+		}
+		off += k
+		n -= k
+	}
+	return nil
+}
+
+// copyGranules makes dst a sparse copy of src: only the allocated granules of
+// m are copied; everything else stays a hole.
+func copyGranules(dst, src *os.File, m granuleMap, size int64) error {
+	keys := sortedGranules(m)
+	buf := make([]byte, Granularity)
+	for _, g := range keys {
+		start, end := granuleBounds(g, size)
+		b := buf[:end-start]
+		if _, err := src.ReadAt(b, start); err != nil && !errors.Is(err, io.EOF) {
+			return fmt.Errorf("read live disk at %d: %w", start, err)
+		}
+		if _, err := dst.WriteAt(b, start); err != nil {
+			return fmt.Errorf("write snapshot disk at %d: %w", start, err)
+		}
+	}
+	return nil
+}
+
+func sortedGranules(m granuleMap) []int64 {
+	keys := make([]int64, 0, len(m))
+	for g := range m {
+		keys = append(keys, g)
+	}
+	slices.Sort(keys)
+	return keys
+}
+
+// Chunk is one extent of a snapshot disk as the server encodes it.
+type Chunk struct {
+	Start         uint64 `json:"start"`
+	Length        uint64 `json:"length"`
+	PhysicalStart uint64 `json:"physical_start"`
+}
+
+// fiemapChunks lists the extents of m in logical order the way FIEMAP does:
+// a new extent starts wherever the physical location is not contiguous.
+func fiemapChunks(m granuleMap, size int64) []Chunk {
+	chunks := []Chunk{}
+	var prevG int64 = -2
+	var prevP uint64
+	for _, g := range sortedGranules(m) {
+		p := m[g]
+		start, end := granuleBounds(g, size)
+		if end <= start {
+			continue
+		}
+		if len(chunks) > 0 && g == prevG+1 && p == prevP+1 {
+			chunks[len(chunks)-1].Length += uint64(end - start)
+		} else {
+			chunks = append(chunks, Chunk{Start: uint64(start), Length: uint64(end - start), PhysicalStart: p * Granularity})
+		}
+		prevG, prevP = g, p
+	}
+	return chunks
+}
+
+// squashChunks merges logically contiguous chunks, keeping the first one's
+// physical start, as the real server's SquashChunks does (never nil).
+func squashChunks(chunks []Chunk) []Chunk {
+	out := []Chunk{}
+	for _, c := range chunks {
+		if n := len(out); n > 0 && out[n-1].Start+out[n-1].Length == c.Start {
+			out[n-1].Length += c.Length
+			continue
+		}
+		out = append(out, c)
+	}
+	return out
+}
+
+// diffChunks keeps the chunks of cur that do not appear, identical in start,
+// length and physical start, in old. Like the real server it yields nil (JSON
+// null) when nothing changed.
+func diffChunks(cur, old []Chunk) []Chunk {
+	seen := make(map[Chunk]bool, len(old))
+	for _, c := range old {
+		seen[c] = true
+	}
+	var out []Chunk
+	for _, c := range cur {
+		if !seen[c] {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+func writeLive(d *disk, off int64, data []byte, alloc func() uint64) error {
+	n := int64(len(data))
+	if err := checkRange(off, n, d.spec.Size); err != nil {
+		return err
+	}
+	if n == 0 {
+		return nil
+	}
+	f, err := os.OpenFile(d.livePath, os.O_WRONLY, 0)
+	if err != nil {
+		return fmt.Errorf("open live disk: %w", err)
+	}
+	if _, err := f.WriteAt(data, off); err != nil {
+		f.Close()
+		return fmt.Errorf("write live disk: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("close live disk: %w", err)
+	}
+	// Copy-on-write: every touched granule moves to a new physical location,
+	// so older snapshots keep theirs and compareTo sees the change.
+	first, last := granuleRange(off, n)
+	for g := first; g <= last; g++ {
+		d.granules[g] = alloc()
+	}
+	return nil
+}
+
+func discardLive(d *disk, off, n int64, alloc func() uint64) error {
+	if err := checkRange(off, n, d.spec.Size); err != nil {
+		return err
+	}
+	if n == 0 {
+		return nil
+	}
+	f, err := os.OpenFile(d.livePath, os.O_WRONLY, 0)
+	if err != nil {
+		return fmt.Errorf("open live disk: %w", err)
+	}
+	if err := punchHole(f, off, n); err != nil {
+		f.Close()
+		return fmt.Errorf("punch hole in live disk: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("close live disk: %w", err)
+	}
+	first, last := granuleRange(off, n)
+	for g := first; g <= last; g++ {
+		if _, ok := d.granules[g]; !ok {
+			continue
+		}
+		start, end := granuleBounds(g, d.spec.Size)
+		if off <= start && off+n >= end {
+			delete(d.granules, g)
+			continue
+		}
+		// A partially discarded granule keeps data but its bytes changed:
+		// treat it as rewritten so an incremental copy fetches it again.
+		d.granules[g] = alloc()
+	}
+	return nil
+}
+
+// snapshotDisk writes a sparse, immutable copy of d to path.
+func snapshotDisk(d *disk, path string) (*snapDisk, error) {
+	src, err := os.Open(d.livePath)
+	if err != nil {
+		return nil, fmt.Errorf("open live disk: %w", err)
+	}
+	defer src.Close()
+	dst, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("create snapshot disk: %w", err)
+	}
+	if err := dst.Truncate(d.spec.Size); err != nil {
+		dst.Close()
+		return nil, fmt.Errorf("size snapshot disk: %w", err)
+	}
+	if err := copyGranules(dst, src, d.granules, d.spec.Size); err != nil {
+		dst.Close()
+		return nil, err
+	}
+	if err := dst.Close(); err != nil {
+		return nil, fmt.Errorf("close snapshot disk: %w", err)
+	}
+	return &snapDisk{spec: d.spec, path: path, chunks: fiemapChunks(d.granules, d.spec.Size)}, nil
+}
+
+func vmDir(root, vmID string) string { return filepath.Join(root, "vms", vmID) }

@@ -1,0 +1,73 @@
+package coriolis
+
+import (
+	"math"
+	"strings"
+	"testing"
+	"time"
+)
+
+func FuzzDecodeVMs(f *testing.F) {
+	f.Add(`[{"friendly_name":"a","name":"vm","disks":[{"name":"d","device_name":"xvda","mode":"w"},{"name":"c","device_name":"xvdb:cdrom","mode":"r"}],"snapshots":["x","x"]}]`)
+	f.Add(`[{"name":"../..","disks":null}] trailing`)
+	f.Fuzz(func(t *testing.T, s string) {
+		var vms []apiVM
+		if decodeJSON(strings.NewReader(s), &vms) != nil {
+			return
+		}
+		for _, v := range vms {
+			bv := v.toBackend()
+			for _, d := range bv.Disks {
+				if strings.HasSuffix(d.Device, ":cdrom") {
+					t.Fatalf("cdrom disk listed: %+v", d)
+				}
+			}
+			orderSnapshots(v, []apiSnapshot{{ID: "x"}, {ID: "y"}})
+		}
+	})
+}
+
+func FuzzDecodeSnapshot(f *testing.F) {
+	f.Add(`{"id":"s","vm_id":"v","disks":[{"name":"d","snapshot_id":"s","chunks":[{"start":0,"length":10}]}]}`, int64(100))
+	f.Add(`{"id":"s","vmID":"v","disks":[{"name":"d","snapshotID":"s","chunks":[{"start":-1,"length":1e30}]}]}`, int64(1))
+	f.Fuzz(func(t *testing.T, s string, size int64) {
+		var snap apiSnapshot
+		if decodeJSON(strings.NewReader(s), &snap) != nil {
+			return
+		}
+		snap.toBackend(apiVM{})
+		for _, d := range snap.Disks {
+			m, err := chunkMap(d.Chunks, size)
+			if err != nil {
+				continue
+			}
+			for _, e := range m.Extents() {
+				if e.Off < 0 || e.Len <= 0 || e.Off > math.MaxInt64-e.Len || e.End() > size {
+					t.Fatalf("accepted bad extent %+v for size %d", e, size)
+				}
+			}
+		}
+	})
+}
+
+func FuzzDecodeLogin(f *testing.F) {
+	f.Add(`{"token":"eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjQxMDI0NDQ4MDB9.x"}`)
+	f.Add(`{"token":""}`)
+	f.Fuzz(func(t *testing.T, s string) {
+		var ans loginAnswer
+		if decodeJSON(strings.NewReader(s), &ans) != nil {
+			return
+		}
+		now := time.Unix(1_700_000_000, 0)
+		at, err := tokenRenewal(ans.Token, now)
+		if err != nil {
+			if len(ans.Token) > 8 && strings.Contains(err.Error(), ans.Token) {
+				t.Fatalf("error quotes the token: %v", err)
+			}
+			return
+		}
+		if !at.After(now) {
+			t.Fatalf("renewal %v not after now", at)
+		}
+	})
+}

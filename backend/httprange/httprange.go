@@ -1,0 +1,415 @@
+// Package httprange is the one place where HTTP reads are made safe: every
+// answer to a Range request is checked against what was asked, and faults are
+// retried with backoff, so callers never see wrong bytes.
+package httprange
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/vmexportfs/vmexportfs/backend"
+)
+
+// Policy bounds the retries of one operation.
+type Policy struct {
+	Attempts       int           // total tries; default 5
+	BaseDelay      time.Duration // first backoff; default 100ms (exponential, full jitter)
+	MaxDelay       time.Duration // backoff cap; default 5s
+	AttemptTimeout time.Duration // deadline of one attempt including its body; default 30s
+}
+
+func (p Policy) withDefaults() Policy {
+	if p.Attempts <= 0 {
+		p.Attempts = 5
+	}
+	if p.BaseDelay <= 0 {
+		p.BaseDelay = 100 * time.Millisecond
+	}
+	if p.MaxDelay <= 0 {
+		p.MaxDelay = 5 * time.Second
+	}
+	if p.AttemptTimeout <= 0 {
+		p.AttemptTimeout = 30 * time.Second
+	}
+	return p
+}
+
+// backoff is full jitter: uniform in [0, min(MaxDelay, BaseDelay<<retry)], so
+// many clients hitting one failing server spread out.
+func (p Policy) backoff(retry int) time.Duration {
+	d := p.MaxDelay
+	if retry < 30 && p.BaseDelay<<retry > 0 && p.BaseDelay<<retry < d {
+		d = p.BaseDelay << retry
+	}
+	return rand.N(d + 1)
+}
+
+// Authorizer adds credentials to a request, and renews them after a 401.
+type Authorizer interface {
+	Authorize(ctx context.Context, req *http.Request) error
+	Renew(ctx context.Context) error
+}
+
+// Client makes checked, retried HTTP requests.
+type Client struct {
+	HTTP   *http.Client
+	Auth   Authorizer // nil: no auth
+	Policy Policy
+	Logger *slog.Logger
+}
+
+// errorBodyLimit bounds how much of a server's error answer goes into an error.
+const errorBodyLimit = 512
+
+// outcome classifies one attempt's failure.
+type outcome int
+
+const (
+	retryable    outcome = iota // transient: back off and try again
+	unauthorized                // 401: renew credentials once, then retry
+	final                       // no point retrying
+)
+
+type attemptError struct {
+	kind outcome
+	err  error
+}
+
+func (e *attemptError) Error() string { return e.err.Error() }
+func (e *attemptError) Unwrap() error { return e.err }
+
+func fault(kind outcome, format string, args ...any) *attemptError {
+	return &attemptError{kind: kind, err: fmt.Errorf(format, args...)}
+}
+
+func (c *Client) logger() *slog.Logger {
+	if c.Logger == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return c.Logger
+}
+
+func (c *Client) httpClient() *http.Client {
+	if c.HTTP == nil {
+		return http.DefaultClient
+	}
+	return c.HTTP
+}
+
+// retry runs attempt until it succeeds, fails finally, or the policy's
+// attempts are used up. A 401 is renewed once and does not use up an attempt.
+func (c *Client) retry(ctx context.Context, opName func() string, attempt func(ctx context.Context) *attemptError) error {
+	pol := c.Policy.withDefaults()
+	op := opName()
+	renewed := false
+	var last *attemptError
+	for try := 0; try < pol.Attempts; try++ {
+		if try > 0 {
+			t := time.NewTimer(pol.backoff(try - 1))
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return fmt.Errorf("%s: %w (last fault: %w)", op, ctx.Err(), last)
+			case <-t.C:
+			}
+		}
+		actx, cancel := context.WithTimeout(ctx, pol.AttemptTimeout)
+		last = attempt(actx)
+		cancel()
+		op = opName()
+		if last == nil {
+			return nil
+		}
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("%s: %w", op, err)
+		}
+		switch last.kind {
+		case final:
+			return fmt.Errorf("%s: %w", op, last)
+		case unauthorized:
+			if renewed || c.Auth == nil {
+				return fmt.Errorf("%s: %w", op, last)
+			}
+			renewed = true
+			c.logger().Warn("httprange: renewing credentials after 401", "op", op)
+			if err := c.Auth.Renew(ctx); err != nil {
+				return fmt.Errorf("%s: renew credentials: %w", op, err)
+			}
+			try-- // the renewal, not the server, was at fault
+			continue
+		}
+		c.logger().Warn("httprange: retrying", "op", op, "attempt", try+1, "of", pol.Attempts, "fault", last.Error())
+	}
+	return fmt.Errorf("%s: %w after %d attempts: %w", op, backend.ErrUnavailable, pol.Attempts, last)
+}
+
+// send makes one request, with credentials. Transport errors are retryable
+// only when resending cannot repeat a side effect.
+func (c *Client) send(ctx context.Context, req *http.Request) (*http.Response, *attemptError) {
+	if c.Auth != nil {
+		if err := c.Auth.Authorize(ctx, req); err != nil {
+			return nil, &attemptError{kind: final, err: fmt.Errorf("authorize: %w", err)}
+		}
+	}
+	resp, err := c.httpClient().Do(req)
+	if err != nil {
+		kind := final
+		if idempotent(req) {
+			kind = retryable
+		}
+		return nil, &attemptError{kind: kind, err: fmt.Errorf("%w: %w", backend.ErrUnavailable, err)}
+	}
+	return resp, nil
+}
+
+// idempotent follows net/http's rule: safe methods, plus any request carrying
+// an Idempotency-Key header (the caller vouches that resending is harmless).
+func idempotent(req *http.Request) bool {
+	switch req.Method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace, http.MethodPut, http.MethodDelete:
+		return true
+	}
+	return req.Header.Get("Idempotency-Key") != "" || req.Header.Get("X-Idempotency-Key") != ""
+}
+
+// statusError turns a non-2xx answer into an error wrapping the matching
+// backend sentinel, with a bounded, printable excerpt of the server's body.
+func statusError(resp *http.Response) error {
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, errorBodyLimit))
+	var sentinel error
+	switch resp.StatusCode {
+	case http.StatusNotFound:
+		sentinel = backend.ErrNotFound
+	case http.StatusUnauthorized, http.StatusForbidden:
+		sentinel = backend.ErrPermission
+	case http.StatusBadRequest, http.StatusRequestedRangeNotSatisfiable:
+		sentinel = backend.ErrInvalid
+	case http.StatusConflict:
+		sentinel = backend.ErrExists
+	default:
+		sentinel = backend.ErrUnavailable
+	}
+	msg := strings.TrimSpace(strings.ToValidUTF8(string(b), "?"))
+	return fmt.Errorf("%w: status %d: %q", sentinel, resp.StatusCode, msg)
+}
+
+func classify(status int, idem bool) outcome {
+	switch {
+	case status == http.StatusUnauthorized:
+		return unauthorized
+	case idem && (status >= 500 || status == http.StatusTooManyRequests):
+		return retryable
+	}
+	return final
+}
+
+// cancelBody ends the attempt's deadline when the caller closes the body.
+type cancelBody struct {
+	io.ReadCloser
+	cancel context.CancelFunc
+}
+
+func (b cancelBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.cancel()
+	return err
+}
+
+// Do sends a request built by newReq (called once per attempt), retrying network errors and
+// 5xx for idempotent methods (and 401 once after Renew). The caller closes the body. Non-2xx
+// final answers become errors wrapping backend sentinels (404 ErrNotFound, 401/403
+// ErrPermission, 400 ErrInvalid, 409 ErrExists, else ErrUnavailable), with the server's error
+// body (truncated, 512 bytes) in the message. The attempt deadline covers reading the body.
+func (c *Client) Do(ctx context.Context, newReq func(ctx context.Context) (*http.Request, error)) (*http.Response, error) {
+	pol := c.Policy.withDefaults()
+	var out *http.Response
+	op := "http request"
+	err := c.retry(ctx, func() string { return op }, func(_ context.Context) *attemptError {
+		// The attempt context must outlive this function: the caller reads
+		// the body after Do returns, so its cancel travels with the body.
+		actx, cancel := context.WithTimeout(ctx, pol.AttemptTimeout)
+		req, err := newReq(actx)
+		if err != nil {
+			cancel()
+			return &attemptError{kind: final, err: fmt.Errorf("build request: %w", err)}
+		}
+		op = req.Method + " " + redact(req.URL)
+		resp, aerr := c.send(actx, req)
+		if aerr != nil {
+			cancel()
+			return aerr
+		}
+		if resp.StatusCode < 200 || resp.StatusCode > 299 {
+			err := statusError(resp)
+			resp.Body.Close()
+			cancel()
+			return &attemptError{kind: classify(resp.StatusCode, idempotent(req)), err: err}
+		}
+		resp.Body = cancelBody{resp.Body, cancel}
+		out = resp
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// Size is the Content-Length of HEAD url.
+func (c *Client) Size(ctx context.Context, rawURL string) (int64, error) {
+	resp, err := c.Do(ctx, func(ctx context.Context) (*http.Request, error) {
+		return http.NewRequestWithContext(ctx, http.MethodHead, rawURL, nil)
+	})
+	if err != nil {
+		return 0, fmt.Errorf("size: %w", err)
+	}
+	resp.Body.Close()
+	if resp.ContentLength < 0 {
+		return 0, fmt.Errorf("size of %s: %w: no Content-Length", redactString(rawURL), backend.ErrUnavailable)
+	}
+	return resp.ContentLength, nil
+}
+
+// ReadRange fills p with bytes [off, off+len(p)) of url, or returns an error.
+// p's contents are unspecified after an error.
+func (c *Client) ReadRange(ctx context.Context, rawURL string, p []byte, off int64) error {
+	n := int64(len(p))
+	if off < 0 || off > (1<<63-1)-n {
+		return fmt.Errorf("read range: %w: offset %d length %d", backend.ErrInvalid, off, n)
+	}
+	if n == 0 {
+		return nil
+	}
+	op := fmt.Sprintf("read %s bytes %d-%d", redactString(rawURL), off, off+n-1)
+	return c.retry(ctx, func() string { return op }, func(actx context.Context) *attemptError {
+		req, err := http.NewRequestWithContext(actx, http.MethodGet, rawURL, nil)
+		if err != nil {
+			return &attemptError{kind: final, err: fmt.Errorf("%w: build request: %w", backend.ErrInvalid, err)}
+		}
+		req.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", off, off+n-1))
+		// A transparently decompressed body would not match the range.
+		req.Header.Set("Accept-Encoding", "identity")
+		resp, aerr := c.send(actx, req)
+		if aerr != nil {
+			return aerr
+		}
+		defer resp.Body.Close()
+		return checkRange(resp, p, off)
+	})
+}
+
+// checkRange reads a Range answer into p, detecting every way it can differ
+// from what was asked.
+func checkRange(resp *http.Response, p []byte, off int64) *attemptError {
+	n := int64(len(p))
+	switch resp.StatusCode {
+	case http.StatusPartialContent:
+	case http.StatusOK:
+		return fault(retryable, "server ignored Range: status 200")
+	case http.StatusRequestedRangeNotSatisfiable:
+		return &attemptError{kind: final, err: statusError(resp)}
+	default:
+		return &attemptError{kind: classify(resp.StatusCode, true), err: statusError(resp)}
+	}
+	cr := resp.Header.Get("Content-Range")
+	first, last, total, err := ParseContentRange(cr)
+	if err != nil {
+		return fault(retryable, "bad Content-Range %q: %w", cr, err)
+	}
+	if total >= 0 && off+n > total {
+		return fault(final, "%w: range %d-%d past end of %d-byte resource", backend.ErrInvalid, off, off+n-1, total)
+	}
+	if first != off || last != off+n-1 {
+		return fault(retryable, "Content-Range mismatch: got %d-%d, asked %d-%d", first, last, off, off+n-1)
+	}
+	if resp.ContentLength >= 0 && resp.ContentLength != n {
+		return fault(retryable, "Content-Length mismatch: got %d, asked %d", resp.ContentLength, n)
+	}
+	got, err := io.ReadFull(resp.Body, p)
+	if err != nil {
+		if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
+			return fault(retryable, "short body: got %d of %d bytes", got, n)
+		}
+		return fault(retryable, "read body after %d of %d bytes: %w", got, n, err)
+	}
+	var extra [1]byte
+	if m, _ := io.ReadFull(resp.Body, extra[:]); m > 0 {
+		return fault(retryable, "long body: more than %d bytes", n)
+	}
+	return nil
+}
+
+// ParseContentRange parses "bytes first-last/total" (total may be "*",
+// returned as -1). It rejects anything else, including first > last.
+func ParseContentRange(s string) (first, last, total int64, err error) {
+	rest, ok := strings.CutPrefix(strings.TrimSpace(s), "bytes ")
+	if !ok {
+		return 0, 0, 0, errors.New("not a bytes range")
+	}
+	rng, tot, ok := strings.Cut(rest, "/")
+	if !ok {
+		return 0, 0, 0, errors.New("missing total")
+	}
+	a, b, ok := strings.Cut(rng, "-")
+	if !ok {
+		return 0, 0, 0, errors.New("missing '-'")
+	}
+	if first, err = parseNonNeg(a); err != nil {
+		return 0, 0, 0, fmt.Errorf("first byte: %w", err)
+	}
+	if last, err = parseNonNeg(b); err != nil {
+		return 0, 0, 0, fmt.Errorf("last byte: %w", err)
+	}
+	if first > last {
+		return 0, 0, 0, fmt.Errorf("first byte %d after last %d", first, last)
+	}
+	total = -1
+	if tot != "*" {
+		if total, err = parseNonNeg(tot); err != nil {
+			return 0, 0, 0, fmt.Errorf("total: %w", err)
+		}
+		if last >= total {
+			return 0, 0, 0, fmt.Errorf("last byte %d not below total %d", last, total)
+		}
+	}
+	return first, last, total, nil
+}
+
+func parseNonNeg(s string) (int64, error) {
+	if s == "" || strings.TrimLeft(s, "0123456789") != "" {
+		return 0, fmt.Errorf("not a decimal number: %q", s)
+	}
+	return strconv.ParseInt(s, 10, 64)
+}
+
+// redact drops userinfo and query from a URL before it goes into a message,
+// since either may carry a credential.
+func redact(u *url.URL) string {
+	if u == nil {
+		return ""
+	}
+	v := *u
+	v.User = nil
+	if v.RawQuery != "" {
+		v.RawQuery = "…"
+	}
+	v.Fragment = ""
+	return v.String()
+}
+
+func redactString(s string) string {
+	u, err := url.Parse(s)
+	if err != nil {
+		return "(unparseable URL)"
+	}
+	return redact(u)
+}

@@ -1,0 +1,266 @@
+package kubevirt
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"strconv"
+	"sync"
+
+	"github.com/vmexportfs/vmexportfs/backend"
+	"github.com/vmexportfs/vmexportfs/backend/extent"
+	"github.com/vmexportfs/vmexportfs/backend/httprange"
+)
+
+const tokenHeader = "x-kubevirt-export-token"
+
+// exportConn is the client side of one export server: its token and a TLS
+// client trusting the status cert, both re-read when the server rejects them.
+type exportConn struct {
+	name     string
+	internal bool
+	status   func(ctx context.Context) (ExportStatus, error) // re-reads the status
+	token    func(ctx context.Context) (string, error)       // re-reads the token
+	logger   *slog.Logger
+	policy   httprange.Policy
+
+	mu       sync.Mutex
+	tok      string
+	cert     string
+	tr       *http.Transport
+	rotating sync.Mutex // one status re-read per failure burst
+}
+
+func newExportConn(ctx context.Context, c *exportConn, st ExportStatus) error {
+	link, err := st.link(c.internal)
+	if err != nil {
+		return fmt.Errorf("export %s: %w", c.name, err)
+	}
+	if err := c.setCert(link.Cert); err != nil {
+		return fmt.Errorf("export %s: %w", c.name, err)
+	}
+	return c.Renew(ctx)
+}
+
+func (c *exportConn) setCert(pemCert string) error {
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM([]byte(pemCert)) {
+		return fmt.Errorf("status cert: %w: no PEM certificate", backend.ErrInvalid)
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	c.mu.Lock()
+	old := c.tr
+	c.tr, c.cert = tr, pemCert
+	c.mu.Unlock()
+	if old != nil {
+		old.CloseIdleConnections()
+	}
+	return nil
+}
+
+// Authorize implements httprange.Authorizer.
+func (c *exportConn) Authorize(_ context.Context, req *http.Request) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	req.Header.Set(tokenHeader, c.tok)
+	return nil
+}
+
+// Renew re-reads the token (the secret may have been rotated).
+func (c *exportConn) Renew(ctx context.Context) error {
+	tok, err := c.token(ctx)
+	if err != nil {
+		return fmt.Errorf("export %s: read token: %w", c.name, err)
+	}
+	c.mu.Lock()
+	c.tok = tok
+	c.mu.Unlock()
+	return nil
+}
+
+// RoundTrip sends through the current TLS transport; a certificate that no
+// longer verifies makes it re-read the status cert once and resend.
+func (c *exportConn) RoundTrip(req *http.Request) (*http.Response, error) {
+	c.mu.Lock()
+	tr, cert := c.tr, c.cert
+	c.mu.Unlock()
+	resp, err := tr.RoundTrip(req)
+	if err == nil || !isCertError(err) || req.Body != nil && req.Body != http.NoBody {
+		return resp, err
+	}
+	c.rotating.Lock()
+	defer c.rotating.Unlock()
+	c.mu.Lock()
+	changed := c.cert != cert
+	c.mu.Unlock()
+	if !changed { // nobody refreshed during this burst yet
+		st, serr := c.status(req.Context())
+		if serr != nil {
+			return nil, fmt.Errorf("%w (re-reading export status: %w)", err, serr)
+		}
+		link, lerr := st.link(c.internal)
+		if lerr != nil {
+			return nil, fmt.Errorf("%w (re-reading export status: %w)", err, lerr)
+		}
+		if link.Cert == cert {
+			return nil, err
+		}
+		if serr := c.setCert(link.Cert); serr != nil {
+			return nil, fmt.Errorf("%w (new status cert: %w)", err, serr)
+		}
+		c.logger.Info("kubevirt: export certificate rotated, using the new status cert", "export", c.name)
+	}
+	c.mu.Lock()
+	tr = c.tr
+	c.mu.Unlock()
+	return tr.RoundTrip(req)
+}
+
+func isCertError(err error) bool {
+	var verr *tls.CertificateVerificationError
+	var uerr x509.UnknownAuthorityError
+	var herr x509.HostnameError
+	return errors.As(err, &verr) || errors.As(err, &uerr) || errors.As(err, &herr)
+}
+
+func (c *exportConn) client() *httprange.Client {
+	return &httprange.Client{HTTP: &http.Client{Transport: c}, Auth: c, Policy: c.policy, Logger: c.logger}
+}
+
+// disk is one volume of one export.
+type disk struct {
+	conn   *exportConn
+	rawURL string
+	size   int64
+	alloc  extent.Map
+}
+
+func openExportDisk(ctx context.Context, conn *exportConn, st ExportStatus, vol string) (*disk, error) {
+	link, err := st.link(conn.internal)
+	if err != nil {
+		return nil, fmt.Errorf("open disk %s/%s: %w", conn.name, vol, err)
+	}
+	raw := link.rawURL(vol)
+	if raw == "" {
+		return nil, fmt.Errorf("open disk %s/%s: %w: no raw link", conn.name, vol, backend.ErrNotFound)
+	}
+	d := &disk{conn: conn, rawURL: raw}
+	size, err := conn.client().Size(ctx, raw)
+	if err != nil {
+		return nil, conn.explain(fmt.Errorf("open disk %s/%s: %w", conn.name, vol, err))
+	}
+	d.size = size
+	d.alloc = extent.Full(size)
+	if m := link.mapURL(vol); m != "" {
+		alloc, err := conn.readMap(ctx, m, size)
+		if errors.Is(err, backend.ErrInvalid) {
+			// A hostile map must not hide data: read everything instead.
+			conn.logger.Warn("kubevirt: backup map rejected, treating the disk as fully allocated", "export", conn.name, "err", err)
+			alloc, err = extent.Full(size), nil
+		}
+		if err != nil {
+			return nil, conn.explain(fmt.Errorf("open disk %s/%s: %w", conn.name, vol, err))
+		}
+		d.alloc = alloc
+	}
+	return d, nil
+}
+
+// explain logs a rejected token by export name (never the token itself).
+func (c *exportConn) explain(err error) error {
+	if errors.Is(err, backend.ErrPermission) {
+		c.logger.Warn("kubevirt: export server rejected the token", "export", c.name)
+	}
+	return err
+}
+
+func (d *disk) Size() int64           { return d.size }
+func (d *disk) Allocated() extent.Map { return d.alloc }
+
+func (d *disk) ReadAt(ctx context.Context, p []byte, off int64) error {
+	if off < 0 || off > d.size || int64(len(p)) > d.size-off {
+		return fmt.Errorf("read %s: %w: range %d+%d beyond size %d", d.conn.name, backend.ErrInvalid, off, len(p), d.size)
+	}
+	// Holes read as zeros without a request.
+	if !d.alloc.Overlaps(off, int64(len(p))) {
+		clear(p)
+		return nil
+	}
+	if err := d.conn.client().ReadRange(ctx, d.rawURL, p, off); err != nil {
+		return d.conn.explain(fmt.Errorf("read export %s: %w", d.conn.name, err))
+	}
+	return nil
+}
+
+const (
+	mapPageSize = 512
+	maxMapPages = 1 << 16
+	maxMapBody  = 8 << 20
+)
+
+// readMap pages through the backup map route; data/dirty extents are allocated.
+func (c *exportConn) readMap(ctx context.Context, mapURL string, size int64) (extent.Map, error) {
+	var raw []extent.Extent
+	cl := c.client()
+	off := int64(0)
+	for page := 0; off < size; page++ {
+		if page == maxMapPages {
+			return extent.Map{}, fmt.Errorf("backup map: %w: more than %d pages", backend.ErrInvalid, maxMapPages)
+		}
+		u, err := url.Parse(mapURL)
+		if err != nil {
+			return extent.Map{}, fmt.Errorf("backup map url: %w", backend.ErrInvalid)
+		}
+		q := u.Query()
+		q.Set("offset", strconv.FormatInt(off, 10))
+		q.Set("length", strconv.FormatInt(size-off, 10))
+		q.Set("page_size", strconv.Itoa(mapPageSize))
+		u.RawQuery = q.Encode()
+		resp, err := cl.Do(ctx, func(ctx context.Context) (*http.Request, error) {
+			return http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+		})
+		if err != nil {
+			return extent.Map{}, fmt.Errorf("backup map: %w", err)
+		}
+		body, err := io.ReadAll(io.LimitReader(resp.Body, maxMapBody+1))
+		resp.Body.Close()
+		if err != nil {
+			return extent.Map{}, fmt.Errorf("backup map: %w: %w", backend.ErrUnavailable, err)
+		}
+		if len(body) > maxMapBody {
+			return extent.Map{}, fmt.Errorf("backup map: %w: page too large", backend.ErrInvalid)
+		}
+		p, err := decodeMapPage(body)
+		if err != nil {
+			return extent.Map{}, fmt.Errorf("backup map: %w: %w", backend.ErrInvalid, err)
+		}
+		for _, e := range p.Extents {
+			if e.Description != "data" && e.Description != "dirty" {
+				continue
+			}
+			if e.Offset > uint64(size) || e.Length > uint64(size) {
+				return extent.Map{}, fmt.Errorf("backup map: %w: extent %d+%d beyond size %d", backend.ErrInvalid, e.Offset, e.Length, size)
+			}
+			raw = append(raw, extent.Extent{Off: int64(e.Offset), Len: int64(e.Length)})
+		}
+		if p.NextOffset == nil {
+			break
+		}
+		if *p.NextOffset <= uint64(off) || *p.NextOffset > uint64(size) {
+			return extent.Map{}, fmt.Errorf("backup map: %w: next_offset %d does not advance from %d", backend.ErrInvalid, *p.NextOffset, off)
+		}
+		off = int64(*p.NextOffset)
+	}
+	m, err := extent.Normalize(raw, size)
+	if err != nil {
+		return extent.Map{}, fmt.Errorf("backup map: %w: %w", backend.ErrInvalid, err)
+	}
+	return m, nil
+}

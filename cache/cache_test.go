@@ -1,0 +1,340 @@
+package cache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vmexportfs/vmexportfs/backend/extent"
+)
+
+// memSource serves a reference slice and checks every request against the
+// allocated map, so a fetch of a hole byte fails the test.
+type memSource struct {
+	t       testing.TB
+	ref     []byte
+	data    extent.Map
+	latency time.Duration
+	calls   atomic.Int64
+	bytes   atomic.Int64
+	maxOff  atomic.Int64 // highest end offset requested
+	fail    atomic.Int64 // remaining calls to fail
+	gate    chan struct{}
+}
+
+var errInjected = errors.New("injected backend failure")
+
+func (m *memSource) ReadAt(ctx context.Context, p []byte, off int64) error {
+	if m.gate != nil {
+		select {
+		case <-m.gate:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	if m.latency > 0 {
+		select {
+		case <-time.After(m.latency):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	if !m.data.Contains(off, int64(len(p))) {
+		m.t.Errorf("fetch of hole bytes [%d, +%d)", off, len(p))
+		return errors.New("hole fetched")
+	}
+	m.calls.Add(1)
+	if m.fail.Add(-1) >= 0 {
+		return errInjected
+	}
+	m.bytes.Add(int64(len(p)))
+	for {
+		cur := m.maxOff.Load()
+		end := off + int64(len(p))
+		if end <= cur || m.maxOff.CompareAndSwap(cur, end) {
+			break
+		}
+	}
+	copy(p, m.ref[off:])
+	return nil
+}
+
+// randomDisk builds a disk with random, block-unaligned extents; hole bytes
+// in ref are zero.
+func randomDisk(t testing.TB, rng *rand.Rand, size int64, nExt int) *memSource {
+	var raw []extent.Extent
+	for range nExt {
+		off := rng.Int64N(size)
+		raw = append(raw, extent.Extent{Off: off, Len: min(rng.Int64N(size/4+1), size-off)})
+	}
+	m, err := extent.Normalize(raw, size)
+	require.NoError(t, err)
+	ref := make([]byte, size)
+	for _, e := range m.Extents() {
+		for i := e.Off; i < e.End(); i++ {
+			ref[i] = byte(rng.Uint32()) | 1 // nonzero so a missed fetch shows
+		}
+	}
+	return &memSource{t: t, ref: ref, data: m}
+}
+
+func TestRandomReadsMatchReference(t *testing.T) {
+	tests := []struct {
+		name      string
+		size      int64
+		blockSize int64
+		capacity  int64
+		nExt      int
+	}{
+		{"unaligned size, small blocks", 1<<20 + 12345, 4096, 64 << 10, 20},
+		{"tiny cache forces eviction", 300001, 1024, 4096, 50},
+		{"all data", 1 << 18, 8192, 1 << 20, 0},
+		{"all hole", 1 << 18, 8192, 1 << 20, -1},
+		{"many extents", 2<<20 + 7, 65536, 512 << 10, 200},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(uint64(tc.size), uint64(tc.nExt+2)))
+			var src *memSource
+			switch tc.nExt {
+			case 0:
+				src = randomDisk(t, rng, tc.size, 0)
+				src.data = extent.Full(tc.size)
+				for i := range src.ref {
+					src.ref[i] = byte(i*7 + 1)
+				}
+			case -1:
+				src = randomDisk(t, rng, tc.size, 0)
+			default:
+				src = randomDisk(t, rng, tc.size, tc.nExt)
+			}
+			c := New(Options{Capacity: tc.capacity, BlockSize: tc.blockSize, Parallel: 3})
+			defer c.Close()
+			r := c.Open("disk", tc.size, src.data, src)
+			defer r.Close()
+			ctx := context.Background()
+			for range 500 {
+				off := rng.Int64N(tc.size)
+				n := rng.Int64N(min(tc.size-off, 3*tc.blockSize) + 1)
+				p := make([]byte, n)
+				for i := range p {
+					p[i] = 0xAA // stale bytes must be overwritten
+				}
+				require.NoError(t, r.ReadAt(ctx, p, off))
+				require.Equal(t, src.ref[off:off+n], p, "read [%d,+%d)", off, n)
+				assert.LessOrEqual(t, c.Stats().ResidentBytes, tc.capacity+3*tc.blockSize)
+			}
+			if tc.nExt == -1 {
+				assert.Zero(t, src.calls.Load(), "an all-hole disk needs no fetch")
+			}
+		})
+	}
+}
+
+func TestSequentialFetchesExactlyAllocated(t *testing.T) {
+	for _, size := range []int64{5<<20 + 333, 8 << 20} {
+		t.Run(fmt.Sprint(size), func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(uint64(size), 9))
+			src := randomDisk(t, rng, size, 12)
+			c := New(Options{BlockSize: 256 << 10, Capacity: 64 << 20, MaxReadahead: 4 << 20})
+			defer c.Close()
+			r := c.Open("d", size, src.data, src)
+			defer r.Close()
+			p := make([]byte, 128<<10)
+			for off := int64(0); off < size; off += int64(len(p)) {
+				n := min(int64(len(p)), size-off)
+				require.NoError(t, r.ReadAt(context.Background(), p[:n], off))
+				require.Equal(t, src.ref[off:off+n], p[:n])
+			}
+			assert.Equal(t, src.data.Bytes(), src.bytes.Load())
+			assert.Equal(t, src.data.Bytes(), c.Stats().FetchedBytes)
+		})
+	}
+}
+
+func TestSingleflight(t *testing.T) {
+	size := int64(1 << 20)
+	src := &memSource{t: t, ref: make([]byte, size), data: extent.Full(size), gate: make(chan struct{})}
+	c := New(Options{BlockSize: size})
+	defer c.Close()
+	r := c.Open("d", size, src.data, src)
+	const n = 16
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = r.ReadAt(context.Background(), make([]byte, 4096), int64(i)*4096)
+		}()
+	}
+	time.Sleep(50 * time.Millisecond)
+	close(src.gate)
+	wg.Wait()
+	for _, err := range errs {
+		require.NoError(t, err)
+	}
+	assert.Equal(t, int64(1), src.calls.Load())
+}
+
+func TestCancelledWaiterDoesNotFailOthers(t *testing.T) {
+	size := int64(64 << 10)
+	src := &memSource{t: t, ref: make([]byte, size), data: extent.Full(size), gate: make(chan struct{})}
+	for i := range src.ref {
+		src.ref[i] = byte(i)
+	}
+	c := New(Options{BlockSize: size})
+	defer c.Close()
+	r := c.Open("d", size, src.data, src)
+	cctx, cancel := context.WithCancel(context.Background())
+	cancelled := make(chan error, 1)
+	go func() { cancelled <- r.ReadAt(cctx, make([]byte, 10), 0) }()
+	ok := make(chan error, 1)
+	p := make([]byte, 100)
+	go func() { ok <- r.ReadAt(context.Background(), p, 5) }()
+	time.Sleep(30 * time.Millisecond)
+	cancel()
+	require.ErrorIs(t, <-cancelled, context.Canceled)
+	close(src.gate)
+	require.NoError(t, <-ok)
+	assert.Equal(t, src.ref[5:105], p)
+	assert.Equal(t, int64(1), src.calls.Load())
+}
+
+func TestFetchErrorNotCached(t *testing.T) {
+	size := int64(32 << 10) // block 1 is the last: no readahead muddies the count
+	src := &memSource{t: t, ref: make([]byte, size), data: extent.Full(size)}
+	src.fail.Store(1)
+	c := New(Options{BlockSize: 16 << 10})
+	defer c.Close()
+	r := c.Open("d", size, src.data, src)
+	err := r.ReadAt(context.Background(), make([]byte, 10), 20000)
+	require.ErrorIs(t, err, errInjected)
+	assert.Contains(t, err.Error(), "[16384, 32768)")
+	require.NoError(t, r.ReadAt(context.Background(), make([]byte, 10), 20000))
+	assert.Equal(t, int64(2), src.calls.Load())
+}
+
+func TestFetchTimeout(t *testing.T) {
+	size := int64(4096)
+	src := &memSource{t: t, ref: make([]byte, size), data: extent.Full(size), latency: time.Hour}
+	c := New(Options{BlockSize: 4096, FetchTimeout: 50 * time.Millisecond})
+	defer c.Close()
+	r := c.Open("d", size, src.data, src)
+	start := time.Now()
+	err := r.ReadAt(context.Background(), make([]byte, 10), 0)
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	assert.Less(t, time.Since(start), 5*time.Second)
+}
+
+func TestEvictionBoundUnderLoad(t *testing.T) {
+	const bs, capacity, parallel = 4096, 16 * 4096, 4
+	rng := rand.New(rand.NewPCG(1, 2))
+	size := int64(1<<20 + 100)
+	src := randomDisk(t, rng, size, 30)
+	c := New(Options{BlockSize: bs, Capacity: capacity, Parallel: parallel, MaxReadahead: 8 * bs})
+	defer c.Close()
+	var stop atomic.Bool
+	var maxRes atomic.Int64
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for !stop.Load() {
+			if r := c.Stats().ResidentBytes; r > maxRes.Load() {
+				maxRes.Store(r)
+			}
+			time.Sleep(100 * time.Microsecond)
+		}
+	}()
+	var wg sync.WaitGroup
+	for g := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := c.Open(fmt.Sprint("d", g%2), size, src.data, src)
+			defer r.Close()
+			lr := rand.New(rand.NewPCG(uint64(g), 3))
+			seq := int64(0)
+			for range 400 {
+				off := lr.Int64N(size)
+				if g%2 == 0 { // sequential streams, wrapping
+					off, seq = seq, (seq+8192)%(size-8192)
+				}
+				n := min(lr.Int64N(3*bs), size-off)
+				p := make([]byte, n)
+				if !assert.NoError(t, r.ReadAt(context.Background(), p, off)) {
+					return
+				}
+				if !assert.Equal(t, src.ref[off:off+n], p) {
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	stop.Store(true)
+	<-done
+	assert.LessOrEqual(t, maxRes.Load(), int64(capacity+parallel*bs))
+	assert.Positive(t, c.Stats().Evictions)
+}
+
+func TestReadaheadPrefetchesAndStopsOnClose(t *testing.T) {
+	const bs = 64 << 10
+	size := int64(64 * bs)
+	src := &memSource{t: t, ref: make([]byte, size), data: extent.Full(size)}
+	c := New(Options{BlockSize: bs, MaxReadahead: 8 * bs, Capacity: 64 * bs})
+	defer c.Close()
+	r := c.Open("d", size, src.data, src)
+	ctx := context.Background()
+	p := make([]byte, 16<<10)
+	var off int64
+	for ; off < 2*bs; off += int64(len(p)) {
+		require.NoError(t, r.ReadAt(ctx, p, off))
+	}
+	require.Eventually(t, func() bool { return src.maxOff.Load() > off+bs }, 5*time.Second, 5*time.Millisecond,
+		"readahead should fetch beyond the read position %d", off)
+	r.Close()
+	time.Sleep(20 * time.Millisecond)
+	calls := src.calls.Load()
+	time.Sleep(50 * time.Millisecond)
+	assert.Equal(t, calls, src.calls.Load(), "no fetches after Close")
+	require.ErrorIs(t, r.ReadAt(ctx, p, off), ErrClosed)
+
+	// Random reads do not trigger readahead.
+	src2 := &memSource{t: t, ref: make([]byte, size), data: extent.Full(size)}
+	r2 := c.Open("d2", size, src2.data, src2)
+	defer r2.Close()
+	for _, o := range []int64{40 * bs, 3 * bs, 50 * bs, 10 * bs, 30 * bs} {
+		require.NoError(t, r2.ReadAt(ctx, p, o))
+	}
+	time.Sleep(30 * time.Millisecond)
+	assert.Equal(t, int64(5), src2.calls.Load())
+}
+
+func TestClosedCache(t *testing.T) {
+	c := New(Options{})
+	size := int64(4096)
+	src := &memSource{t: t, ref: make([]byte, size), data: extent.Full(size)}
+	r := c.Open("d", size, src.data, src)
+	c.Close()
+	require.ErrorIs(t, r.ReadAt(context.Background(), make([]byte, 1), 0), ErrClosed)
+	r2 := c.Open("e", size, src.data, src)
+	require.ErrorIs(t, r2.ReadAt(context.Background(), make([]byte, 1), 0), ErrClosed)
+}
+
+func TestBadRange(t *testing.T) {
+	c := New(Options{})
+	defer c.Close()
+	r := c.Open("d", 100, extent.Full(100), &memSource{t: t, ref: make([]byte, 100), data: extent.Full(100)})
+	for _, tc := range []struct{ off, n int64 }{{-1, 1}, {99, 2}, {101, 0}} {
+		require.Error(t, r.ReadAt(context.Background(), make([]byte, tc.n), tc.off))
+	}
+}

@@ -1,0 +1,154 @@
+package cache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"github.com/vmexportfs/vmexportfs/backend/extent"
+)
+
+// Sequential-stream tolerance: the kernel's async readahead arrives slightly
+// out of order.
+const (
+	seqBackTolerance    = 256 << 10
+	seqForwardTolerance = 1 << 20
+)
+
+// Reader reads one disk through the cache; safe for concurrent use.
+type Reader struct {
+	c      *Cache
+	file   uint64
+	size   int64
+	data   extent.Map
+	f      Fetcher
+	ctx    context.Context // readahead runs under it; Close cancels it
+	cancel context.CancelFunc
+	closed atomic.Bool
+
+	mu      sync.Mutex // guards the stream state below
+	lastEnd int64
+	window  int64 // current readahead window in bytes, 0 = not sequential
+	raNext  int64 // first block index readahead has not yet covered
+}
+
+// Close stops this reader's readahead; later reads fail.
+func (r *Reader) Close() {
+	r.closed.Store(true)
+	r.cancel()
+}
+
+// ReadAt fills p with [off, off+len(p)); it never returns partial data.
+func (r *Reader) ReadAt(ctx context.Context, p []byte, off int64) error {
+	n := int64(len(p))
+	if off < 0 || off > r.size-n {
+		return fmt.Errorf("cache read [%d, +%d) of disk size %d: out of range", off, n, r.size)
+	}
+	if r.closed.Load() {
+		return fmt.Errorf("cache read at %d: %w", off, ErrClosed)
+	}
+	if n == 0 {
+		return nil
+	}
+	if !r.data.Overlaps(off, n) {
+		clear(p)
+		r.track(off, n)
+		return nil
+	}
+	r.track(off, n)
+	bs := r.c.opts.BlockSize
+	for pos := off; pos < off+n; {
+		idx := pos / bs
+		end := min((idx+1)*bs, off+n)
+		dst := p[pos-off : end-off]
+		if !r.data.Overlaps(pos, end-pos) {
+			clear(dst)
+		} else if err := r.readBlock(ctx, idx, dst, pos-idx*bs); err != nil {
+			return err
+		}
+		pos = end
+	}
+	return nil
+}
+
+// readBlock copies block idx from inBlock into dst, fetching it on a miss.
+func (r *Reader) readBlock(ctx context.Context, idx int64, dst []byte, inBlock int64) error {
+	c := r.c
+	k := blockKey{r.file, idx}
+	counted := false
+	for {
+		ok, b := c.copyOut(k, dst, inBlock)
+		if ok {
+			if !counted {
+				c.hits.Add(1)
+			}
+			return nil
+		}
+		if !counted {
+			c.misses.Add(1)
+			counted = true
+		}
+		if b == nil {
+			if b, _ = c.startFetch(r, k, false); b == nil {
+				return fmt.Errorf("cache read block %d: %w", idx, ErrClosed)
+			}
+		}
+		select {
+		case <-b.done:
+		case <-ctx.Done():
+			return fmt.Errorf("cache read block %d: %w", idx, ctx.Err())
+		}
+		if b.err != nil {
+			// A readahead fetch cancelled because its stream closed says
+			// nothing about the data: fetch again on demand.
+			if b.readahead && errors.Is(b.err, context.Canceled) && c.ctx.Err() == nil {
+				continue
+			}
+			return b.err
+		}
+		// Ready now; loop to copy (or refetch if already evicted).
+	}
+}
+
+// track updates the stream state and starts readahead on sequential streams.
+func (r *Reader) track(off, n int64) {
+	c := r.c
+	bs := c.opts.BlockSize
+	limit := min(c.opts.MaxReadahead, c.opts.Capacity/2)
+	limit = max(limit-limit%bs, 0)
+	r.mu.Lock()
+	sequential := r.lastEnd > 0 && off >= r.lastEnd-seqBackTolerance && off <= r.lastEnd+seqForwardTolerance
+	if end := off + n; end > r.lastEnd || !sequential {
+		r.lastEnd = end
+	}
+	if !sequential || limit < bs {
+		r.window = 0
+		r.mu.Unlock()
+		return
+	}
+	cur := (off + n - 1) / bs
+	if r.window == 0 {
+		r.window = min(2*bs, limit)
+		r.raNext = cur + 1
+	}
+	from := max(r.raNext, cur+1)
+	to := min(cur+r.window/bs, (r.size-1)/bs) // inclusive
+	if from <= to {
+		r.raNext = to + 1
+		// Grow once per window consumed, so the window doubles per "round".
+		r.window = min(r.window*2, limit)
+	}
+	r.mu.Unlock()
+	for idx := from; idx <= to; idx++ {
+		lo := idx * bs
+		if !r.data.Overlaps(lo, c.blockLen(idx, r.size)) {
+			continue
+		}
+		if r.ctx.Err() != nil {
+			return
+		}
+		c.startFetch(r, blockKey{r.file, idx}, true)
+	}
+}

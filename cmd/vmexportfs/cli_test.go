@@ -1,0 +1,124 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vmexportfs/vmexportfs/backend/coriolis/coriolistest"
+)
+
+// TestBadInvocations: every mistake is a clear message and exit status 2
+// (usage) or 1 (cannot mount), before anything is mounted, and never echoes a
+// secret.
+func TestBadInvocations(t *testing.T) {
+	mnt := t.TempDir()
+	cases := []struct {
+		name string
+		args []string
+		code int
+		msg  string
+	}{
+		{"no arguments", nil, 2, "want SOURCE MOUNTPOINT"},
+		{"unknown flag", []string{"--bogus", "coriolis+https://h", mnt}, 2, "unknown flag"},
+		{"unknown platform", []string{"vmware+https://h", mnt}, 2, "unknown platform"},
+		{"no platform", []string{"https://h", mnt}, 2, "PLATFORM+https://HOST"},
+		{"credentials in URL", []string{"coriolis+https://admin:hunter2@h", mnt}, 2, "credentials in the URL"},
+		{"password option", []string{"-o", "password=hunter2", "coriolis+https://h", mnt}, 2, "secrets are not accepted"},
+		{"unknown option", []string{"-o", "frobnicate", "coriolis+https://h", mnt}, 2, "unknown mount option"},
+		{"bad cache size", []string{"--cache-size", "lots", "coriolis+https://h", mnt}, 2, "--cache-size"},
+		{"tiny cache", []string{"--cache-size", "1k", "coriolis+https://h", mnt}, 2, "at least 4M"},
+		{"bad retries", []string{"--retries", "0", "coriolis+https://h", mnt}, 2, "--retries"},
+		{"bad log level", []string{"--log-level", "loud", "coriolis+https://h", mnt}, 2, "--log-level"},
+		{"missing mountpoint", []string{"coriolis+https://h", filepath.Join(mnt, "nope")}, 1, "mountpoint"},
+		{"demo bad dataset", []string{"demo", "--dataset", "huge", mnt}, 2, "--dataset"},
+		{"extents no path", []string{"extents"}, 2, "usage"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var stdout, stderr bytes.Buffer
+			code := run(context.Background(), tc.args, &stdout, &stderr)
+			assert.Equal(t, tc.code, code, stderr.String())
+			assert.Contains(t, stderr.String(), tc.msg)
+			assert.NotContains(t, stderr.String(), "hunter2")
+		})
+	}
+}
+
+// TestMountCommand mounts the way fstab and a shell user do: daemonized with
+// -o options, then unmounted with fusermount3; a wrong password or an
+// untrusted certificate fails the mount with a clear message.
+func TestMountCommand(t *testing.T) {
+	requireTools(t, "fusermount3", "ls")
+	f := newFixture(t, coriolistest.Options{})
+	f.addVM("vm-c", "c", coriolistest.DiskSpec{Name: "c.img", Device: "xvda", Size: 4 * mib})
+	f.snapshot("vm-c")
+	command := func(args ...string) (string, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, os.Args[0], args...)
+		cmd.Env = append(os.Environ(), asCommandEnv+"=1")
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+
+	t.Run("daemon with -o options", func(t *testing.T) {
+		mnt := t.TempDir()
+		opts := "username=admin,password_file=" + f.passwordFile + ",ca_file=" + f.sim.CAFile() +
+			",state_dir=" + f.stateDir + ",cache_dir=" + f.cacheDir + ",rw,nodev,nosuid,_netdev"
+		out, err := command("-o", opts, "coriolis+"+f.sim.URL(), mnt)
+		require.NoError(t, err, out)
+		t.Cleanup(func() { exec.Command("fusermount3", "-u", "-z", mnt).Run() })
+		assert.Equal(t, "c\n", tool(t, "ls", filepath.Join(mnt, "by-name")))
+		tool(t, "fusermount3", "-u", mnt)
+		assert.Eventually(t, func() bool {
+			mounts, _ := os.ReadFile("/proc/self/mountinfo")
+			return !strings.Contains(string(mounts), " "+mnt+" ")
+		}, 10*time.Second, 100*time.Millisecond)
+	})
+
+	t.Run("mount -t fuse.vmexportfs", func(t *testing.T) {
+		requireTools(t, "mount", "umount")
+		bin := t.TempDir()
+		require.NoError(t, os.Symlink(os.Args[0], filepath.Join(bin, "vmexportfs")))
+		mnt := t.TempDir()
+		opts := "username=admin,password_file=" + f.passwordFile + ",ca_file=" + f.sim.CAFile() +
+			",state_dir=" + f.stateDir + ",cache_dir=" + f.cacheDir + ",nodev,nosuid"
+		cmd := exec.Command("mount", "-t", "fuse.vmexportfs", "-o", opts, "coriolis+"+f.sim.URL(), mnt)
+		cmd.Env = append(os.Environ(), asCommandEnv+"=1", "PATH="+bin+":"+os.Getenv("PATH"))
+		out, err := cmd.CombinedOutput()
+		require.NoError(t, err, string(out))
+		t.Cleanup(func() { exec.Command("umount", "-l", mnt).Run() })
+		assert.Equal(t, "c\n", tool(t, "ls", filepath.Join(mnt, "by-name")))
+		tool(t, "umount", mnt)
+	})
+
+	wrongPassword := filepath.Join(t.TempDir(), "pw")
+	require.NoError(t, os.WriteFile(wrongPassword, []byte("hunter2\n"), 0o600))
+	for _, tc := range []struct {
+		name string
+		args []string
+		msg  string
+	}{
+		{"wrong password", []string{"--username", "admin", "--password-file", wrongPassword, "--ca-file", f.sim.CAFile()}, "connect to coriolis"},
+		{"untrusted certificate", []string{"--username", "admin", "--password-file", f.passwordFile}, "certificate"},
+		{"no password", []string{"--username", "admin", "--ca-file", f.sim.CAFile()}, "no password"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			mnt := t.TempDir()
+			out, err := command(append(tc.args, "coriolis+"+f.sim.URL(), mnt)...)
+			require.Error(t, err)
+			assert.Contains(t, out, tc.msg)
+			assert.NotContains(t, out, "hunter2")
+			assert.NotContains(t, out, "s3cr3t-pa55word")
+		})
+	}
+}

@@ -1,0 +1,81 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+)
+
+// readyFDEnv tells a re-executed daemon which descriptor reports "mounted" (or
+// the error that prevented it) to the parent, so that the parent, like every
+// mount helper, returns only once the mount is usable, with its exit status.
+const readyFDEnv = "VMEXPORTFS_READY_FD"
+
+// daemonize re-executes the command in a new session and waits for it to
+// report that the filesystem is mounted.
+func daemonize(ctx context.Context, stderr io.Writer) error {
+	exe, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("daemonize: %w", err)
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		return fmt.Errorf("daemonize: %w", err)
+	}
+	defer r.Close()
+	cmd := exec.CommandContext(ctx, exe, os.Args[1:]...)
+	cmd.Env = append(os.Environ(), readyFDEnv+"=3")
+	cmd.ExtraFiles = []*os.File{w}
+	cmd.Stderr = stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	// The daemon must outlive a cancelled parent context once it is mounted.
+	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+	if err := cmd.Start(); err != nil {
+		w.Close()
+		return fmt.Errorf("daemonize: %w", err)
+	}
+	w.Close()
+	msg, _ := io.ReadAll(r)
+	if string(msg) == "ok" {
+		return cmd.Process.Release()
+	}
+	waitErr := cmd.Wait()
+	if len(msg) > 0 {
+		return errors.New(strings.TrimSpace(string(msg)))
+	}
+	return fmt.Errorf("daemon exited before mounting: %v", waitErr)
+}
+
+func readyPipe() *os.File {
+	if os.Getenv(readyFDEnv) != "3" {
+		return nil
+	}
+	return os.NewFile(3, "ready")
+}
+
+// signalReady tells a waiting parent that the mount is up.
+func signalReady() {
+	if f := readyPipe(); f != nil {
+		f.WriteString("ok")
+		f.Close()
+		os.Unsetenv(readyFDEnv)
+	}
+}
+
+// notifyReady passes a startup error to a waiting parent and returns it.
+func notifyReady(err error) error {
+	if err == nil {
+		return nil
+	}
+	if f := readyPipe(); f != nil {
+		f.WriteString(err.Error())
+		f.Close()
+		os.Unsetenv(readyFDEnv)
+	}
+	return err
+}

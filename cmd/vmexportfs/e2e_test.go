@@ -1,0 +1,277 @@
+package main
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vmexportfs/vmexportfs/backend/coriolis/coriolistest"
+	"github.com/vmexportfs/vmexportfs/backend/extent"
+)
+
+const (
+	kib = int64(1) << 10
+	// copyDiskSize is not a multiple of the cache block or of 2 MiB.
+	copyDiskSize = 100*mib + 12*kib
+)
+
+// copyWrites are the written extents of the copy tests' disk: aligned to
+// the simulator's 64 KiB granule so its chunk map and the sparse file agree
+// exactly, crossing cache blocks and 2 MiB boundaries, and reaching the
+// unaligned end of the disk.
+var copyWrites = []extent.Extent{
+	{Off: 0, Len: 1 * mib},
+	{Off: 5*mib + 64*kib, Len: 3 * mib},
+	{Off: 40*mib - 128*kib, Len: 256 * kib},
+	{Off: 70 * mib, Len: 8 * mib},
+	{Off: copyDiskSize - 76*kib, Len: 76 * kib},
+}
+
+func allocatedBytes(es []extent.Extent) int64 {
+	var n int64
+	for _, e := range es {
+		n += e.Len
+	}
+	return n
+}
+
+// copyFixture is a VM with one sparse disk and one snapshot of it.
+func copyFixture(t *testing.T) (f *fixture, sid, source string) {
+	f = newFixture(t, coriolistest.Options{})
+	f.addVM("vm-copy", "copy", coriolistest.DiskSpec{Name: "copy.img", Device: "xvda", Size: copyDiskSize})
+	for _, e := range copyWrites {
+		f.write("vm-copy", "copy.img", e.Off, e.Len)
+	}
+	sid = f.snapshot("vm-copy")
+	return f, sid, f.source("vm-copy", sid, "copy.img")
+}
+
+// TestCopyToolsFetchOnlyWrittenData copies a sparse snapshot with the tools
+// backup people use, each on a cold mount, and checks the bytes and what
+// crossed the wire.
+func TestCopyToolsFetchOnlyWrittenData(t *testing.T) {
+	requireTools(t, "cp", "tar", "rsync", "dd", "qemu-img")
+	f, sid, source := copyFixture(t)
+	want := sha256File(t, source)
+	allocated := allocatedBytes(copyWrites)
+	require.Equal(t, formatExtents(copyWrites), formatExtents(dataMap(t, source)), "the simulator's snapshot file")
+
+	cases := []struct {
+		name string
+		copy func(t *testing.T, disk, out string) string // returns the raw copy
+	}{
+		{"cp --sparse=always", func(t *testing.T, disk, out string) string {
+			dst := filepath.Join(out, "disk.img")
+			tool(t, "cp", "--sparse=always", disk, dst)
+			return dst
+		}},
+		{"tar -S", func(t *testing.T, disk, out string) string {
+			archive := filepath.Join(out, "disk.tar")
+			tool(t, "tar", "-S", "-cf", archive, "-C", filepath.Dir(disk), "disk.img")
+			extracted := filepath.Join(out, "x")
+			require.NoError(t, os.Mkdir(extracted, 0o755))
+			tool(t, "tar", "-xf", archive, "-C", extracted)
+			return filepath.Join(extracted, "disk.img")
+		}},
+		{"qemu-img convert -O qcow2", func(t *testing.T, disk, out string) string {
+			qcow := filepath.Join(out, "disk.qcow2")
+			tool(t, "qemu-img", "convert", "-O", "qcow2", disk, qcow)
+			tool(t, "qemu-img", "check", qcow)
+			raw := filepath.Join(out, "disk.raw")
+			tool(t, "qemu-img", "convert", "-O", "raw", qcow, raw)
+			return raw
+		}},
+		{"rsync --sparse", func(t *testing.T, disk, out string) string {
+			tool(t, "rsync", "--sparse", disk, out+"/")
+			return filepath.Join(out, "disk.img")
+		}},
+		{"dd bs=1M", func(t *testing.T, disk, out string) string {
+			dst := filepath.Join(out, "disk.img")
+			tool(t, "dd", "if="+disk, "of="+dst, "bs=1M", "status=none")
+			return dst
+		}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			m := f.mount() // cold: nothing cached in the daemon or the page cache
+			f.sim.ResetStats()
+			got := tc.copy(t, m.path("vms", "vm-copy", "snapshots", sid, "disk.img"), t.TempDir())
+			assert.Equal(t, want, sha256File(t, got), "sha256 of the copy")
+			served := f.sim.Stats().DiskBytes
+			t.Logf("%s: served %d bytes for %d allocated (%.3f×)", tc.name, served, allocated, float64(served)/float64(allocated))
+			assert.LessOrEqual(t, served, allocated*102/100, "bytes served ≤ 1.02 × allocated")
+			assert.Positive(t, served)
+		})
+	}
+}
+
+// TestConcurrentRandomReaders runs 8 readers at random offsets at once
+// through a cache far smaller than the data, so blocks are evicted and
+// fetched concurrently.
+func TestConcurrentRandomReaders(t *testing.T) {
+	requireTools(t, "dd")
+	f, sid, source := copyFixture(t)
+	m := f.mount("--cache-size", "4M")
+	disk := m.path("vms", "vm-copy", "snapshots", sid, "disk.img")
+
+	var wg sync.WaitGroup
+	errs := make(chan error, 64)
+	for reader := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(reader), 42))
+			for range 6 {
+				// Mostly inside written extents, sometimes across holes.
+				e := copyWrites[rng.IntN(len(copyWrites))]
+				off := e.Off + rng.Int64N(e.Len) - rng.Int64N(64*kib)
+				off = max(0, min(off, copyDiskSize-1))
+				n := min(1+rng.Int64N(3*mib), copyDiskSize-off)
+				out, err := toolErr("dd", "if="+disk, "bs=64K", "iflag=skip_bytes,count_bytes",
+					fmt.Sprintf("skip=%d", off), fmt.Sprintf("count=%d", n), "status=none")
+				if err != nil {
+					errs <- fmt.Errorf("reader %d at %d+%d: %w", reader, off, n, err)
+					return
+				}
+				if int64(len(out)) != n || sha256String(out) != sha256Range(t, source, off, n) {
+					errs <- fmt.Errorf("reader %d at %d+%d: wrong bytes (got %d bytes)", reader, off, n, len(out))
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}
+
+// TestXattrMaps reads the chunk maps the way a backup script does.
+func TestXattrMaps(t *testing.T) {
+	requireTools(t, "getfattr")
+	f := newFixture(t, coriolistest.Options{})
+	f.addVM("vm-x", "x", coriolistest.DiskSpec{Name: "x.img", Device: "xvda", Size: 64 * mib})
+	f.write("vm-x", "x.img", 0, 4*mib)
+	f.write("vm-x", "x.img", 30*mib, 2*mib)
+	base := f.snapshot("vm-x")
+	changes := []extent.Extent{{Off: 1*mib + 64*kib, Len: 192 * kib}, {Off: 31 * mib, Len: 2 * mib}, {Off: 50 * mib, Len: 64 * kib}}
+	for _, e := range changes {
+		f.write("vm-x", "x.img", e.Off, e.Len)
+	}
+	require.NoError(t, f.sim.DiscardDisk("vm-x", "x.img", 3*mib, 1*mib))
+	target := f.snapshot("vm-x")
+	m := f.mount()
+	disk := m.path("vms", "vm-x", "snapshots", target, "disk.img")
+
+	dump := tool(t, "getfattr", "-d", "-m", "-", "--absolute-names", disk)
+	assert.Contains(t, dump, `user.vmexport.vm="vm-x"`)
+	assert.Contains(t, dump, `user.vmexport.snapshot="`+target+`"`)
+	assert.Contains(t, dump, "user.vmexport.extents=")
+	assert.Contains(t, dump, "user.vmexport.changed."+base+"=", "the previous snapshot's map is listed")
+
+	allocated := tool(t, "getfattr", "--only-values", "-n", "user.vmexport.extents", disk)
+	assert.Equal(t, formatExtents(dataMap(t, f.source("vm-x", target, "x.img"))), allocated)
+
+	// What changed: the rewritten extents, and the discarded megabyte, which a
+	// delta must carry as zeros.
+	want := []extent.Extent{
+		{Off: 1*mib + 64*kib, Len: 192 * kib},
+		{Off: 3 * mib, Len: 1 * mib},
+		{Off: 31 * mib, Len: 2 * mib},
+		{Off: 50 * mib, Len: 64 * kib},
+	}
+	changed := tool(t, "getfattr", "--only-values", "-n", "user.vmexport.changed."+base, disk)
+	assert.Equal(t, formatExtents(want), changed)
+	full := tool(t, os.Args[0], "extents", "--since", base, disk)
+	assert.Equal(t, changed, full, "vmexportfs extents prints the same map")
+
+	none := tool(t, "getfattr", "--only-values", "-n", "user.vmexport.changed."+target, disk)
+	assert.Empty(t, none, "nothing changed since itself")
+	_, err := toolErr("getfattr", "-n", "user.vmexport.changed.no-such-snapshot", disk)
+	assert.Error(t, err)
+}
+
+func sha256String(s string) string {
+	return sha256Bytes([]byte(s))
+}
+
+// TestSnapshotsByDirectory creates and deletes snapshots with mkdir/rmdir
+// and checks the names survive a remount.
+func TestSnapshotsByDirectory(t *testing.T) {
+	f := newFixture(t, coriolistest.Options{})
+	f.addVM("vm-s", "s", coriolistest.DiskSpec{Name: "s.img", Device: "xvda", Size: 8 * mib})
+	f.write("vm-s", "s.img", 0, 1*mib)
+	snapshots := func() int {
+		ids, err := f.sim.Snapshots("vm-s")
+		require.NoError(t, err)
+		return len(ids)
+	}
+
+	m := f.mount()
+	dir := m.path("vms", "vm-s", "snapshots")
+	tool(t, "mkdir", filepath.Join(dir, "nightly"))
+	assert.Equal(t, 1, snapshots())
+	assert.Contains(t, tool(t, "ls", dir), "nightly")
+	img := filepath.Join(dir, "nightly", "disk.img")
+	assert.Equal(t, sha256Range(t, f.source("vm-s", firstSnapshot(t, f, "vm-s"), "s.img"), 0, 8*mib),
+		sha256String(tool(t, "cat", img)))
+
+	for _, bad := range []struct{ name, errno string }{
+		{"bad name", "Invalid argument"},
+		{".hidden", "Invalid argument"},
+		{strings.Repeat("a", 200), "Invalid argument"},
+		{"nightly", "File exists"},
+	} {
+		_, err := toolErr("mkdir", filepath.Join(dir, bad.name))
+		require.Error(t, err, bad.name)
+		assert.Contains(t, err.Error(), bad.errno, bad.name)
+	}
+	_, err := toolErr("mkdir", m.path("vms", "no-such-vm", "snapshots", "x"))
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "No such file or directory")
+	assert.Equal(t, 1, snapshots(), "failed mkdirs create nothing")
+	m.stop(t)
+
+	m = f.mount()
+	dir = m.path("vms", "vm-s", "snapshots")
+	assert.Contains(t, tool(t, "ls", dir), "nightly", "the name survives a remount")
+	tool(t, "rmdir", filepath.Join(dir, "nightly"))
+	assert.Equal(t, 0, snapshots())
+	assert.NotContains(t, tool(t, "ls", dir), "nightly")
+}
+
+func firstSnapshot(t *testing.T, f *fixture, vm string) string {
+	ids, err := f.sim.Snapshots(vm)
+	require.NoError(t, err)
+	require.NotEmpty(t, ids)
+	return ids[0]
+}
+
+// TestTokenExpiresMidCopy pauses one copy half-way until the JWT has
+// expired; the copy must finish intact on a renewed token.
+func TestTokenExpiresMidCopy(t *testing.T) {
+	f := newFixture(t, coriolistest.Options{TokenTTL: 2 * time.Second})
+	f.addVM("vm-j", "j", coriolistest.DiskSpec{Name: "j.img", Device: "xvda", Size: 32 * mib})
+	f.write("vm-j", "j.img", 0, 32*mib)
+	sid := f.snapshot("vm-j")
+	m := f.mount("--cache-size", "4M")
+	f.sim.ResetStats()
+	disk := m.path("vms", "vm-j", "snapshots", sid, "disk.img")
+	out := filepath.Join(t.TempDir(), "copy")
+	// One open file, read in two halves with a pause between them.
+	script := `exec 3<"$1"; dd bs=1M count=8 <&3 >"$2" 2>/dev/null; sleep 3; dd bs=1M <&3 >>"$2" 2>/dev/null`
+	tool(t, "sh", "-c", script, "sh", disk, out)
+	assert.Equal(t, sha256File(t, f.source("vm-j", sid, "j.img")), sha256File(t, out))
+	assert.GreaterOrEqual(t, f.sim.Stats().Logins, int64(1), "logged in again after expiry")
+	assert.NotContains(t, m.logs.String(), "s3cr3t-pa55word")
+	assert.NotContains(t, m.logs.String(), "eyJ", "no JWT in the logs")
+}

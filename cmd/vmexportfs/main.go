@@ -1,0 +1,48 @@
+// Command vmexportfs mounts the disk snapshots of a virtualization platform as
+// a read-only FUSE filesystem of sparse, extent-aware files.
+//
+//	vmexportfs [flags] SOURCE MOUNTPOINT     mount a platform
+//	vmexportfs demo [flags] MOUNTPOINT       mount a built-in simulator with sample VMs
+//	vmexportfs extents [--since BASE] PATH   print a file's extent map in full
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+// run dispatches a subcommand and turns its error into a one-line message and
+// an exit code.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	var err error
+	switch {
+	case len(args) > 0 && args[0] == "demo":
+		err = runDemo(ctx, args[1:], stdout, stderr)
+	case len(args) > 0 && args[0] == "extents":
+		err = runExtents(args[1:], stdout)
+	default:
+		err = runMount(ctx, args, stdout, stderr)
+	}
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, errUsage):
+		fmt.Fprintln(stderr, "vmexportfs:", err)
+		return 2
+	default:
+		fmt.Fprintln(stderr, "vmexportfs:", err)
+		return 1
+	}
+}

@@ -1,0 +1,369 @@
+package main
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"github.com/spf13/pflag"
+
+	"github.com/vmexportfs/vmexportfs/backend"
+	"github.com/vmexportfs/vmexportfs/backend/httprange"
+	"github.com/vmexportfs/vmexportfs/cache"
+	"github.com/vmexportfs/vmexportfs/fs"
+)
+
+const passwordEnv = "VMEXPORTFS_PASSWORD"
+
+// mountConfig is everything the mount command was told.
+type mountConfig struct {
+	source, mountpoint string
+
+	username, passwordFile, caFile string
+	insecureSkipVerify             bool
+
+	cacheSize         int64
+	cacheDir          string
+	stateDir          string
+	listTTL           time.Duration
+	readTimeout       time.Duration
+	retries           int
+	foreground        bool
+	allowOther, debug bool
+	logLevel, logFile string
+}
+
+func newMountFlags(cfg *mountConfig, cacheSize *string, opts *[]string) *pflag.FlagSet {
+	f := pflag.NewFlagSet("vmexportfs", pflag.ContinueOnError)
+	f.SetOutput(io.Discard)
+	f.StringVar(&cfg.username, "username", "", "platform user name (Coriolis)")
+	f.StringVar(&cfg.passwordFile, "password-file", "", "file holding the password (else $"+passwordEnv+"); never pass it in argv")
+	f.StringVar(&cfg.caFile, "ca-file", "", "PEM CA bundle to verify the platform's TLS certificate (default: system roots)")
+	f.BoolVar(&cfg.insecureSkipVerify, "insecure-skip-tls-verify", false, "DANGEROUS: do not verify the platform's TLS certificate")
+	f.StringVar(cacheSize, "cache-size", "256M", "memory for cached disk blocks")
+	f.StringVar(&cfg.cacheDir, "cache-dir", "", "directory for derived-file indexes (default ~/.cache/vmexportfs)")
+	f.StringVar(&cfg.stateDir, "state-dir", "", "directory for the snapshot name map (default ~/.local/state/vmexportfs)")
+	f.DurationVar(&cfg.listTTL, "list-ttl", 5*time.Second, "how long VM and snapshot listings are cached")
+	f.DurationVar(&cfg.readTimeout, "read-timeout", 30*time.Second, "deadline of one backend request, body included")
+	f.IntVar(&cfg.retries, "retries", 5, "tries of one backend request before a read fails with EIO")
+	f.BoolVarP(&cfg.foreground, "foreground", "f", false, "stay in the foreground")
+	f.BoolVar(&cfg.allowOther, "allow-other", false, "let other users see the mount (needs user_allow_other for non-root)")
+	f.BoolVar(&cfg.debug, "debug", false, "log every FUSE request")
+	f.StringVar(&cfg.logLevel, "log-level", "info", "debug, info, warn or error")
+	f.StringVar(&cfg.logFile, "log-file", "", "append logs to this file instead of stderr")
+	f.StringArrayVarP(opts, "options", "o", nil, "mount options, comma separated (fstab style: username=,password_file=,ca_file=,allow_other,...)")
+	return f
+}
+
+// parseMountArgs parses and validates everything that can be checked without
+// touching the network, so that a bad invocation fails before anything starts.
+func parseMountArgs(args []string) (mountConfig, error) {
+	var cfg mountConfig
+	var cacheSize string
+	var opts []string
+	f := newMountFlags(&cfg, &cacheSize, &opts)
+	if err := f.Parse(args); err != nil {
+		return cfg, fmt.Errorf("%w: %v (see vmexportfs --help)", errUsage, err)
+	}
+	mo, err := parseMountOptions(opts)
+	if err != nil {
+		return cfg, fmt.Errorf("%w: %v", errUsage, err)
+	}
+	for name, value := range mo.set {
+		if err := f.Set(name, value); err != nil {
+			return cfg, fmt.Errorf("%w: -o %s: %v", errUsage, name, err)
+		}
+	}
+	cfg.allowOther = cfg.allowOther || mo.allowOther
+	cfg.debug = cfg.debug || mo.debug
+	if f.NArg() != 2 {
+		return cfg, fmt.Errorf("%w: want SOURCE MOUNTPOINT, got %d arguments (vmexportfs [flags] coriolis+https://HOST:5544 /mnt/vms)", errUsage, f.NArg())
+	}
+	cfg.source, cfg.mountpoint = f.Arg(0), f.Arg(1)
+	if cfg.cacheSize, err = parseSize(cacheSize); err != nil {
+		return cfg, fmt.Errorf("%w: --cache-size: %v", errUsage, err)
+	}
+	if cfg.cacheSize < 4<<20 {
+		return cfg, fmt.Errorf("%w: --cache-size %s: at least 4M is needed", errUsage, cacheSize)
+	}
+	if cfg.retries < 1 || cfg.retries > 100 {
+		return cfg, fmt.Errorf("%w: --retries %d: want 1 to 100", errUsage, cfg.retries)
+	}
+	if cfg.readTimeout <= 0 || cfg.listTTL < 0 {
+		return cfg, fmt.Errorf("%w: --read-timeout must be positive and --list-ttl not negative", errUsage)
+	}
+	if _, err := parseLogLevel(cfg.logLevel); err != nil {
+		return cfg, fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if _, _, err := splitSource(cfg.source); err != nil {
+		return cfg, fmt.Errorf("%w: %v", errUsage, err)
+	}
+	return cfg, nil
+}
+
+// splitSource separates "coriolis+https://host:5544" into the platform and
+// the URL the platform client is given.
+func splitSource(source string) (platform string, u *url.URL, err error) {
+	u, err = url.Parse(source)
+	if err != nil {
+		return "", nil, fmt.Errorf("source %q: not a URL", truncate(source, 80))
+	}
+	platform, scheme, ok := strings.Cut(u.Scheme, "+")
+	if !ok || (scheme != "https" && scheme != "http") || u.Host == "" {
+		return "", nil, fmt.Errorf("source %q: want PLATFORM+https://HOST[:PORT][/PATH], e.g. coriolis+https://ovm:5544", truncate(source, 80))
+	}
+	if u.User != nil {
+		return "", nil, fmt.Errorf("source: credentials in the URL are not accepted; use --username and --password-file")
+	}
+	if _, known := lookupPlatform(platform); !known {
+		return "", nil, fmt.Errorf("source %q: unknown platform %q (known: %s)", truncate(source, 80), platform, strings.Join(platformNames(), ", "))
+	}
+	u.Scheme = scheme
+	return platform, u, nil
+}
+
+// checkMountpoint fails early on a mountpoint that cannot be used.
+func checkMountpoint(dir string) error {
+	st, err := os.Stat(dir)
+	switch {
+	case errors.Is(err, syscall.ENOTCONN):
+		return fmt.Errorf("mountpoint %s: a dead FUSE mount is still there; run: fusermount3 -u %s", dir, dir)
+	case err != nil:
+		return fmt.Errorf("mountpoint: %w", err)
+	case !st.IsDir():
+		return fmt.Errorf("mountpoint %s: not a directory", dir)
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("mountpoint: %w", err)
+	}
+	if len(entries) > 0 {
+		return fmt.Errorf("mountpoint %s: not empty", dir)
+	}
+	return nil
+}
+
+func runMount(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 1 && (args[0] == "-h" || args[0] == "--help") {
+		return printMountHelp(stdout)
+	}
+	cfg, err := parseMountArgs(args)
+	if err != nil {
+		return err
+	}
+	if err := checkMountpoint(cfg.mountpoint); err != nil {
+		return err
+	}
+	if cfg.passwordFile != "" {
+		if _, err := readSecretFile(cfg.passwordFile); err != nil {
+			return err
+		}
+	}
+	if !cfg.foreground && os.Getenv(readyFDEnv) == "" {
+		return daemonize(ctx, stderr)
+	}
+	logger, closeLog, err := newLogger(cfg, stderr)
+	if err != nil {
+		return err
+	}
+	defer closeLog()
+	if cfg.insecureSkipVerify {
+		logger.Warn("TLS VERIFICATION IS OFF (--insecure-skip-tls-verify): anyone on the path can read and alter your disks")
+	}
+	src, err := openSource(ctx, cfg, logger)
+	if err != nil {
+		return notifyReady(err)
+	}
+	return notifyReady(serve(ctx, src, cfg, logger, nil))
+}
+
+// serve mounts src and blocks until ctx is done or the filesystem is
+// unmounted from outside. ready, when not nil, is called once mounted.
+func serve(ctx context.Context, src backend.Source, cfg mountConfig, logger *slog.Logger, ready func()) error {
+	stateDir, cacheDir, err := dataDirs(cfg)
+	if err != nil {
+		return err
+	}
+	blocks := cache.New(cache.Options{Capacity: cfg.cacheSize, Logger: logger})
+	defer blocks.Close()
+	root, err := fs.NewRoot(src, fs.Options{
+		Cache: blocks, StateDir: stateDir, CacheDir: cacheDir, ListTTL: cfg.listTTL, Logger: logger,
+	})
+	if err != nil {
+		return err
+	}
+	server, err := fs.Mount(cfg.mountpoint, root, fs.MountOptions{AllowOther: cfg.allowOther, Debug: cfg.debug})
+	if err != nil {
+		return fmt.Errorf("mount %s: %w", cfg.mountpoint, err)
+	}
+	logger.Info("mounted", "source", cfg.source, "mountpoint", cfg.mountpoint)
+	if ready != nil {
+		ready()
+	} else {
+		signalReady()
+	}
+	unmounted := make(chan struct{})
+	go func() { server.Wait(); close(unmounted) }()
+	select {
+	case <-unmounted:
+		logger.Info("unmounted from outside", "mountpoint", cfg.mountpoint)
+		return nil
+	case <-ctx.Done():
+	}
+	unmount(server, cfg.mountpoint, logger)
+	<-unmounted
+	logger.Info("unmounted", "mountpoint", cfg.mountpoint)
+	return nil
+}
+
+// unmount detaches the mount even while files are open: a busy mount is
+// lazily detached, so running copies finish on their open descriptors and the
+// kernel ends the session when the last one closes.
+func unmount(server *fuse.Server, dir string, logger *slog.Logger) {
+	if err := server.Unmount(); err == nil {
+		return
+	} else {
+		logger.Info("mount busy, detaching lazily", "mountpoint", dir, "err", err)
+	}
+	if err := syscall.Unmount(dir, syscall.MNT_DETACH); err != nil {
+		logger.Error("lazy unmount failed", "mountpoint", dir, "err", err)
+	}
+}
+
+// dataDirs returns the per-source state and cache directories, created 0700.
+// They are keyed by the source so two platforms never share a name map.
+func dataDirs(cfg mountConfig) (stateDir, cacheDir string, err error) {
+	home, _ := os.UserHomeDir()
+	pick := func(flag, xdgEnv, rootDefault, homeSuffix string) string {
+		switch {
+		case flag != "":
+			return flag
+		case os.Getenv(xdgEnv) != "":
+			return filepath.Join(os.Getenv(xdgEnv), "vmexportfs")
+		case os.Geteuid() == 0:
+			return rootDefault
+		default:
+			return filepath.Join(home, homeSuffix, "vmexportfs")
+		}
+	}
+	key := sourceKey(cfg.source, cfg.username)
+	stateDir = filepath.Join(pick(cfg.stateDir, "XDG_STATE_HOME", "/var/lib/vmexportfs", ".local/state"), key)
+	cacheDir = filepath.Join(pick(cfg.cacheDir, "XDG_CACHE_HOME", "/var/cache/vmexportfs", ".cache"), key)
+	for _, dir := range []string{stateDir, cacheDir} {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return "", "", fmt.Errorf("create %s: %w", dir, err)
+		}
+		if err := os.Chmod(dir, 0o700); err != nil {
+			return "", "", fmt.Errorf("chmod %s: %w", dir, err)
+		}
+	}
+	return stateDir, cacheDir, nil
+}
+
+// sourceKey names a source's directories: readable host plus a hash of the
+// whole source, so that the name stays short and safe whatever the URL holds.
+func sourceKey(source, user string) string {
+	sum := sha256.Sum256([]byte(source + "\x00" + user))
+	host := "source"
+	if u, err := url.Parse(source); err == nil && u.Hostname() != "" {
+		host = strings.Map(func(r rune) rune {
+			if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '-' {
+				return r
+			}
+			return '_'
+		}, u.Hostname())
+	}
+	return truncate(host, 64) + "-" + hex.EncodeToString(sum[:6])
+}
+
+func readSecretFile(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("read secret: %w", err)
+	}
+	secret := strings.TrimRight(string(b), "\r\n")
+	if secret == "" {
+		return "", fmt.Errorf("secret file %s is empty", path)
+	}
+	return secret, nil
+}
+
+// password reads the password from --password-file or the environment.
+func (cfg mountConfig) password() (string, error) {
+	if cfg.passwordFile != "" {
+		return readSecretFile(cfg.passwordFile)
+	}
+	if pw := os.Getenv(passwordEnv); pw != "" {
+		return pw, nil
+	}
+	return "", fmt.Errorf("no password: give --password-file FILE or set %s", passwordEnv)
+}
+
+func (cfg mountConfig) rootCAs() (*x509.CertPool, error) {
+	if cfg.caFile == "" {
+		return nil, nil
+	}
+	pem, err := os.ReadFile(cfg.caFile)
+	if err != nil {
+		return nil, fmt.Errorf("--ca-file: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("--ca-file %s: no PEM certificate in it", cfg.caFile)
+	}
+	return pool, nil
+}
+
+func (cfg mountConfig) policy() httprange.Policy {
+	return httprange.Policy{Attempts: cfg.retries, AttemptTimeout: cfg.readTimeout}
+}
+
+func parseLogLevel(s string) (slog.Level, error) {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(s)); err != nil {
+		return 0, fmt.Errorf("--log-level %q: want debug, info, warn or error", truncate(s, 20))
+	}
+	return level, nil
+}
+
+func newLogger(cfg mountConfig, stderr io.Writer) (*slog.Logger, func(), error) {
+	level, err := parseLogLevel(cfg.logLevel)
+	if err != nil {
+		return nil, nil, err
+	}
+	out, closeOut := stderr, func() {}
+	if cfg.logFile != "" {
+		f, err := os.OpenFile(cfg.logFile, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--log-file: %w", err)
+		}
+		out, closeOut = f, func() { f.Close() }
+	}
+	return slog.New(slog.NewTextHandler(out, &slog.HandlerOptions{Level: level})), closeOut, nil
+}
+
+func printMountHelp(w io.Writer) error {
+	var cfg mountConfig
+	var cacheSize string
+	var opts []string
+	f := newMountFlags(&cfg, &cacheSize, &opts)
+	fmt.Fprintf(w, "Usage:\n  vmexportfs [flags] SOURCE MOUNTPOINT\n  vmexportfs demo [flags] MOUNTPOINT\n  vmexportfs extents [--since BASE] PATH\n\nSources:\n")
+	for _, name := range platformNames() {
+		p, _ := lookupPlatform(name)
+		fmt.Fprintf(w, "  %s\n", p.usage)
+	}
+	fmt.Fprintf(w, "\nFlags:\n%s", f.FlagUsages())
+	return nil
+}

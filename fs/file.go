@@ -1,0 +1,282 @@
+package fs
+
+import (
+	"context"
+	"fmt"
+	"path"
+	"sync"
+	"syscall"
+
+	gofs "github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+
+	"github.com/vmexportfs/vmexportfs/backend"
+	"github.com/vmexportfs/vmexportfs/backend/extent"
+)
+
+// view is one file's content: the raw disk or a derived format. A new view
+// is one constructor.
+type view interface {
+	Size(ctx context.Context) (int64, error)
+	ReadAt(ctx context.Context, p []byte, off int64) error // off+len(p) <= size; fills p
+	Data(ctx context.Context) (extent.Map, error)          // data extents of THIS file (lseek, st_blocks)
+}
+
+// streamOpener is implemented by views that keep per-handle read state.
+type streamOpener interface {
+	OpenStream(ctx context.Context) (stream, error)
+}
+
+// changeTracker is implemented by views whose bytes line up with the
+// backend's change maps.
+type changeTracker interface {
+	ChangedSince(ctx context.Context, baseSnapshotID string) (extent.Map, error)
+	TracksChanges(ctx context.Context) bool // cheap: no backend round trip
+}
+
+// rawView is disk.img: the snapshot disk as is.
+type rawView struct {
+	st  *state
+	ref backend.DiskRef
+
+	mu      sync.Mutex
+	aligned *extent.Map
+}
+
+// dataAlign is the granularity data is reported at: tools such as qemu-img
+// assume holes never split a sector, so byte-granular backend extents are
+// widened (reporting zeros as data is always safe).
+const dataAlign = 4096
+
+func (v *rawView) Size(ctx context.Context) (int64, error) {
+	d, err := v.st.disk(ctx, v.ref)
+	if err != nil {
+		return 0, err
+	}
+	return d.Size(), nil
+}
+
+func (v *rawView) Data(ctx context.Context) (extent.Map, error) {
+	d, err := v.st.disk(ctx, v.ref)
+	if err != nil {
+		return extent.Map{}, err
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.aligned == nil {
+		m, err := alignOut(d.Allocated(), d.Size(), dataAlign)
+		if err != nil {
+			return extent.Map{}, fmt.Errorf("data map: %w", err)
+		}
+		v.aligned = &m
+	}
+	return *v.aligned, nil
+}
+
+// alignOut widens every extent to multiples of align, within size.
+func alignOut(m extent.Map, size, align int64) (extent.Map, error) {
+	exts := make([]extent.Extent, 0, m.Len())
+	for _, e := range m.Extents() {
+		off := e.Off / align * align
+		end := min((e.End()+align-1)/align*align, size)
+		exts = append(exts, extent.Extent{Off: off, Len: end - off})
+	}
+	return extent.Normalize(exts, size)
+}
+
+func (v *rawView) ReadAt(ctx context.Context, p []byte, off int64) error {
+	s, err := v.OpenStream(ctx)
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	return s.ReadAt(ctx, p, off)
+}
+
+func (v *rawView) OpenStream(ctx context.Context) (stream, error) {
+	d, err := v.st.disk(ctx, v.ref)
+	if err != nil {
+		return nil, err
+	}
+	return v.st.open(cacheKey(v.ref), d.Size(), d.Allocated(), d), nil
+}
+
+func (v *rawView) TracksChanges(ctx context.Context) bool {
+	d, err := v.st.disk(ctx, v.ref)
+	if err != nil {
+		return false
+	}
+	_, ok := d.(backend.ChangeTracker)
+	return ok
+}
+
+func (v *rawView) ChangedSince(ctx context.Context, base string) (extent.Map, error) {
+	d, err := v.st.disk(ctx, v.ref)
+	if err != nil {
+		return extent.Map{}, err
+	}
+	ct, ok := d.(backend.ChangeTracker)
+	if !ok {
+		return extent.Map{}, fmt.Errorf("changed since: %w", backend.ErrUnsupported)
+	}
+	return ct.ChangedSince(ctx, base)
+}
+
+// diskFile is a read-only file over a view.
+type diskFile struct {
+	gofs.Inode
+	st   *state
+	vm   string
+	e    *snapEntry
+	ref  backend.DiskRef
+	path string
+	v    view
+}
+
+var (
+	_ gofs.NodeOpener      = (*diskFile)(nil)
+	_ gofs.NodeReader      = (*diskFile)(nil)
+	_ gofs.NodeLseeker     = (*diskFile)(nil)
+	_ gofs.NodeGetattrer   = (*diskFile)(nil)
+	_ gofs.NodeSetattrer   = (*diskFile)(nil)
+	_ gofs.NodeGetxattrer  = (*diskFile)(nil)
+	_ gofs.NodeListxattrer = (*diskFile)(nil)
+	_ gofs.NodeStatfser    = (*diskFile)(nil)
+	_ gofs.NodeReleaser    = (*diskFile)(nil)
+)
+
+func newDiskFile(ctx context.Context, parent *gofs.Inode, st *state, vm string, e *snapEntry, info backend.DiskInfo, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
+	ref := backend.DiskRef{VM: vm, Snapshot: e.snap.ID, Disk: info.ID}
+	f := &diskFile{st: st, vm: vm, e: e, ref: ref, v: &rawView{st: st, ref: ref}}
+	f.path = path.Join("/vms", vm, "snapshots", e.name, diskFileName)
+	if errno := f.fillAttr(ctx, &out.Attr); errno != 0 {
+		return nil, errno
+	}
+	out.SetEntryTimeout(immutableTimeout)
+	out.SetAttrTimeout(immutableTimeout)
+	return parent.NewInode(ctx, f, gofs.StableAttr{Mode: syscall.S_IFREG}), 0
+}
+
+func (f *diskFile) fillAttr(ctx context.Context, a *fuse.Attr) syscall.Errno {
+	size, err := f.v.Size(ctx)
+	if err != nil {
+		return f.st.toErrno(ctx, "stat", f.path, err)
+	}
+	data, err := f.v.Data(ctx)
+	if err != nil {
+		return f.st.toErrno(ctx, "stat", f.path, err)
+	}
+	a.Mode = syscall.S_IFREG | 0o444
+	a.Size = uint64(size)
+	a.Nlink = 1
+	// go-fuse keeps Blocks only when Blksize is set; tar -S skips a file
+	// with 0 blocks, so any data means at least one.
+	blocks := (data.Bytes() + 511) / 512
+	if blocks == 0 && data.Bytes() > 0 {
+		blocks = 1
+	}
+	a.Blocks = uint64(blocks)
+	f.st.fillOwner(a, f.e.snap.Created)
+	return 0
+}
+
+func (f *diskFile) Getattr(ctx context.Context, fh gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	out.SetTimeout(immutableTimeout)
+	return f.fillAttr(ctx, &out.Attr)
+}
+
+func (f *diskFile) Setattr(context.Context, gofs.FileHandle, *fuse.SetAttrIn, *fuse.AttrOut) syscall.Errno {
+	return syscall.EROFS
+}
+func (f *diskFile) Setxattr(context.Context, string, []byte, uint32) syscall.Errno {
+	return syscall.EROFS
+}
+func (f *diskFile) Removexattr(context.Context, string) syscall.Errno { return syscall.EROFS }
+
+func (f *diskFile) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
+	return statfs(out)
+}
+
+// handle is one open of a disk file.
+type handle struct {
+	s stream // nil for views without per-handle state
+}
+
+const writeFlags = syscall.O_WRONLY | syscall.O_RDWR | syscall.O_TRUNC | syscall.O_APPEND
+
+func (f *diskFile) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
+	if flags&writeFlags != 0 {
+		return nil, 0, syscall.EROFS
+	}
+	h := &handle{}
+	if so, ok := f.v.(streamOpener); ok {
+		s, err := so.OpenStream(ctx)
+		if err != nil {
+			return nil, 0, f.st.toErrno(ctx, "open", f.path, err)
+		}
+		h.s = s
+	}
+	return h, fuse.FOPEN_KEEP_CACHE, 0
+}
+
+func (f *diskFile) Release(ctx context.Context, fh gofs.FileHandle) syscall.Errno {
+	if h, ok := fh.(*handle); ok && h.s != nil {
+		h.s.Close()
+	}
+	return 0
+}
+
+func (f *diskFile) Read(ctx context.Context, fh gofs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	size, err := f.v.Size(ctx)
+	if err != nil {
+		return nil, f.st.toErrno(ctx, "read", f.path, err)
+	}
+	if off < 0 {
+		return nil, syscall.EINVAL
+	}
+	if off >= size {
+		return fuse.ReadResultData(nil), 0
+	}
+	p := dest[:min(int64(len(dest)), size-off)]
+	// A short read before EOF would shrink the kernel's idea of the file:
+	// the whole range or an error.
+	if h, ok := fh.(*handle); ok && h.s != nil {
+		err = h.s.ReadAt(ctx, p, off)
+	} else {
+		err = f.v.ReadAt(ctx, p, off)
+	}
+	if err != nil {
+		return nil, f.st.toErrno(ctx, "read", f.path, err)
+	}
+	return fuse.ReadResultData(p), 0
+}
+
+const (
+	seekData = 3
+	seekHole = 4
+)
+
+func (f *diskFile) Lseek(ctx context.Context, fh gofs.FileHandle, off uint64, whence uint32) (uint64, syscall.Errno) {
+	if whence != seekData && whence != seekHole {
+		return 0, syscall.EINVAL
+	}
+	size, err := f.v.Size(ctx)
+	if err != nil {
+		return 0, f.st.toErrno(ctx, "lseek", f.path, err)
+	}
+	if off >= uint64(size) {
+		return 0, syscall.ENXIO
+	}
+	data, err := f.v.Data(ctx)
+	if err != nil {
+		return 0, f.st.toErrno(ctx, "lseek", f.path, err)
+	}
+	if whence == seekData {
+		next, ok := data.SeekData(int64(off))
+		if !ok {
+			return 0, syscall.ENXIO
+		}
+		return uint64(next), 0
+	}
+	return uint64(data.SeekHole(int64(off), size)), 0
+}

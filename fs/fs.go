@@ -1,0 +1,269 @@
+// Package fs is the FUSE tree of vmexportfs: VMs, their snapshots and each
+// snapshot disk as a sparse read-only file. It knows nothing of platforms; it
+// uses backend.Source, the optional capability interfaces, the block cache and
+// the views.
+package fs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"os"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	gofs "github.com/hanwen/go-fuse/v2/fs"
+
+	"github.com/vmexportfs/vmexportfs/backend"
+	"github.com/vmexportfs/vmexportfs/cache"
+	"github.com/vmexportfs/vmexportfs/fs/statedir"
+)
+
+// Options configure the tree.
+type Options struct {
+	Cache    *cache.Cache // nil reads straight from the backend (tests)
+	StateDir string       // snapshot names given by mkdir; "" keeps them in memory
+	CacheDir string       // for derived-view indexes; created 0700
+	ListTTL  time.Duration
+	Logger   *slog.Logger
+}
+
+// DefaultListTTL is how long a VM or snapshot listing is reused.
+const DefaultListTTL = 5 * time.Second
+
+// Root is the root directory node; pass it to Mount.
+type Root struct {
+	dirNode
+}
+
+// state is what every node shares.
+type state struct {
+	src      backend.Source
+	open     readerOpener
+	store    *statedir.Store
+	log      *slog.Logger
+	ttl      time.Duration
+	uid, gid uint32
+	epoch    time.Time
+
+	vms cachedList[*vmListing]
+
+	mu     sync.Mutex
+	snaps  map[string]*cachedList[*snapListing]
+	disks  map[backend.DiskRef]*onceDisk
+	warned map[string]bool
+}
+
+// NewRoot builds the tree over src.
+func NewRoot(src backend.Source, opts Options) (*Root, error) {
+	if src == nil {
+		return nil, errors.New("fs new root: nil source")
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	ttl := opts.ListTTL
+	if ttl <= 0 {
+		ttl = DefaultListTTL
+	}
+	if opts.CacheDir != "" {
+		if err := os.MkdirAll(opts.CacheDir, 0o700); err != nil {
+			return nil, fmt.Errorf("fs new root: cache dir: %w", err)
+		}
+	}
+	store, err := statedir.Open(opts.StateDir, log)
+	if err != nil {
+		return nil, fmt.Errorf("fs new root: %w", err)
+	}
+	st := &state{
+		src:    src,
+		open:   cacheOpener(opts.Cache),
+		store:  store,
+		log:    log,
+		ttl:    ttl,
+		uid:    uint32(os.Getuid()),
+		gid:    uint32(os.Getgid()),
+		epoch:  time.Unix(0, 0),
+		snaps:  map[string]*cachedList[*snapListing]{},
+		disks:  map[backend.DiskRef]*onceDisk{},
+		warned: map[string]bool{},
+	}
+	return &Root{dirNode{st: st, mode: 0o555}}, nil
+}
+
+// OnAdd builds the static top of the tree.
+func (r *Root) OnAdd(ctx context.Context) {
+	vms := r.NewPersistentInode(ctx, &vmsDir{dirNode{st: r.st, mode: 0o555}}, gofs.StableAttr{Mode: syscall.S_IFDIR})
+	r.AddChild("vms", vms, false)
+	byName := r.NewPersistentInode(ctx, &byNameDir{dirNode{st: r.st, mode: 0o555}}, gofs.StableAttr{Mode: syscall.S_IFDIR})
+	r.AddChild("by-name", byName, false)
+}
+
+// warnOnce logs a skipped hostile or duplicate name once per mount.
+func (st *state) warnOnce(key, msg string, args ...any) {
+	st.mu.Lock()
+	seen := st.warned[key]
+	st.warned[key] = true
+	st.mu.Unlock()
+	if !seen {
+		st.log.Warn(msg, args...)
+	}
+}
+
+// nameProblem says why a backend-supplied name cannot be a path component,
+// or "" when it can.
+func nameProblem(name string) string {
+	switch {
+	case name == "":
+		return "empty"
+	case name == "." || name == "..":
+		return "dot name"
+	case strings.ContainsRune(name, '/'):
+		return "contains /"
+	case strings.ContainsRune(name, 0):
+		return "contains NUL"
+	case len(name) > 255:
+		return "longer than 255 bytes"
+	}
+	return ""
+}
+
+// quoteShort quotes a hostile name for logs without flooding them.
+func quoteShort(s string) string {
+	if len(s) > 64 {
+		return fmt.Sprintf("%q...(%d bytes)", s[:64], len(s))
+	}
+	return fmt.Sprintf("%q", s)
+}
+
+// toErrno maps a backend error to an errno, logging the ones a user will
+// want explained.
+func (st *state) toErrno(ctx context.Context, op, path string, err error) syscall.Errno {
+	var errno syscall.Errno
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil:
+		return syscall.EINTR
+	case errors.Is(err, backend.ErrNotFound):
+		return syscall.ENOENT
+	case errors.Is(err, backend.ErrPermission):
+		errno = syscall.EACCES
+	case errors.Is(err, backend.ErrInvalid):
+		return syscall.EINVAL
+	case errors.Is(err, backend.ErrExists):
+		return syscall.EEXIST
+	case errors.Is(err, backend.ErrUnsupported):
+		return syscall.ENOTSUP
+	case errors.As(err, &errno):
+		return errno
+	default:
+		errno = syscall.EIO
+	}
+	st.log.Error("fs: "+op+" failed", "path", path, "err", err, "errno", errno.Error())
+	return errno
+}
+
+// cacheKey names a disk in the block cache; each part is escaped so no two
+// refs share a key.
+func cacheKey(ref backend.DiskRef) string {
+	return url.PathEscape(ref.VM) + "/" + url.PathEscape(ref.Snapshot) + "/" + url.PathEscape(ref.Disk)
+}
+
+// onceDisk shares one OpenDisk call between concurrent users; a failure is
+// not remembered so a later access retries.
+type onceDisk struct {
+	done chan struct{}
+	disk backend.Disk
+	err  error
+}
+
+// disk opens ref once per mount: snapshot disks are immutable.
+func (st *state) disk(ctx context.Context, ref backend.DiskRef) (backend.Disk, error) {
+	st.mu.Lock()
+	o, ok := st.disks[ref]
+	if !ok {
+		o = &onceDisk{done: make(chan struct{})}
+		st.disks[ref] = o
+		go func() {
+			// Detached so one interrupted caller does not fail the others.
+			o.disk, o.err = st.src.OpenDisk(context.WithoutCancel(ctx), ref)
+			if o.err == nil && o.disk == nil {
+				o.err = fmt.Errorf("open disk: backend returned nil disk: %w", backend.ErrUnavailable)
+			}
+			if o.err != nil {
+				st.mu.Lock()
+				delete(st.disks, ref)
+				st.mu.Unlock()
+			}
+			close(o.done)
+		}()
+	}
+	st.mu.Unlock()
+	select {
+	case <-o.done:
+		return o.disk, o.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// cachedList is a listing reused for a TTL; concurrent callers share one
+// fetch. Errors are not remembered, so the next call retries.
+type cachedList[T any] struct {
+	mu       sync.Mutex
+	val      T
+	at       time.Time
+	valid    bool
+	inflight *flight[T]
+}
+
+type flight[T any] struct {
+	done chan struct{}
+	val  T
+	err  error
+}
+
+func (c *cachedList[T]) get(ctx context.Context, ttl time.Duration, fetch func(context.Context) (T, error)) (T, error) {
+	c.mu.Lock()
+	if c.valid && time.Since(c.at) < ttl {
+		v := c.val
+		c.mu.Unlock()
+		return v, nil
+	}
+	f := c.inflight
+	if f == nil {
+		f = &flight[T]{done: make(chan struct{})}
+		c.inflight = f
+		go func() {
+			// Detached so one interrupted caller does not fail the others.
+			f.val, f.err = fetch(context.WithoutCancel(ctx))
+			c.mu.Lock()
+			if f.err == nil {
+				c.val, c.at, c.valid = f.val, time.Now(), true
+			}
+			c.inflight = nil
+			c.mu.Unlock()
+			close(f.done)
+		}()
+	}
+	c.mu.Unlock()
+	select {
+	case <-f.done:
+		return f.val, f.err
+	case <-ctx.Done():
+		var zero T
+		return zero, ctx.Err()
+	}
+}
+
+func (c *cachedList[T]) invalidate() {
+	c.mu.Lock()
+	c.valid = false
+	c.mu.Unlock()
+}

@@ -1,0 +1,179 @@
+package fs
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/vmexportfs/vmexportfs/backend"
+)
+
+// vmListing is the checked VM list: only ids safe as path components, the
+// first of any duplicates.
+type vmListing struct {
+	ids    []string
+	byID   map[string]backend.VM
+	byName map[string]string // friendly name -> id, valid and unique names only
+	names  []string
+}
+
+func (st *state) listVMs(ctx context.Context) (*vmListing, error) {
+	return st.vms.get(ctx, st.ttl, func(ctx context.Context) (*vmListing, error) {
+		vms, err := st.src.VMs(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("list vms: %w", err)
+		}
+		l := &vmListing{byID: map[string]backend.VM{}, byName: map[string]string{}}
+		nameCount := map[string]int{}
+		for _, vm := range vms {
+			if p := nameProblem(vm.ID); p != "" {
+				st.warnOnce("vm-id:"+vm.ID, "fs: skipping vm with unusable id", "id", quoteShort(vm.ID), "reason", p)
+				continue
+			}
+			if _, dup := l.byID[vm.ID]; dup {
+				st.warnOnce("vm-dup:"+vm.ID, "fs: skipping duplicate vm id", "id", quoteShort(vm.ID))
+				continue
+			}
+			l.byID[vm.ID] = vm
+			l.ids = append(l.ids, vm.ID)
+			if vm.Name != "" {
+				nameCount[vm.Name]++
+			}
+		}
+		for _, id := range l.ids {
+			name := l.byID[id].Name
+			if name == "" {
+				continue
+			}
+			if p := nameProblem(name); p != "" {
+				st.warnOnce("vm-name:"+name, "fs: no by-name link for vm", "id", quoteShort(id), "name", quoteShort(name), "reason", p)
+				continue
+			}
+			if nameCount[name] > 1 {
+				st.warnOnce("vm-name-dup:"+name, "fs: no by-name link for ambiguous vm name", "name", quoteShort(name))
+				continue
+			}
+			l.byName[name] = id
+			l.names = append(l.names, name)
+		}
+		return l, nil
+	})
+}
+
+// snapEntry is one shown snapshot.
+type snapEntry struct {
+	name string
+	snap backend.Snapshot
+	prev *backend.Snapshot // the next older snapshot, nil for the oldest
+}
+
+// snapListing is a VM's checked snapshot list, oldest first.
+type snapListing struct {
+	entries []*snapEntry
+	byName  map[string]*snapEntry
+	byID    map[string]*snapEntry // every snapshot with a usable id, shown or not
+}
+
+func (st *state) snapList(vm string) *cachedList[*snapListing] {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	c, ok := st.snaps[vm]
+	if !ok {
+		c = &cachedList[*snapListing]{}
+		st.snaps[vm] = c
+	}
+	return c
+}
+
+func (st *state) listSnapshots(ctx context.Context, vm string) (*snapListing, error) {
+	return st.snapList(vm).get(ctx, st.ttl, func(ctx context.Context) (*snapListing, error) {
+		snaps, err := st.src.Snapshots(ctx, vm)
+		if err != nil {
+			return nil, fmt.Errorf("list snapshots of %q: %w", vm, err)
+		}
+		named := map[string]string{} // snapshot id -> name given by mkdir
+		for name, id := range st.store.Names(vm) {
+			named[id] = name
+		}
+		l := &snapListing{byName: map[string]*snapEntry{}, byID: map[string]*snapEntry{}}
+		var prev *backend.Snapshot
+		for i := range snaps {
+			sn := snaps[i]
+			if p := nameProblem(sn.ID); p != "" {
+				st.warnOnce("snap-id:"+vm+"/"+sn.ID, "fs: skipping snapshot with unusable id", "vm", vm, "id", quoteShort(sn.ID), "reason", p)
+				continue
+			}
+			if _, dup := l.byID[sn.ID]; dup {
+				st.warnOnce("snap-dup:"+vm+"/"+sn.ID, "fs: skipping duplicate snapshot id", "vm", vm, "id", quoteShort(sn.ID))
+				continue
+			}
+			e := &snapEntry{snap: sn, prev: prev}
+			prev = &snaps[i]
+			l.byID[sn.ID] = e
+			for _, cand := range []string{named[sn.ID], sn.Name, sn.ID} {
+				if cand == "" {
+					continue
+				}
+				if p := nameProblem(cand); p != "" {
+					st.warnOnce("snap-name:"+vm+"/"+cand, "fs: snapshot name unusable, trying its id", "vm", vm, "name", quoteShort(cand), "reason", p)
+					continue
+				}
+				e.name = cand
+				break
+			}
+			if other, dup := l.byName[e.name]; dup {
+				st.warnOnce("snap-name-dup:"+vm+"/"+e.name, "fs: skipping snapshot with duplicate name", "vm", vm, "name", quoteShort(e.name), "id", quoteShort(sn.ID), "shown", quoteShort(other.snap.ID))
+				continue
+			}
+			l.byName[e.name] = e
+			l.entries = append(l.entries, e)
+		}
+		return l, nil
+	})
+}
+
+// lookup finds a snapshot by shown name, else by raw id.
+func (l *snapListing) lookup(name string) *snapEntry {
+	if e, ok := l.byName[name]; ok {
+		return e
+	}
+	return l.byID[name]
+}
+
+// diskEntry is one disk of a snapshot as shown.
+type diskEntry struct {
+	name string // directory name when the snapshot has several disks
+	info backend.DiskInfo
+}
+
+// disksOf returns the usable disks of a snapshot.
+func (st *state) disksOf(vm string, sn backend.Snapshot) []diskEntry {
+	var out []diskEntry
+	seen := map[string]bool{}
+	for _, d := range sn.Disks {
+		if d.ID == "" {
+			st.warnOnce("disk-id:"+vm+"/"+sn.ID, "fs: skipping disk without id", "vm", vm, "snapshot", sn.ID)
+			continue
+		}
+		name := ""
+		for _, cand := range []string{d.Device, d.ID} {
+			if cand != "" && nameProblem(cand) == "" {
+				name = cand
+				break
+			}
+		}
+		if name == "" && len(sn.Disks) == 1 {
+			name = "disk" // never shown: a lone disk is disk.img in the snapshot dir
+		}
+		if name == "" {
+			st.warnOnce("disk-name:"+vm+"/"+sn.ID+"/"+d.ID, "fs: skipping disk with unusable name", "vm", vm, "snapshot", sn.ID, "device", quoteShort(d.Device), "id", quoteShort(d.ID))
+			continue
+		}
+		if seen[name] {
+			st.warnOnce("disk-dup:"+vm+"/"+sn.ID+"/"+name, "fs: skipping disk with duplicate name", "vm", vm, "snapshot", sn.ID, "name", quoteShort(name))
+			continue
+		}
+		seen[name] = true
+		out = append(out, diskEntry{name: name, info: d})
+	}
+	return out
+}

@@ -1,0 +1,78 @@
+package fs
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	gofs "github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+)
+
+// MountOptions configure the kernel side of the mount.
+type MountOptions struct {
+	AllowOther, Debug bool
+	FsName            string // default "vmexportfs"
+	ReadAheadKB       int    // default 4096
+}
+
+// Mount serves root at dir and returns once the mount is visible. Stop it
+// with server.Unmount.
+func Mount(dir string, root *Root, mo MountOptions) (*fuse.Server, error) {
+	if root == nil {
+		return nil, fmt.Errorf("mount %s: nil root", dir)
+	}
+	if mo.FsName == "" {
+		mo.FsName = "vmexportfs"
+	}
+	if mo.ReadAheadKB <= 0 {
+		mo.ReadAheadKB = 4096
+	}
+	// Snapshot contents are immutable: long timeouts by default; listings
+	// set their own short ones, and misses expire fast so new snapshots show.
+	long, negative := immutableTimeout, time.Second
+	opts := &gofs.Options{
+		MountOptions: fuse.MountOptions{
+			AllowOther:    mo.AllowOther,
+			Debug:         mo.Debug,
+			FsName:        mo.FsName,
+			Name:          "vmexportfs",
+			MaxWrite:      1 << 20,
+			MaxBackground: 64,
+			MaxReadAhead:  mo.ReadAheadKB << 10,
+			DirectMount:   os.Geteuid() == 0, // falls back to fusermount3
+			// The kernel checks modes, so 0444/0555 hold for every user.
+			Options: []string{"default_permissions"},
+		},
+		EntryTimeout:    &long,
+		AttrTimeout:     &long,
+		NegativeTimeout: &negative,
+		UID:             root.st.uid,
+		GID:             root.st.gid,
+	}
+	server, err := gofs.Mount(dir, root, opts)
+	if err != nil {
+		return nil, fmt.Errorf("mount %s: %w", dir, err)
+	}
+	if err := raiseReadAhead(dir, mo.ReadAheadKB); err != nil {
+		root.st.log.Debug("fs: could not raise bdi read_ahead_kb", "dir", dir, "err", err)
+	}
+	return server, nil
+}
+
+// raiseReadAhead lets sequential reads arrive in large requests; the FUSE
+// init reply can only lower the bdi window, so it is set through sysfs.
+func raiseReadAhead(dir string, kb int) error {
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err != nil {
+		return fmt.Errorf("stat mountpoint: %w", err)
+	}
+	bdi := filepath.Join("/sys/class/bdi", fmt.Sprintf("%d:%d", unix.Major(st.Dev), unix.Minor(st.Dev)), "read_ahead_kb")
+	if err := os.WriteFile(bdi, []byte(strconv.Itoa(kb)), 0o644); err != nil {
+		return fmt.Errorf("write %s: %w", bdi, err)
+	}
+	return nil
+}

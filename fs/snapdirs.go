@@ -1,0 +1,117 @@
+package fs
+
+import (
+	"context"
+	"path"
+	"regexp"
+	"syscall"
+
+	gofs "github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+
+	"github.com/vmexportfs/vmexportfs/backend"
+)
+
+// snapshotNameRE is what mkdir accepts: safe in paths, shells and xattr names.
+var snapshotNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
+
+// Mkdir takes a snapshot named name.
+func (n *snapshotsDir) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
+	p := path.Join("/vms", n.vm, "snapshots", name)
+	if !snapshotNameRE.MatchString(name) {
+		return nil, syscall.EINVAL
+	}
+	creator, ok := n.st.src.(backend.SnapshotCreator)
+	if !ok {
+		return nil, syscall.EROFS
+	}
+	list := n.st.snapList(n.vm)
+	list.invalidate()
+	l, err := n.st.listSnapshots(ctx, n.vm)
+	if err != nil {
+		return nil, n.st.toErrno(ctx, "mkdir", p, err)
+	}
+	if l.lookup(name) != nil {
+		return nil, syscall.EEXIST
+	}
+	sn, err := creator.CreateSnapshot(ctx, n.vm, name)
+	if err != nil {
+		return nil, n.st.toErrno(ctx, "mkdir", p, err)
+	}
+	if problem := nameProblem(sn.ID); problem != "" {
+		n.st.log.Error("fs: backend created a snapshot with an unusable id", "path", p, "id", quoteShort(sn.ID), "reason", problem)
+		return nil, syscall.EIO
+	}
+	live := liveIDs(l, sn.ID)
+	if err := n.st.store.Put(n.vm, name, sn.ID, liveFunc(live)); err != nil {
+		// The snapshot exists; only its name is not durable. Say so and go on.
+		n.st.log.Error("fs: snapshot created but its name was not saved", "path", p, "id", sn.ID, "err", err)
+	}
+	list.invalidate()
+	e := &snapEntry{name: name, snap: sn}
+	if l2, err := n.st.listSnapshots(ctx, n.vm); err == nil {
+		if found := l2.lookup(name); found != nil {
+			e = found
+		}
+	}
+	// The kernel may hold a negative dentry for the raw id; drop it without
+	// blocking this request (the directory is locked while we run).
+	go n.NotifyEntry(sn.ID)
+	n.st.log.Info("fs: snapshot created", "path", p, "id", sn.ID)
+	return n.newSnapDir(ctx, e, out), 0
+}
+
+// Rmdir deletes the snapshot shown as name. Snapshot directories are
+// virtual, so a non-empty one can be removed.
+func (n *snapshotsDir) Rmdir(ctx context.Context, name string) syscall.Errno {
+	p := path.Join("/vms", n.vm, "snapshots", name)
+	deleter, ok := n.st.src.(backend.SnapshotDeleter)
+	if !ok {
+		return syscall.EROFS
+	}
+	list := n.st.snapList(n.vm)
+	l, err := n.st.listSnapshots(ctx, n.vm)
+	if err != nil {
+		return n.st.toErrno(ctx, "rmdir", p, err)
+	}
+	e := l.lookup(name)
+	if e == nil {
+		return syscall.ENOENT
+	}
+	if err := deleter.DeleteSnapshot(ctx, n.vm, e.snap.ID); err != nil {
+		return n.st.toErrno(ctx, "rmdir", p, err)
+	}
+	list.invalidate()
+	live := liveIDs(l, "")
+	delete(live, e.snap.ID)
+	for stored, id := range n.st.store.Names(n.vm) {
+		if id == e.snap.ID {
+			if err := n.st.store.Delete(n.vm, stored, liveFunc(live)); err != nil {
+				n.st.log.Error("fs: snapshot deleted but its name mapping was not removed", "path", p, "err", err)
+			}
+		}
+	}
+	other := e.name
+	if other == name {
+		other = e.snap.ID
+	}
+	go n.NotifyEntry(other) // the same snapshot under its other name
+	n.st.log.Info("fs: snapshot deleted", "path", p, "id", e.snap.ID)
+	return 0
+}
+
+// liveIDs is the set of snapshot ids the backend listed, plus extra.
+func liveIDs(l *snapListing, extra string) map[string]bool {
+	live := map[string]bool{}
+	for id := range l.byID {
+		live[id] = true
+	}
+	if extra != "" {
+		live[extra] = true
+	}
+	return live
+}
+
+func liveFunc(live map[string]bool) func(string) bool {
+	return func(id string) bool { return live[id] }
+}

@@ -1,0 +1,169 @@
+// Package statedir persists, per VM, the names users gave to snapshots they
+// created through mkdir, so the names survive remounts. One JSON file per VM,
+// written atomically.
+package statedir
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"maps"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+)
+
+// Store maps snapshot names to snapshot ids per VM. An empty dir keeps the
+// maps in memory only.
+type Store struct {
+	dir string
+	log *slog.Logger
+
+	mu     sync.Mutex
+	loaded map[string]*vmState
+}
+
+type vmState struct {
+	names   map[string]string // name -> snapshot id
+	corrupt bool              // the file on disk could not be parsed
+}
+
+type fileFormat struct {
+	VM    string            `json:"vm"`
+	Names map[string]string `json:"names"`
+}
+
+// Open prepares dir (created 0700) and returns a Store; nothing is read
+// until a VM's map is needed.
+func Open(dir string, log *slog.Logger) (*Store, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if dir != "" {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("statedir open: %w", err)
+		}
+	}
+	return &Store{dir: dir, log: log, loaded: map[string]*vmState{}}, nil
+}
+
+// fileFor hashes the id so hostile VM ids cannot escape dir or collide with
+// each other's files.
+func (s *Store) fileFor(vm string) string {
+	sum := sha256.Sum256([]byte(vm))
+	return filepath.Join(s.dir, hex.EncodeToString(sum[:16])+".json")
+}
+
+func (s *Store) load(vm string) *vmState {
+	if st, ok := s.loaded[vm]; ok {
+		return st
+	}
+	st := &vmState{names: map[string]string{}}
+	s.loaded[vm] = st
+	if s.dir == "" {
+		return st
+	}
+	b, err := os.ReadFile(s.fileFor(vm))
+	if errors.Is(err, fs.ErrNotExist) {
+		return st
+	}
+	var ff fileFormat
+	if err == nil {
+		err = json.Unmarshal(b, &ff)
+		if err == nil && ff.VM != vm {
+			err = fmt.Errorf("file belongs to vm %q", ff.VM)
+		}
+	}
+	if err != nil {
+		s.log.Error("statedir: unreadable state file, treating as empty", "vm", vm, "file", s.fileFor(vm), "err", err)
+		st.corrupt = true
+		return st
+	}
+	for name, id := range ff.Names {
+		st.names[name] = id
+	}
+	return st
+}
+
+// Names returns a copy of the VM's name -> snapshot id map.
+func (s *Store) Names(vm string) map[string]string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return maps.Clone(s.load(vm).names)
+}
+
+// Put records name -> id. live reports whether a snapshot id still exists;
+// mappings to dead snapshots are pruned on this write (nil keeps all).
+func (s *Store) Put(vm, name, id string, live func(id string) bool) error {
+	return s.update(vm, live, func(m map[string]string) { m[name] = id })
+}
+
+// Delete removes name.
+func (s *Store) Delete(vm, name string, live func(id string) bool) error {
+	return s.update(vm, live, func(m map[string]string) { delete(m, name) })
+}
+
+func (s *Store) update(vm string, live func(string) bool, change func(map[string]string)) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.load(vm)
+	next := maps.Clone(st.names)
+	change(next)
+	if live != nil {
+		maps.DeleteFunc(next, func(_, id string) bool { return !live(id) })
+	}
+	if err := s.write(vm, st, next); err != nil {
+		return err
+	}
+	st.names = next
+	return nil
+}
+
+func (s *Store) write(vm string, st *vmState, names map[string]string) error {
+	if s.dir == "" {
+		return nil
+	}
+	path := s.fileFor(vm)
+	if st.corrupt {
+		// Keep the unreadable file for a human instead of overwriting it.
+		aside := fmt.Sprintf("%s.corrupt-%d", path, time.Now().UnixNano())
+		if err := os.Rename(path, aside); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("statedir: move aside corrupt %s: %w", path, err)
+		}
+		s.log.Warn("statedir: moved corrupt state file aside", "vm", vm, "file", aside)
+		st.corrupt = false
+	}
+	b, err := json.MarshalIndent(fileFormat{VM: vm, Names: names}, "", "  ")
+	if err != nil {
+		return fmt.Errorf("statedir write %s: %w", path, err)
+	}
+	tmp, err := os.CreateTemp(s.dir, ".tmp-*")
+	if err != nil {
+		return fmt.Errorf("statedir write %s: %w", path, err)
+	}
+	defer os.Remove(tmp.Name()) // no-op after a successful rename
+	if _, err := tmp.Write(b); err != nil {
+		tmp.Close()
+		return fmt.Errorf("statedir write %s: %w", path, err)
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return fmt.Errorf("statedir fsync %s: %w", path, err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("statedir write %s: %w", path, err)
+	}
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return fmt.Errorf("statedir rename %s: %w", path, err)
+	}
+	if d, err := os.Open(s.dir); err == nil {
+		_ = d.Sync() // make the rename durable; best effort
+		d.Close()
+	}
+	return nil
+}

@@ -1,0 +1,70 @@
+package statedir
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestPersistAndPrune(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "state")
+	s, err := Open(dir, nil)
+	require.NoError(t, err)
+	fi, err := os.Stat(dir)
+	require.NoError(t, err)
+	assert.Equal(t, os.FileMode(0o700), fi.Mode().Perm())
+
+	require.NoError(t, s.Put("vm/../x", "a", "id-a", nil))
+	require.NoError(t, s.Put("vm/../x", "b", "id-b", nil))
+	require.NoError(t, s.Put("other", "a", "id-z", nil))
+
+	s2, err := Open(dir, nil)
+	require.NoError(t, err)
+	assert.Equal(t, map[string]string{"a": "id-a", "b": "id-b"}, s2.Names("vm/../x"))
+	assert.Equal(t, map[string]string{"a": "id-z"}, s2.Names("other"))
+
+	// id-a is gone from the backend: pruned on the next write.
+	require.NoError(t, s2.Put("vm/../x", "c", "id-c", func(id string) bool { return id != "id-a" }))
+	assert.Equal(t, map[string]string{"b": "id-b", "c": "id-c"}, s2.Names("vm/../x"))
+	require.NoError(t, s2.Delete("vm/../x", "b", nil))
+	assert.Equal(t, map[string]string{"c": "id-c"}, s2.Names("vm/../x"))
+
+	files, err := filepath.Glob(filepath.Join(dir, "*.json"))
+	require.NoError(t, err)
+	require.Len(t, files, 2)
+	for _, f := range files {
+		fi, err := os.Stat(f)
+		require.NoError(t, err)
+		assert.Equal(t, os.FileMode(0o600), fi.Mode().Perm())
+	}
+}
+
+func TestCorruptFileIsKept(t *testing.T) {
+	tests := []struct{ name, content string }{
+		{"garbage", "{not json"},
+		{"other vm", `{"vm":"someone-else","names":{"a":"b"}}`},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			s, err := Open(dir, nil)
+			require.NoError(t, err)
+			path := s.fileFor("vm1")
+			require.NoError(t, os.WriteFile(path, []byte(tc.content), 0o600))
+			assert.Empty(t, s.Names("vm1"))
+			require.NoError(t, s.Put("vm1", "n", "id", nil))
+			aside, err := filepath.Glob(path + ".corrupt-*")
+			require.NoError(t, err)
+			require.Len(t, aside, 1)
+			b, err := os.ReadFile(aside[0])
+			require.NoError(t, err)
+			assert.Equal(t, tc.content, string(b))
+			s2, err := Open(dir, nil)
+			require.NoError(t, err)
+			assert.Equal(t, map[string]string{"n": "id"}, s2.Names("vm1"))
+		})
+	}
+}

@@ -1,0 +1,67 @@
+package fs
+
+import (
+	"math"
+	"strconv"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vmexportfs/vmexportfs/backend/extent"
+)
+
+func TestSplitPage(t *testing.T) {
+	tests := []struct {
+		in   string
+		name string
+		from int64
+		ok   bool
+	}{
+		{"user.vmexport.extents", "user.vmexport.extents", 0, false},
+		{"user.vmexport.extents@0", "user.vmexport.extents", 0, true},
+		{"user.vmexport.changed.a@b@42", "user.vmexport.changed.a@b", 42, true},
+		{"user.vmexport.changed.a@-1", "user.vmexport.changed.a@-1", 0, false},
+		{"user.vmexport.changed.a@x", "user.vmexport.changed.a@x", 0, false},
+	}
+	for _, tc := range tests {
+		name, from, ok := splitPage(tc.in)
+		assert.Equal(t, []any{tc.name, tc.from, tc.ok}, []any{name, from, ok}, tc.in)
+	}
+}
+
+// FuzzPage checks that paging any map returns it whole, in pages that fit
+// an xattr.
+func FuzzPage(f *testing.F) {
+	f.Add(int64(1<<30), uint16(5000), uint16(4096), uint16(4096))
+	f.Add(int64(100), uint16(3), uint16(1), uint16(7))
+	f.Fuzz(func(t *testing.T, size int64, n, gap, length uint16) {
+		if size <= 0 || gap == 0 || length == 0 {
+			return
+		}
+		var raw []extent.Extent
+		for i, off := 0, int64(0); i < int(n) && off+int64(length) <= size; i++ {
+			raw = append(raw, extent.Extent{Off: off, Len: int64(length)})
+			off += int64(length) + int64(gap)
+		}
+		m, err := extent.Normalize(raw, size)
+		require.NoError(t, err)
+		var got []extent.Extent
+		var from int64
+		for {
+			b := page(m, from)
+			require.LessOrEqual(t, len(b), xattrSizeMax)
+			if len(b) == 0 {
+				break
+			}
+			pm, err := extent.Parse(string(b), math.MaxInt64)
+			require.NoError(t, err)
+			got = append(got, pm.Extents()...)
+			from = got[len(got)-1].End()
+		}
+		assert.Equal(t, len(m.Extents()), len(got), "size "+strconv.FormatInt(size, 10))
+		if len(got) > 0 {
+			assert.Equal(t, m.Extents(), got)
+		}
+	})
+}

@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# Benchmarks vmexportfs against the wire (curl of the disk route) and against
+# other ways to mount an HTTP disk, all in one run on the same simulator:
+#   sparse: 2 GiB with 512 MiB written in 64 extents
+#   full:   1 GiB fully written
+# Needs root (FUSE). Prints a Markdown table. Optional: rclone, nbdkit+nbdfuse.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="/usr/local/go/bin:$PATH"
+
+BIN=${BIN:-bin/vmexportfs}
+[[ -x $BIN ]] || go build -o "$BIN" ./cmd/vmexportfs
+
+work=$(mktemp -d /tmp/vmexportfs-bench.XXXXXX)
+pids=()
+mounts=()
+cleanup() {
+	for m in "${mounts[@]}"; do fusermount3 -u -z "$m" 2>/dev/null || true; done
+	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+	wait 2>/dev/null || true
+	rm -rf "$work"
+}
+trap cleanup EXIT
+
+now() { date +%s.%N; }
+secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
+mbps() { awk -v n="$1" -v s="$2" 'BEGIN { printf "%.0f", n / 1048576 / s }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; }
+
+echo "bench: generating data (1.5 GiB written into the simulator) ..." >&2
+"$BIN" demo --serve-only --dataset bench --data-dir "$work/sim" --env-file "$work/env" \
+	--log-level warn 2>"$work/sim.log" &
+pids+=($!)
+for _ in $(seq 600); do [[ -s $work/env ]] && break; sleep 0.1; done
+[[ -s $work/env ]] || { cat "$work/sim.log" >&2; exit 1; }
+# shellcheck disable=SC1091
+source "$work/env"
+url=$VMEXPORTFS_DEMO_URL
+ca=$VMEXPORTFS_DEMO_CA
+
+# A token for the raw-HTTP clients; headers go through files, never argv.
+printf '{"username":"%s","password":"%s"}' "$VMEXPORTFS_DEMO_USER" "$(cat "$VMEXPORTFS_DEMO_PASSWORD_FILE")" >"$work/login.json"
+token=$(curl -sS --cacert "$ca" -H 'Content-Type: application/json' --data @"$work/login.json" \
+	"$url/api/v1/auth/login" | sed -n 's/.*"token" *: *"\([^"]*\)".*/\1/p')
+[[ -n $token ]] || { echo "bench: login failed" >&2; exit 1; }
+printf 'Authorization: Bearer %s\n' "$token" >"$work/auth.header"
+snap() { curl -sS --cacert "$ca" -H @"$work/auth.header" "$url/api/v1/vms/$1" |
+	sed -n 's/.*"snapshots" *: *\[ *"\([^"]*\)".*/\1/p'; }
+sparse_sid=$(snap sparse)
+full_sid=$(snap full)
+sparse_url="$url/api/v1/vms/sparse/snapshots/$sparse_sid/disks/sparse.img"
+full_url="$url/api/v1/vms/full/snapshots/$full_sid/disks/full.img"
+
+# The extents of the sparse disk, from the snapshot's chunk map.
+curl -sS --cacert "$ca" -H @"$work/auth.header" "$url/api/v1/vms/sparse/snapshots/$sparse_sid" |
+	grep -o '"start":[0-9]*,"length":[0-9]*' | sed 's/"start":\([0-9]*\),"length":\([0-9]*\)/\1 \2/' >"$work/extents"
+written=$(awk '{ n += $2 } END { print n }' "$work/extents")
+full_size=$((1 << 30))
+
+declare -a rows
+row() { rows+=("| $1 | $2 | $3 | $4 |"); }
+
+# 1. The wire: curl of exactly the written extents, one connection.
+: >"$work/curl.cfg"
+while read -r off len; do
+	printf 'url = "%s"\nrange = "%d-%d"\noutput = "/dev/null"\n' "$sparse_url" "$off" $((off + len - 1)) >>"$work/curl.cfg"
+done <"$work/extents"
+t0=$(now)
+curl -sS --fail --cacert "$ca" -H @"$work/auth.header" -K "$work/curl.cfg"
+t1=$(now)
+wire_sparse=$(secs "$t0" "$t1")
+row "curl, written extents of sparse (the wire)" "$wire_sparse" "$(mbps "$written" "$wire_sparse")" "1.00"
+
+t0=$(now)
+curl -sS --fail --cacert "$ca" -H @"$work/auth.header" -o /dev/null "$full_url"
+t1=$(now)
+wire_full=$(secs "$t0" "$t1")
+row "curl, full (1 GiB written)" "$wire_full" "$(mbps $full_size "$wire_full")" "1.00"
+
+# 2. vmexportfs.
+mnt=$work/mnt
+mkdir -p "$mnt"
+"$BIN" --username "$VMEXPORTFS_DEMO_USER" --password-file "$VMEXPORTFS_DEMO_PASSWORD_FILE" \
+	--ca-file "$ca" --state-dir "$work/state" --cache-dir "$work/cache" --log-file "$work/mount.log" \
+	"coriolis+$url" "$mnt"
+mounts+=("$mnt")
+daemon=$(pgrep -f -- "$BIN .*$mnt\$" | head -1)
+
+drop_caches
+t0=$(now)
+cp --sparse=always "$mnt/vms/sparse/snapshots/$sparse_sid/disk.img" "$work/copy.img"
+t1=$(now)
+cp_sparse=$(secs "$t0" "$t1")
+row "vmexportfs cp --sparse=always, sparse" "$cp_sparse" "$(mbps "$written" "$cp_sparse")" "$(ratio "$cp_sparse" "$wire_sparse")"
+rm -f "$work/copy.img"
+
+drop_caches
+t0=$(now)
+dd if="$mnt/vms/full/snapshots/$full_sid/disk.img" of=/dev/null bs=1M status=none
+t1=$(now)
+dd_full=$(secs "$t0" "$t1")
+row "vmexportfs dd bs=1M, full" "$dd_full" "$(mbps $full_size "$dd_full")" "$(ratio "$dd_full" "$wire_full")"
+rss_kib=$(awk '/VmHWM/ { print $2 }' "/proc/$daemon/status")
+
+# 3. Peers, where installed: they fetch every byte, holes included.
+if command -v rclone >/dev/null; then
+	rmnt=$work/rclone
+	mkdir -p "$rmnt"
+	RCLONE_HTTP_URL="$url/api/v1/vms/sparse/snapshots/$sparse_sid/disks/" \
+		RCLONE_HTTP_HEADERS="Authorization,Bearer $token" RCLONE_CA_CERT="$ca" \
+		rclone mount ":http:" "$rmnt" --read-only --vfs-cache-mode off --http-no-head \
+		--daemon --daemon-wait 10s 2>"$work/rclone.log" || true
+	if mountpoint -q "$rmnt" && [[ -e $rmnt/sparse.img ]]; then
+		mounts+=("$rmnt")
+		t0=$(now)
+		cp --sparse=always "$rmnt/sparse.img" "$work/rclone.img"
+		t1=$(now)
+		t=$(secs "$t0" "$t1")
+		row "rclone mount :http:, cp --sparse=always, sparse" "$t" "$(mbps "$written" "$t")" "$(ratio "$t" "$wire_sparse")"
+		rclone_sparse=$t
+		rm -f "$work/rclone.img"
+	else
+		echo "bench: rclone mount did not expose the disk (see $work/rclone.log); row skipped" >&2
+	fi
+fi
+if command -v nbdkit >/dev/null && command -v nbdfuse >/dev/null; then
+	printf '#!/bin/sh\ncat %q\n' "$work/auth.header" >"$work/header.sh"
+	chmod 700 "$work/header.sh"
+	nmnt=$work/nbd
+	mkdir -p "$nmnt"
+	nbdfuse "$nmnt" --command nbdkit -s -r curl url="$sparse_url" cainfo="$ca" \
+		header-script="$work/header.sh" 2>"$work/nbd.log" &
+	pids+=($!)
+	for _ in $(seq 100); do [[ -e $nmnt/nbd ]] && break; sleep 0.1; done
+	if [[ -e $nmnt/nbd ]]; then
+		mounts+=("$nmnt")
+		t0=$(now)
+		cp --sparse=always "$nmnt/nbd" "$work/nbd.img"
+		t1=$(now)
+		t=$(secs "$t0" "$t1")
+		row "nbdkit curl + nbdfuse, cp --sparse=always, sparse" "$t" "$(mbps "$written" "$t")" "$(ratio "$t" "$wire_sparse")"
+		rm -f "$work/nbd.img"
+	else
+		echo "bench: nbdfuse did not come up (see $work/nbd.log); row skipped" >&2
+	fi
+fi
+
+echo
+echo "| what | seconds | MB/s (written bytes) | × reference |"
+echo "|---|---|---|---|"
+printf '%s\n' "${rows[@]}"
+echo
+echo "written bytes of sparse: $written of $((2 << 30)); vmexportfs peak RSS: $((rss_kib / 1024)) MiB"
+echo "targets: cp --sparse ≤ 1.5 × wire: $(ratio "$cp_sparse" "$wire_sparse");" \
+	"dd ≥ 0.7 × wire MB/s: $(ratio "$wire_full" "$dd_full");" \
+	"rclone / vmexportfs: ${rclone_sparse:+$(ratio "$rclone_sparse" "$cp_sparse")}"
