@@ -334,11 +334,24 @@ func (d *Disk) ChangedSince(ctx context.Context, baseSnapshotID string) (extent.
 	if !ok {
 		return extent.Map{}, fmt.Errorf("coriolis: changes since %q: %w: answer has no disk %q", baseSnapshotID, backend.ErrUnavailable, d.ref.Disk)
 	}
-	m, err := chunkMap(ds.Chunks, d.size)
+	rewritten, err := chunkMap(ds.Chunks, d.size)
 	if err != nil {
 		return extent.Map{}, fmt.Errorf("coriolis: changes since %q: %w: %w", baseSnapshotID, backend.ErrUnavailable, err)
 	}
-	return m, nil
+	// compareTo lists only extents that hold data now; a range discarded
+	// since base is a change too (it reads as zeros now), and a delta that
+	// left it out would restore stale data.
+	base, err := d.c.snapshot(ctx, d.ref.VM, baseSnapshotID)
+	if err != nil {
+		return extent.Map{}, fmt.Errorf("coriolis: changes since %q: %w", baseSnapshotID, err)
+	}
+	baseAlloc := extent.Map{}
+	if bd, ok := base.disk(d.ref.Disk); ok {
+		if baseAlloc, err = chunkMap(bd.Chunks, d.size); err != nil {
+			return extent.Map{}, fmt.Errorf("coriolis: changes since %q: base map: %w: %w", baseSnapshotID, backend.ErrUnavailable, err)
+		}
+	}
+	return rewritten.Union(baseAlloc.Subtract(d.alloc)), nil
 }
 
 // errHostile marks chunk values that cannot be byte offsets.

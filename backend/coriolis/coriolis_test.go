@@ -44,7 +44,7 @@ type fakeExporter struct {
 	mu       sync.Mutex
 	snaps    []string // ids in creation order
 	listed   []string // order of the snapshot list route (may differ)
-	lastQ    string
+	queries  []string
 }
 
 func newFake(t *testing.T) *fakeExporter {
@@ -95,7 +95,7 @@ func (f *fakeExporter) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	vmJSON := `{"friendly_name":"web","name":"vm1","uuid":"u","snapshots":` + mustJSON(f.snaps) + `,"disks":[` +
 		`{"name":"disk0.img","device_name":"xvda","mode":"w"},{"name":"boot.iso","device_name":"xvdb:cdrom","mode":"r"}]}`
 	f.mu.Lock()
-	f.lastQ = r.URL.RawQuery
+	f.queries = append(f.queries, r.URL.RawQuery)
 	f.mu.Unlock()
 	switch {
 	case p == "/api/v1/vms":
@@ -215,7 +215,7 @@ func TestOpenDiskReadAndChanges(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, "8192 4096\n", changed.Format())
 	f.mu.Lock()
-	assert.Contains(t, f.lastQ, "compareTo=s-old")
+	assert.Contains(t, f.queries, "compareTo=s-old&squashChunks=true")
 	f.mu.Unlock()
 
 	_, err = c.OpenDisk(context.Background(), backend.DiskRef{VM: "vm1", Snapshot: "s-new", Disk: "nope"})

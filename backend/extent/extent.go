@@ -175,3 +175,34 @@ func Parse(s string, size int64) (Map, error) {
 	}
 	return Normalize(raw, size)
 }
+
+// Union is every byte in m or o.
+func (m Map) Union(o Map) Map {
+	raw := make([]Extent, 0, len(m.exts)+len(o.exts))
+	raw = append(append(raw, m.exts...), o.exts...)
+	// Both inputs are already valid, so the only work left is merging.
+	u, _ := Normalize(raw, math.MaxInt64)
+	return u
+}
+
+// Subtract is every byte in m that is not in o.
+func (m Map) Subtract(o Map) Map {
+	var out []Extent
+	j := 0
+	for _, e := range m.exts {
+		off, end := e.Off, e.End()
+		for j < len(o.exts) && o.exts[j].End() <= off {
+			j++
+		}
+		for k := j; k < len(o.exts) && o.exts[k].Off < end; k++ {
+			if o.exts[k].Off > off {
+				out = append(out, Extent{off, o.exts[k].Off - off})
+			}
+			off = max(off, o.exts[k].End())
+		}
+		if off < end {
+			out = append(out, Extent{off, end - off})
+		}
+	}
+	return Map{exts: out}
+}

@@ -314,6 +314,21 @@ func (s *Server) TakeSnapshot(vmID string) (string, error) {
 	return snap.id, nil
 }
 
+// Snapshots returns the IDs of a VM's snapshots, oldest first.
+func (s *Server) Snapshots(vmID string) ([]string, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	v := s.findVM(vmID)
+	if v == nil {
+		return nil, fmt.Errorf("coriolistest snapshots of %q: %w", vmID, errNotFound)
+	}
+	ids := make([]string, 0, len(v.snapshots))
+	for _, snap := range v.snapshots {
+		ids = append(ids, snap.id)
+	}
+	return ids, nil
+}
+
 func (s *Server) takeSnapshot(vmID string) (*snapshot, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
