@@ -131,6 +131,11 @@ func (f *diskFile) changedSince(ctx context.Context, base string) (extent.Map, s
 			baseID = e.snap.ID
 		}
 	}
+	if baseID == f.ref.Snapshot {
+		// Nothing changes between a snapshot and itself; platforms differ in
+		// whether they accept the question.
+		return extent.Map{}, 0
+	}
 	m, err := ct.ChangedSince(ctx, baseID)
 	switch {
 	case errors.Is(err, backend.ErrUnsupported), errors.Is(err, backend.ErrNotFound):

@@ -85,15 +85,18 @@ func TestMountCommand(t *testing.T) {
 		}, 10*time.Second, 100*time.Millisecond)
 	})
 
-	t.Run("mount -t fuse.vmexportfs", func(t *testing.T) {
+	t.Run("mount -t fuse", func(t *testing.T) {
 		requireTools(t, "mount", "umount")
 		bin := t.TempDir()
 		require.NoError(t, os.Symlink(os.Args[0], filepath.Join(bin, "vmexportfs")))
 		mnt := t.TempDir()
 		opts := "username=admin,password_file=" + f.passwordFile + ",ca_file=" + f.sim.CAFile() +
 			",state_dir=" + f.stateDir + ",cache_dir=" + f.cacheDir + ",nodev,nosuid"
-		cmd := exec.Command("mount", "-t", "fuse.vmexportfs", "-o", opts, "coriolis+"+f.sim.URL(), mnt)
-		cmd.Env = append(os.Environ(), asCommandEnv+"=1", "PATH="+bin+":"+os.Getenv("PATH"))
+		// mount.fuse3 runs the helper with a fixed PATH, so the test names it
+		// by full path with the "fuse" type's helper#source form; fstab
+		// entries of type fuse.vmexportfs find the installed binary.
+		cmd := exec.Command("mount", "-t", "fuse", "-o", opts, filepath.Join(bin, "vmexportfs")+"#coriolis+"+f.sim.URL(), mnt)
+		cmd.Env = append(os.Environ(), asCommandEnv+"=1")
 		out, err := cmd.CombinedOutput()
 		require.NoError(t, err, string(out))
 		t.Cleanup(func() { exec.Command("umount", "-l", mnt).Run() })

@@ -17,12 +17,19 @@ import (
 const readyFDEnv = "VMEXPORTFS_READY_FD"
 
 // daemonize re-executes the command in a new session and waits for it to
-// report that the filesystem is mounted.
-func daemonize(ctx context.Context, stderr io.Writer) error {
+// report that the filesystem is mounted. The daemon's output goes to logPath:
+// holding the caller's stdout or stderr open would block anyone (a shell
+// pipeline, mount(8), a test) that waits for them to close.
+func daemonize(ctx context.Context, logPath string) error {
 	exe, err := os.Executable()
 	if err != nil {
 		return fmt.Errorf("daemonize: %w", err)
 	}
+	logFile, err := os.OpenFile(logPath, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("daemonize: log file: %w", err)
+	}
+	defer logFile.Close()
 	r, w, err := os.Pipe()
 	if err != nil {
 		return fmt.Errorf("daemonize: %w", err)
@@ -31,7 +38,7 @@ func daemonize(ctx context.Context, stderr io.Writer) error {
 	cmd := exec.CommandContext(ctx, exe, os.Args[1:]...)
 	cmd.Env = append(os.Environ(), readyFDEnv+"=3")
 	cmd.ExtraFiles = []*os.File{w}
-	cmd.Stderr = stderr
+	cmd.Stdout, cmd.Stderr = logFile, logFile
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	// The daemon must outlive a cancelled parent context once it is mounted.
 	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }

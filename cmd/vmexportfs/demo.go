@@ -63,7 +63,16 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		}
 	}
 	if !cfg.foreground && !serveOnly && os.Getenv(readyFDEnv) == "" {
-		return daemonize(ctx, stderr)
+		logPath := cfg.logFile
+		if logPath == "" {
+			logPath = filepath.Join(os.TempDir(), "vmexportfs-demo.log")
+		}
+		if err := daemonize(ctx, logPath); err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "vmexportfs demo mounted at %s (logs: %s). Try: ls %s/by-name; unmount: fusermount3 -u %s\n",
+			cfg.mountpoint, logPath, cfg.mountpoint, cfg.mountpoint)
+		return nil
 	}
 	logger, closeLog, err := newLogger(cfg, stderr)
 	if err != nil {

@@ -191,7 +191,7 @@ func TestXattrMaps(t *testing.T) {
 	}
 	changed := tool(t, "getfattr", "--only-values", "-n", "user.vmexport.changed."+base, disk)
 	assert.Equal(t, formatExtents(want), changed)
-	full := tool(t, os.Args[0], "extents", "--since", base, disk)
+	full := vmexportfs(t, "extents", "--since", base, disk)
 	assert.Equal(t, changed, full, "vmexportfs extents prints the same map")
 
 	none := tool(t, "getfattr", "--only-values", "-n", "user.vmexport.changed."+target, disk)

@@ -214,10 +214,23 @@ func tool(t *testing.T, name string, args ...string) string {
 	return out
 }
 
+// vmexportfs runs the test binary as the vmexportfs command, like tool.
+func vmexportfs(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := runTool(os.Args[0], args, asCommandEnv+"=1")
+	require.NoError(t, err, "vmexportfs %s", strings.Join(args, " "))
+	return out
+}
+
 func toolErr(name string, args ...string) (string, error) {
+	return runTool(name, args)
+}
+
+func runTool(name string, args []string, env ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Env = append(os.Environ(), env...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {

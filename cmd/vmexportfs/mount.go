@@ -172,7 +172,15 @@ func runMount(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 	}
 	if !cfg.foreground && os.Getenv(readyFDEnv) == "" {
-		return daemonize(ctx, stderr)
+		logPath := cfg.logFile
+		if logPath == "" {
+			stateDir, _, err := dataDirs(cfg)
+			if err != nil {
+				return err
+			}
+			logPath = filepath.Join(stateDir, "vmexportfs.log")
+		}
+		return daemonize(ctx, logPath)
 	}
 	logger, closeLog, err := newLogger(cfg, stderr)
 	if err != nil {

@@ -233,8 +233,9 @@ func TestCompareTo(t *testing.T) {
 			h.write(m, 0, []byte{1})
 			h.write(m, 3*g, pattern(4, int(g)))
 		}, []Chunk{{Start: 0, Length: uint64(g)}, {Start: uint64(3 * g), Length: uint64(g)}}},
-		// The server compares whole extents: splitting one returns all pieces.
-		{"overwrite splits an extent", true, func(h *harness, m *model) { h.write(m, g+5, []byte{9}) }, []Chunk{{Start: 0, Length: uint64(4 * g)}}},
+		// Splitting an extent moves only the rewritten piece; the others keep
+		// their physical location and are not changes.
+		{"overwrite splits an extent", true, func(h *harness, m *model) { h.write(m, g+5, []byte{9}) }, []Chunk{{Start: uint64(g), Length: uint64(g)}}},
 		{"untouched extent is skipped", true, func(h *harness, m *model) { h.write(m, 6*g, []byte{9}) }, []Chunk{{Start: uint64(6 * g), Length: uint64(g)}}},
 	}
 	for _, tc := range tests {

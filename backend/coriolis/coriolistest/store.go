@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sort"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -215,19 +216,37 @@ func squashChunks(chunks []Chunk) []Chunk {
 	return out
 }
 
-// diffChunks keeps the chunks of cur that do not appear, identical in start,
-// length and physical start, in old. Like the real server it yields nil (JSON
+// diffChunks keeps the parts of cur whose physical location differs from
+// old's for the same logical bytes: what was rewritten after the older
+// reflink copy. Comparing per byte range rather than per chunk matters
+// because a write into a shared extent splits it, and the untouched pieces
+// keep their old physical location. Like the real server it yields nil (JSON
 // null) when nothing changed.
 func diffChunks(cur, old []Chunk) []Chunk {
-	seen := make(map[Chunk]bool, len(old))
-	for _, c := range old {
-		seen[c] = true
-	}
 	var out []Chunk
 	for _, c := range cur {
-		if !seen[c] {
-			out = append(out, c)
+		start, end := c.Start, c.Start+c.Length
+		// Pieces of c mapped exactly as in old, in logical order.
+		var same [][2]uint64
+		for _, o := range old {
+			lo, hi := max(start, o.Start), min(end, o.Start+o.Length)
+			if lo >= hi || c.PhysicalStart+(lo-c.Start) != o.PhysicalStart+(lo-o.Start) {
+				continue
+			}
+			same = append(same, [2]uint64{lo, hi})
 		}
+		sort.Slice(same, func(i, j int) bool { return same[i][0] < same[j][0] })
+		pos := start
+		emit := func(to uint64) {
+			if to > pos {
+				out = append(out, Chunk{Start: pos, Length: to - pos, PhysicalStart: c.PhysicalStart + (pos - c.Start)})
+			}
+		}
+		for _, r := range same {
+			emit(r[0])
+			pos = max(pos, r[1])
+		}
+		emit(end)
 	}
 	return out
 }
