@@ -207,8 +207,8 @@ func populateDemo(sim *coriolistest.Server) error {
 	w.addVM(coriolistest.VMSpec{ID: web, FriendlyName: "web01", Disks: []coriolistest.DiskSpec{
 		{Name: webDisk, Device: "xvda", Size: 1 * gib},
 	}})
-	w.write(web, webDisk, 0, 1*mib)              // boot sector and partition table
-	w.write(web, webDisk, 100*mib, 48*mib)       // a filesystem's metadata and files
+	w.write(web, webDisk, 0, 1*mib)        // boot sector and partition table
+	w.write(web, webDisk, 100*mib, 48*mib) // a filesystem's metadata and files
 	for off := 300 * mib; off < 900*mib; off += 50 * mib {
 		w.write(web, webDisk, off, 256<<10) // scattered small files
 	}
