@@ -3,7 +3,6 @@ package fs
 import (
 	"context"
 	"fmt"
-	"path"
 	"sync"
 	"syscall"
 
@@ -143,18 +142,14 @@ var (
 	_ gofs.NodeListxattrer = (*diskFile)(nil)
 	_ gofs.NodeStatfser    = (*diskFile)(nil)
 	_ gofs.NodeReleaser    = (*diskFile)(nil)
+	_ gofs.NodeOnForgetter = (*diskFile)(nil)
 )
 
-func newDiskFile(ctx context.Context, parent *gofs.Inode, st *state, vm string, e *snapEntry, info backend.DiskInfo, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
-	ref := backend.DiskRef{VM: vm, Snapshot: e.snap.ID, Disk: info.ID}
-	f := &diskFile{st: st, vm: vm, e: e, ref: ref, v: &rawView{st: st, ref: ref}}
-	f.path = path.Join("/vms", vm, "snapshots", e.name, diskFileName)
-	if errno := f.fillAttr(ctx, &out.Attr); errno != 0 {
-		return nil, errno
+// OnForget drops what a derived view keeps (its raw stream, read-ahead).
+func (f *diskFile) OnForget() {
+	if c, ok := f.v.(interface{ Close() }); ok {
+		c.Close()
 	}
-	out.SetEntryTimeout(immutableTimeout)
-	out.SetAttrTimeout(immutableTimeout)
-	return parent.NewInode(ctx, f, gofs.StableAttr{Mode: syscall.S_IFREG}), 0
 }
 
 func (f *diskFile) fillAttr(ctx context.Context, a *fuse.Attr) syscall.Errno {

@@ -43,6 +43,7 @@ type Root struct {
 // state is what every node shares.
 type state struct {
 	src      backend.Source
+	cacheDir string // derived-view indexes; "" = keep none
 	open     readerOpener
 	store    *statedir.Store
 	log      *slog.Logger
@@ -81,17 +82,18 @@ func NewRoot(src backend.Source, opts Options) (*Root, error) {
 		return nil, fmt.Errorf("fs new root: %w", err)
 	}
 	st := &state{
-		src:    src,
-		open:   cacheOpener(opts.Cache),
-		store:  store,
-		log:    log,
-		ttl:    ttl,
-		uid:    uint32(os.Getuid()),
-		gid:    uint32(os.Getgid()),
-		epoch:  time.Unix(0, 0),
-		snaps:  map[string]*cachedList[*snapListing]{},
-		disks:  map[backend.DiskRef]*onceDisk{},
-		warned: map[string]bool{},
+		src:      src,
+		cacheDir: opts.CacheDir,
+		open:     cacheOpener(opts.Cache),
+		store:    store,
+		log:      log,
+		ttl:      ttl,
+		uid:      uint32(os.Getuid()),
+		gid:      uint32(os.Getgid()),
+		epoch:    time.Unix(0, 0),
+		snaps:    map[string]*cachedList[*snapListing]{},
+		disks:    map[backend.DiskRef]*onceDisk{},
+		warned:   map[string]bool{},
 	}
 	return &Root{dirNode{st: st, mode: 0o555}}, nil
 }

@@ -33,7 +33,7 @@ func mustDisk(t *testing.T, id, dev string, size int64, seed byte, exts ...exten
 // fixture is two good VMs plus hostile ones that must be skipped.
 func fixture(t *testing.T) *backendtest.Source {
 	t.Helper()
-	d1 := mustDisk(t, "d1", "xvda", 4*mib, 1, extent.Extent{Off: 0, Len: 64 << 10}, extent.Extent{Off: mib + 4096, Len: 300 << 10}, extent.Extent{Off: 3*mib + 12345, Len: 1000})
+	d1 := mustDisk(t, "d2", "xvda", 4*mib, 1, extent.Extent{Off: 0, Len: 64 << 10}, extent.Extent{Off: mib + 4096, Len: 300 << 10}, extent.Extent{Off: 3*mib + 12345, Len: 1000})
 	d2 := mustDisk(t, "d2", "xvda", 4*mib, 2, extent.Extent{Off: 0, Len: 64 << 10}, extent.Extent{Off: 2 * mib, Len: 128 << 10})
 	changed, err := extent.Normalize([]extent.Extent{{Off: 2 * mib, Len: 128 << 10}}, 4*mib)
 	require.NoError(t, err)
@@ -110,10 +110,11 @@ func TestTree(t *testing.T) {
 	}{
 		{"vms", []string{"vm-a", "vm-b", "vm-c"}},
 		{"vms/vm-a/snapshots", []string{"first", "s2"}},
-		{"vms/vm-a/snapshots/first", []string{"disk.img"}},
-		{"vms/vm-a/snapshots/s1", []string{"disk.img"}}, // raw id
+		{"vms/vm-a/snapshots/first", []string{"disk.img", "disk.img.gz", "disk.vhd"}},
+		{"vms/vm-a/snapshots/s1", []string{"disk.img", "disk.img.gz", "disk.vhd"}}, // raw id
+		{"vms/vm-a/snapshots/s2", []string{"delta-from-first.vhd", "disk.img", "disk.img.gz", "disk.vhd"}},
 		{"vms/vm-b/snapshots/m1", []string{"xvda", "xvdb"}},
-		{"vms/vm-b/snapshots/m1/xvdb", []string{"disk.img"}},
+		{"vms/vm-b/snapshots/m1/xvdb", []string{"disk.img", "disk.img.gz", "disk.vhd"}},
 		{"by-name", []string{"alpha", "beta"}},
 		{"by-name/alpha/snapshots", []string{"first", "s2"}},
 	}

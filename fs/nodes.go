@@ -220,18 +220,23 @@ type snapDir struct {
 	e  *snapEntry
 }
 
+func (n *snapDir) files(disk diskEntry, multi bool) *diskFiles {
+	dir := path.Join("/vms", n.vm, "snapshots", n.e.name)
+	if multi {
+		dir = path.Join(dir, disk.name)
+	}
+	return &diskFiles{st: n.st, vm: n.vm, e: n.e, disk: disk, dir: dir, multi: multi}
+}
+
 func (n *snapDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
 	disks := n.st.disksOf(n.vm, n.e.snap)
 	if len(disks) == 1 {
-		if name != diskFileName {
-			return nil, syscall.ENOENT
-		}
-		return newDiskFile(ctx, &n.Inode, n.st, n.vm, n.e, disks[0].info, out)
+		return n.files(disks[0], false).lookup(ctx, &n.Inode, name, out)
 	}
 	for _, d := range disks {
 		if d.name == name {
 			n.st.dirEntryOut(out, 0o555, n.e.snap.Created, immutableTimeout)
-			dd := &diskDir{dirNode: dirNode{st: n.st, mode: 0o555, mtime: n.e.snap.Created}, vm: n.vm, e: n.e, disk: d.info}
+			dd := &diskDir{dirNode: dirNode{st: n.st, mode: 0o555, mtime: n.e.snap.Created}, vm: n.vm, e: n.e, disk: d.info, files: n.files(d, true)}
 			return n.NewInode(ctx, dd, gofs.StableAttr{Mode: syscall.S_IFDIR}), 0
 		}
 	}
@@ -241,7 +246,7 @@ func (n *snapDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (
 func (n *snapDir) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {
 	disks := n.st.disksOf(n.vm, n.e.snap)
 	if len(disks) == 1 {
-		return gofs.NewListDirStream([]fuse.DirEntry{{Name: diskFileName, Mode: syscall.S_IFREG}}), 0
+		return n.files(disks[0], false).readdir(ctx), 0
 	}
 	es := make([]fuse.DirEntry, 0, len(disks))
 	for _, d := range disks {
@@ -268,20 +273,18 @@ func (n *snapDir) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.E
 
 type diskDir struct {
 	dirNode
-	vm   string
-	e    *snapEntry
-	disk backend.DiskInfo
+	vm    string
+	e     *snapEntry
+	disk  backend.DiskInfo
+	files *diskFiles
 }
 
 func (n *diskDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
-	if name != diskFileName {
-		return nil, syscall.ENOENT
-	}
-	return newDiskFile(ctx, &n.Inode, n.st, n.vm, n.e, n.disk, out)
+	return n.files.lookup(ctx, &n.Inode, name, out)
 }
 
 func (n *diskDir) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {
-	return gofs.NewListDirStream([]fuse.DirEntry{{Name: diskFileName, Mode: syscall.S_IFREG}}), 0
+	return n.files.readdir(ctx), 0
 }
 
 func (n *diskDir) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {

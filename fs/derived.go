@@ -1,0 +1,182 @@
+package fs
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"path/filepath"
+	"sync"
+
+	"github.com/vmexportfs/vmexportfs/backend"
+	"github.com/vmexportfs/vmexportfs/backend/extent"
+	"github.com/vmexportfs/vmexportfs/fs/gzipview"
+	"github.com/vmexportfs/vmexportfs/fs/vhdview"
+)
+
+// Derived views are computed from the raw disk on demand. Each keeps one
+// stream over the raw disk for its lifetime (the inode's), so its reads share
+// the block cache and readahead with disk.img.
+
+// lazyView builds an expensive view once, on first use, and retries after a
+// failure (a backend outage must not stick to the inode).
+type lazyView[V any] struct {
+	mu    sync.Mutex
+	v     V
+	built bool
+	s     stream
+	build func(ctx context.Context, d backend.Disk, raw stream) (V, error)
+	raw   *rawView
+}
+
+func (l *lazyView[V]) get(ctx context.Context) (V, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.built {
+		return l.v, nil
+	}
+	var zero V
+	d, err := l.raw.st.disk(ctx, l.raw.ref)
+	if err != nil {
+		return zero, err
+	}
+	s, err := l.raw.OpenStream(ctx)
+	if err != nil {
+		return zero, err
+	}
+	v, err := l.build(ctx, d, s)
+	if err != nil {
+		s.Close()
+		return zero, err
+	}
+	l.v, l.s, l.built = v, s, true
+	return v, nil
+}
+
+func (l *lazyView[V]) close(closeView func(V)) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.built {
+		return
+	}
+	if closeView != nil {
+		closeView(l.v)
+	}
+	l.s.Close()
+	var zero V
+	l.v, l.s, l.built = zero, nil, false
+}
+
+// gzipView is disk.img.gz: a multi-member gzip whose member index is kept in
+// the cache directory, so only the first full stat of a snapshot compresses.
+type gzipView struct {
+	lazy lazyView[*gzipview.View]
+}
+
+func newGzipView(raw *rawView, cacheDir string) *gzipView {
+	v := &gzipView{}
+	v.lazy = lazyView[*gzipview.View]{raw: raw, build: func(ctx context.Context, d backend.Disk, s stream) (*gzipview.View, error) {
+		opts := gzipview.Options{Logger: raw.st.log}
+		if cacheDir != "" {
+			sum := sha256.Sum256([]byte(cacheKey(raw.ref)))
+			opts.IndexPath = filepath.Join(cacheDir, "gzip-"+hex.EncodeToString(sum[:16])+".idx")
+		}
+		return gzipview.New(s, d.Size(), d.Allocated(), opts), nil
+	}}
+	return v
+}
+
+func (v *gzipView) Size(ctx context.Context) (int64, error) {
+	g, err := v.lazy.get(ctx)
+	if err != nil {
+		return 0, err
+	}
+	return g.Size(ctx)
+}
+
+func (v *gzipView) ReadAt(ctx context.Context, p []byte, off int64) error {
+	g, err := v.lazy.get(ctx)
+	if err != nil {
+		return err
+	}
+	return g.ReadAt(ctx, p, off)
+}
+
+// Data is the whole file: compressed holes are bytes too.
+func (v *gzipView) Data(ctx context.Context) (extent.Map, error) {
+	size, err := v.Size(ctx)
+	return extent.Full(size), err
+}
+
+func (v *gzipView) Close() { v.lazy.close((*gzipview.View).Close) }
+
+// vhdView is disk.vhd (dynamic) or delta-from-<base>.vhd (differencing). Its
+// layout needs only the extent maps, so stat costs no data reads.
+type vhdView struct {
+	lazy lazyView[*vhdview.View]
+}
+
+// vhdID is the unique id of a snapshot disk's disk.vhd; a delta built on that
+// snapshot names it as parent, which is what makes the chain open.
+func vhdID(ref backend.DiskRef) [16]byte {
+	return vhdview.ID("vmexportfs disk.vhd", ref.VM, ref.Snapshot, ref.Disk)
+}
+
+func newDynamicVHDView(raw *rawView) *vhdView {
+	v := &vhdView{}
+	v.lazy = lazyView[*vhdview.View]{raw: raw, build: func(ctx context.Context, d backend.Disk, s stream) (*vhdview.View, error) {
+		return vhdview.NewDynamic(s, vhdview.Dynamic{Size: d.Size(), Data: d.Allocated(), ID: vhdID(raw.ref)})
+	}}
+	return v
+}
+
+// newDeltaVHDView holds the changes of raw's snapshot since baseID.
+// parentName is the file name the user gives the base's disk.vhd beside it.
+func newDeltaVHDView(raw *rawView, baseID, parentName string) *vhdView {
+	v := &vhdView{}
+	v.lazy = lazyView[*vhdview.View]{raw: raw, build: func(ctx context.Context, d backend.Disk, s stream) (*vhdview.View, error) {
+		changed, err := raw.ChangedSince(ctx, baseID)
+		if err != nil {
+			return nil, err
+		}
+		base := raw.ref
+		base.Snapshot = baseID
+		return vhdview.NewDifferencing(s, vhdview.Differencing{
+			Size:       d.Size(),
+			Changed:    changed,
+			ID:         vhdview.ID("vmexportfs delta", raw.ref.VM, raw.ref.Snapshot, baseID, raw.ref.Disk),
+			ParentID:   vhdID(base),
+			ParentName: parentName,
+			ParentPath: `.\` + parentName,
+		})
+	}}
+	return v
+}
+
+func (v *vhdView) Size(ctx context.Context) (int64, error) {
+	h, err := v.lazy.get(ctx)
+	if err != nil {
+		return 0, err
+	}
+	return h.Size(), nil
+}
+
+func (v *vhdView) ReadAt(ctx context.Context, p []byte, off int64) error {
+	h, err := v.lazy.get(ctx)
+	if err != nil {
+		return err
+	}
+	if err := h.ReadAt(ctx, p, off); err != nil {
+		return fmt.Errorf("vhd: %w", err)
+	}
+	return nil
+}
+
+// Data is the whole file: a VHD stores absent blocks by leaving them out,
+// so the image itself has no holes.
+func (v *vhdView) Data(ctx context.Context) (extent.Map, error) {
+	size, err := v.Size(ctx)
+	return extent.Full(size), err
+}
+
+func (v *vhdView) Close() { v.lazy.close(nil) }

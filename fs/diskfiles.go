@@ -1,0 +1,147 @@
+package fs
+
+import (
+	"context"
+	"path"
+	"strings"
+	"syscall"
+
+	gofs "github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+
+	"github.com/vmexportfs/vmexportfs/backend"
+	"github.com/vmexportfs/vmexportfs/fs/vhdview"
+)
+
+const (
+	gzipFileName = "disk.img.gz"
+	vhdFileName  = "disk.vhd"
+	deltaPrefix  = "delta-from-"
+	deltaSuffix  = ".vhd"
+)
+
+// diskFiles are the files of one snapshot disk: in the snapshot directory
+// when the VM has one disk, else in the disk's own directory.
+type diskFiles struct {
+	st    *state
+	vm    string
+	e     *snapEntry
+	disk  diskEntry
+	dir   string // the directory's path, for logs
+	multi bool   // several disks: a delta's parent name carries the disk's name
+}
+
+func (d *diskFiles) raw() *rawView {
+	return &rawView{st: d.st, ref: backend.DiskRef{VM: d.vm, Snapshot: d.e.snap.ID, Disk: d.disk.info.ID}}
+}
+
+// vhdFits reports whether the disk can be a VHD at all (2040 GiB at most).
+func (d *diskFiles) vhdFits(ctx context.Context, raw *rawView) bool {
+	size, err := raw.Size(ctx)
+	return err == nil && size <= vhdview.MaxSize
+}
+
+func (d *diskFiles) names(ctx context.Context) []string {
+	names := []string{diskFileName, gzipFileName}
+	raw := d.raw()
+	if !d.vhdFits(ctx, raw) {
+		return names
+	}
+	names = append(names, vhdFileName)
+	if !raw.TracksChanges(ctx) {
+		return names
+	}
+	for _, b := range d.bases(ctx) {
+		names = append(names, deltaPrefix+b.name+deltaSuffix)
+	}
+	return names
+}
+
+// bases are the shown snapshots older than this one that hold the same disk.
+func (d *diskFiles) bases(ctx context.Context) []*snapEntry {
+	l, err := d.st.listSnapshots(ctx, d.vm)
+	if err != nil {
+		return nil
+	}
+	var out []*snapEntry
+	for _, e := range l.entries {
+		if e.snap.ID == d.e.snap.ID {
+			return out
+		}
+		for _, info := range e.snap.Disks {
+			if info.ID == d.disk.info.ID {
+				out = append(out, e)
+				break
+			}
+		}
+	}
+	return nil // not listed any more: no bases to offer
+}
+
+func (d *diskFiles) readdir(ctx context.Context) gofs.DirStream {
+	names := d.names(ctx)
+	es := make([]fuse.DirEntry, 0, len(names))
+	for _, n := range names {
+		es = append(es, fuse.DirEntry{Name: n, Mode: syscall.S_IFREG})
+	}
+	return gofs.NewListDirStream(es)
+}
+
+func (d *diskFiles) lookup(ctx context.Context, parent *gofs.Inode, name string, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
+	raw := d.raw()
+	var v view
+	switch {
+	case name == diskFileName:
+		v = raw
+	case name == gzipFileName:
+		v = newGzipView(raw, d.st.cacheDir)
+	case name == vhdFileName:
+		if !d.vhdFits(ctx, raw) {
+			return nil, syscall.ENOENT
+		}
+		v = newDynamicVHDView(raw)
+	case strings.HasPrefix(name, deltaPrefix) && strings.HasSuffix(name, deltaSuffix):
+		baseID, parentName, ok := d.resolveBase(ctx, strings.TrimSuffix(strings.TrimPrefix(name, deltaPrefix), deltaSuffix))
+		if !ok || !d.vhdFits(ctx, raw) || !raw.TracksChanges(ctx) {
+			return nil, syscall.ENOENT
+		}
+		v = newDeltaVHDView(raw, baseID, parentName)
+	default:
+		return nil, syscall.ENOENT
+	}
+	f := &diskFile{st: d.st, vm: d.vm, e: d.e, ref: raw.ref, path: path.Join(d.dir, name), v: v}
+	if errno := f.fillAttr(ctx, &out.Attr); errno != 0 {
+		return nil, errno
+	}
+	out.SetEntryTimeout(immutableTimeout)
+	out.SetAttrTimeout(immutableTimeout)
+	return parent.NewInode(ctx, f, gofs.StableAttr{Mode: syscall.S_IFREG}), 0
+}
+
+// resolveBase finds a delta's base by shown name or id. A listed base must be
+// older than this snapshot; an unlisted id is left to the backend to judge.
+func (d *diskFiles) resolveBase(ctx context.Context, base string) (id, parentName string, ok bool) {
+	if base == "" || nameProblem(base) != "" {
+		return "", "", false
+	}
+	l, err := d.st.listSnapshots(ctx, d.vm)
+	if err != nil {
+		return "", "", false
+	}
+	id, shown := base, base
+	if e := l.lookup(base); e != nil {
+		older := false
+		for _, b := range d.bases(ctx) {
+			older = older || b == e
+		}
+		if !older {
+			return "", "", false
+		}
+		id, shown = e.snap.ID, e.name
+	}
+	parentName = shown + ".vhd"
+	if d.multi {
+		parentName = shown + "-" + d.disk.name + ".vhd"
+	}
+	return id, parentName, true
+}
