@@ -25,7 +25,7 @@ type Fetcher interface {
 
 // Options configures a Cache; zero values take the defaults.
 type Options struct {
-	Capacity     int64         // bytes of block data kept; default 256 MiB
+	Capacity     int64         // bytes of block data kept; default 64 MiB
 	BlockSize    int64         // default 1 MiB
 	MaxReadahead int64         // largest readahead window per stream; default 32 MiB
 	Parallel     int           // fetches in flight per Cache; default 8
@@ -86,7 +86,7 @@ type Cache struct {
 // New returns a Cache; call Close to stop its background work.
 func New(opts Options) *Cache {
 	if opts.Capacity <= 0 {
-		opts.Capacity = 256 << 20
+		opts.Capacity = 64 << 20
 	}
 	if opts.BlockSize <= 0 {
 		opts.BlockSize = 1 << 20

@@ -42,6 +42,9 @@ func Mount(dir string, root *Root, mo MountOptions) (*fuse.Server, error) {
 			Name:          "vmexportfs",
 			MaxWrite:      1 << 20,
 			MaxBackground: 64,
+			// Reads are answered from memory: splicing them through a pipe
+			// buys nothing and fails for 1 MiB replies (pipe-max-size).
+			DisableSplice: true,
 			MaxReadAhead:  mo.ReadAheadKB << 10,
 			DirectMount:   os.Geteuid() == 0, // falls back to fusermount3
 			// The kernel checks modes, so 0444/0555 hold for every user.

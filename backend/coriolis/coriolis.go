@@ -81,10 +81,7 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 	}
 	hc := cfg.HTTP
 	if hc == nil {
-		tr := http.DefaultTransport.(*http.Transport).Clone()
-		tr.TLSClientConfig = &tls.Config{RootCAs: cfg.RootCAs, InsecureSkipVerify: cfg.InsecureSkipVerify, MinVersion: tls.VersionTLS12}
-		tr.MaxIdleConnsPerHost = 32
-		tr.MaxIdleConns = 64
+		tr := httprange.NewTransport(&tls.Config{RootCAs: cfg.RootCAs, InsecureSkipVerify: cfg.InsecureSkipVerify, MinVersion: tls.VersionTLS12})
 		hc = &http.Client{Transport: tr}
 	}
 	if cfg.InsecureSkipVerify {

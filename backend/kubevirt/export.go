@@ -53,8 +53,7 @@ func (c *exportConn) setCert(pemCert string) error {
 	if !pool.AppendCertsFromPEM([]byte(pemCert)) {
 		return fmt.Errorf("status cert: %w: no PEM certificate", backend.ErrInvalid)
 	}
-	tr := http.DefaultTransport.(*http.Transport).Clone()
-	tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	tr := httprange.NewTransport(&tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12})
 	c.mu.Lock()
 	old := c.tr
 	c.tr, c.cert = tr, pemCert

@@ -114,9 +114,7 @@ func New(cfg Config) (*Source, error) {
 			}
 			tlsCfg.Certificates = []tls.Certificate{cert}
 		}
-		tr := http.DefaultTransport.(*http.Transport).Clone()
-		tr.TLSClientConfig = tlsCfg
-		hc = &http.Client{Transport: tr}
+		hc = &http.Client{Transport: httprange.NewTransport(tlsCfg)}
 	}
 	return &Source{
 		cfg:      cfg,

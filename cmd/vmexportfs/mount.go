@@ -52,7 +52,7 @@ func newMountFlags(cfg *mountConfig, cacheSize *string, opts *[]string) *pflag.F
 	f.StringVar(&cfg.passwordFile, "password-file", "", "file holding the password (else $"+passwordEnv+"); never pass it in argv")
 	f.StringVar(&cfg.caFile, "ca-file", "", "PEM CA bundle to verify the platform's TLS certificate (default: system roots)")
 	f.BoolVar(&cfg.insecureSkipVerify, "insecure-skip-tls-verify", false, "DANGEROUS: do not verify the platform's TLS certificate")
-	f.StringVar(cacheSize, "cache-size", "256M", "memory for cached disk blocks")
+	f.StringVar(cacheSize, "cache-size", "64M", "memory for cached disk blocks (more is not faster for copies: fresh pages cost more than refetching)")
 	f.StringVar(&cfg.cacheDir, "cache-dir", "", "directory for derived-file indexes (default ~/.cache/vmexportfs)")
 	f.StringVar(&cfg.stateDir, "state-dir", "", "directory for the snapshot name map (default ~/.local/state/vmexportfs)")
 	f.DurationVar(&cfg.listTTL, "list-ttl", 5*time.Second, "how long VM and snapshot listings are cached")
