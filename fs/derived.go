@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"net/url"
 	"path/filepath"
 	"sync"
 
@@ -25,7 +26,7 @@ type lazyView[V any] struct {
 	v     V
 	built bool
 	s     stream
-	build func(ctx context.Context, d backend.Disk, raw stream) (V, error)
+	build func(ctx context.Context, d backend.Disk) (V, stream, error)
 	raw   *rawView
 }
 
@@ -40,13 +41,8 @@ func (l *lazyView[V]) get(ctx context.Context) (V, error) {
 	if err != nil {
 		return zero, err
 	}
-	s, err := l.raw.OpenStream(ctx)
+	v, s, err := l.build(ctx, d)
 	if err != nil {
-		return zero, err
-	}
-	v, err := l.build(ctx, d, s)
-	if err != nil {
-		s.Close()
 		return zero, err
 	}
 	l.v, l.s, l.built = v, s, true
@@ -62,7 +58,9 @@ func (l *lazyView[V]) close(closeView func(V)) {
 	if closeView != nil {
 		closeView(l.v)
 	}
-	l.s.Close()
+	if l.s != nil {
+		l.s.Close()
+	}
 	var zero V
 	l.v, l.s, l.built = zero, nil, false
 }
@@ -75,13 +73,14 @@ type gzipView struct {
 
 func newGzipView(raw *rawView, cacheDir string) *gzipView {
 	v := &gzipView{}
-	v.lazy = lazyView[*gzipview.View]{raw: raw, build: func(ctx context.Context, d backend.Disk, s stream) (*gzipview.View, error) {
+	v.lazy = lazyView[*gzipview.View]{raw: raw, build: func(ctx context.Context, d backend.Disk) (*gzipview.View, stream, error) {
+		s := raw.st.open(cacheKey(raw.ref), d.Size(), d.Allocated(), d)
 		opts := gzipview.Options{Logger: raw.st.log}
 		if cacheDir != "" {
 			sum := sha256.Sum256([]byte(cacheKey(raw.ref)))
 			opts.IndexPath = filepath.Join(cacheDir, "gzip-"+hex.EncodeToString(sum[:16])+".idx")
 		}
-		return gzipview.New(s, d.Size(), d.Allocated(), opts), nil
+		return gzipview.New(s, d.Size(), d.Allocated(), opts), s, nil
 	}}
 	return v
 }
@@ -124,8 +123,10 @@ func vhdID(ref backend.DiskRef) [16]byte {
 
 func newDynamicVHDView(raw *rawView) *vhdView {
 	v := &vhdView{}
-	v.lazy = lazyView[*vhdview.View]{raw: raw, build: func(ctx context.Context, d backend.Disk, s stream) (*vhdview.View, error) {
-		return vhdview.NewDynamic(s, vhdview.Dynamic{Size: d.Size(), Data: d.Allocated(), ID: vhdID(raw.ref)})
+	v.lazy = lazyView[*vhdview.View]{raw: raw, build: func(ctx context.Context, d backend.Disk) (*vhdview.View, stream, error) {
+		s := raw.st.open(cacheKey(raw.ref), d.Size(), d.Allocated(), d)
+		h, err := vhdview.NewDynamic(s, vhdview.Dynamic{Size: d.Size(), Data: d.Allocated(), ID: vhdID(raw.ref)})
+		return h, s, err
 	}}
 	return v
 }
@@ -134,14 +135,22 @@ func newDynamicVHDView(raw *rawView) *vhdView {
 // parentName is the file name the user gives the base's disk.vhd beside it.
 func newDeltaVHDView(raw *rawView, baseID, parentName string) *vhdView {
 	v := &vhdView{}
-	v.lazy = lazyView[*vhdview.View]{raw: raw, build: func(ctx context.Context, d backend.Disk, s stream) (*vhdview.View, error) {
+	v.lazy = lazyView[*vhdview.View]{raw: raw, build: func(ctx context.Context, d backend.Disk) (*vhdview.View, stream, error) {
 		changed, err := raw.ChangedSince(ctx, baseID)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
+		// The delta reads only changed data, in the 4 KiB units it marks, so
+		// its stream fetches exactly those; the key keeps these blocks,
+		// zero outside the changes, apart from disk.img's.
+		marked, err := alignOut(changed, d.Size(), vhdview.ChangeUnit)
+		if err != nil {
+			return nil, nil, fmt.Errorf("delta map: %w", err)
+		}
+		s := raw.st.open(cacheKey(raw.ref)+"/changed-since/"+url.PathEscape(baseID), d.Size(), marked, d)
 		base := raw.ref
 		base.Snapshot = baseID
-		return vhdview.NewDifferencing(s, vhdview.Differencing{
+		h, err := vhdview.NewDifferencing(s, vhdview.Differencing{
 			Size:       d.Size(),
 			Changed:    changed,
 			ID:         vhdview.ID("vmexportfs delta", raw.ref.VM, raw.ref.Snapshot, baseID, raw.ref.Disk),
@@ -149,6 +158,10 @@ func newDeltaVHDView(raw *rawView, baseID, parentName string) *vhdView {
 			ParentName: parentName,
 			ParentPath: `.\` + parentName,
 		})
+		if err != nil {
+			s.Close()
+		}
+		return h, s, err
 	}}
 	return v
 }

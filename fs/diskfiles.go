@@ -89,6 +89,7 @@ func (d *diskFiles) readdir(ctx context.Context) gofs.DirStream {
 
 func (d *diskFiles) lookup(ctx context.Context, parent *gofs.Inode, name string, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
 	raw := d.raw()
+	identity := name
 	var v view
 	switch {
 	case name == diskFileName:
@@ -106,16 +107,35 @@ func (d *diskFiles) lookup(ctx context.Context, parent *gofs.Inode, name string,
 			return nil, syscall.ENOENT
 		}
 		v = newDeltaVHDView(raw, baseID, parentName)
+		identity = deltaPrefix + "\x00" + baseID + "\x00" + parentName
 	default:
 		return nil, syscall.ENOENT
 	}
+	attr := stableAttr(syscall.S_IFREG, "file", raw.ref.VM, raw.ref.Snapshot, raw.ref.Disk, identity)
+	// A known file keeps its node, and with it what its view has built
+	// (a gzip index, an open stream).
+	if ch := parent.GetChild(name); ch != nil && ch.StableAttr() == attr {
+		if f, ok := ch.Operations().(*diskFile); ok {
+			if errno := f.fillAttr(ctx, &out.Attr); errno != 0 {
+				return nil, errno
+			}
+			out.SetEntryTimeout(immutableTimeout)
+			out.SetAttrTimeout(immutableTimeout)
+			return ch, 0
+		}
+	}
 	f := &diskFile{st: d.st, vm: d.vm, e: d.e, ref: raw.ref, path: path.Join(d.dir, name), v: v}
 	if errno := f.fillAttr(ctx, &out.Attr); errno != 0 {
+		f.OnForget()
 		return nil, errno
 	}
 	out.SetEntryTimeout(immutableTimeout)
 	out.SetAttrTimeout(immutableTimeout)
-	return parent.NewInode(ctx, f, gofs.StableAttr{Mode: syscall.S_IFREG}), 0
+	ch := parent.NewInode(ctx, f, attr)
+	if ch.Operations() != gofs.InodeEmbedder(f) {
+		f.OnForget() // another lookup registered this file first
+	}
+	return ch, 0
 }
 
 // resolveBase finds a delta's base by shown name or id. A listed base must be

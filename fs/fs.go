@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"log/slog"
 	"net/url"
 	"os"
@@ -169,6 +170,22 @@ func (st *state) toErrno(ctx context.Context, op, path string, err error) syscal
 	}
 	st.log.Error("fs: "+op+" failed", "path", path, "err", err, "errno", errno.Error())
 	return errno
+}
+
+// stableAttr gives a node an inode number derived from what it shows (ids,
+// never shown names, which can be reused for another snapshot). A path walk
+// that looks a name up again, e.g. after a short listing timeout expired
+// during a long stat, then gets the same inode back: cp and tar treat a
+// changed inode number as a file replaced under them.
+func stableAttr(mode uint32, parts ...string) gofs.StableAttr {
+	h := fnv.New64a()
+	for _, p := range parts {
+		h.Write([]byte(p))
+		h.Write([]byte{0})
+	}
+	// Below 2^63, where go-fuse numbers automatically (and its poll hack
+	// lives at ^0), and clear of 0 and the root's 1.
+	return gofs.StableAttr{Mode: mode, Ino: max(h.Sum64()&(1<<63-1), 2)}
 }
 
 // cacheKey names a disk in the block cache; each part is escaped so no two

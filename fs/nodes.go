@@ -129,7 +129,7 @@ func (n *vmsDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*
 	}
 	n.st.dirEntryOut(out, 0o555, time.Time{}, listingTimeout)
 	vm := &vmDir{dirNode: dirNode{st: n.st, mode: 0o555}, id: name}
-	return n.NewInode(ctx, vm, gofs.StableAttr{Mode: syscall.S_IFDIR}), 0
+	return n.NewInode(ctx, vm, stableAttr(syscall.S_IFDIR, "vm", name)), 0
 }
 
 func (n *vmsDir) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {
@@ -157,7 +157,7 @@ func (n *vmDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*g
 	}
 	n.st.dirEntryOut(out, 0o755, time.Time{}, listingTimeout)
 	s := &snapshotsDir{dirNode: dirNode{st: n.st, mode: 0o755}, vm: n.id}
-	return n.NewInode(ctx, s, gofs.StableAttr{Mode: syscall.S_IFDIR}), 0
+	return n.NewInode(ctx, s, stableAttr(syscall.S_IFDIR, "snapshots", n.id)), 0
 }
 
 func (n *vmDir) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {
@@ -197,7 +197,7 @@ func (n *snapshotsDir) Lookup(ctx context.Context, name string, out *fuse.EntryO
 func (n *snapshotsDir) newSnapDir(ctx context.Context, e *snapEntry, out *fuse.EntryOut) *gofs.Inode {
 	n.st.dirEntryOut(out, 0o555, e.snap.Created, listingTimeout)
 	d := &snapDir{dirNode: dirNode{st: n.st, mode: 0o555, mtime: e.snap.Created}, vm: n.vm, e: e}
-	return n.NewInode(ctx, d, gofs.StableAttr{Mode: syscall.S_IFDIR})
+	return n.NewInode(ctx, d, stableAttr(syscall.S_IFDIR, "snapshot", n.vm, e.snap.ID))
 }
 
 func (n *snapshotsDir) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {
@@ -237,7 +237,7 @@ func (n *snapDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (
 		if d.name == name {
 			n.st.dirEntryOut(out, 0o555, n.e.snap.Created, immutableTimeout)
 			dd := &diskDir{dirNode: dirNode{st: n.st, mode: 0o555, mtime: n.e.snap.Created}, vm: n.vm, e: n.e, disk: d.info, files: n.files(d, true)}
-			return n.NewInode(ctx, dd, gofs.StableAttr{Mode: syscall.S_IFDIR}), 0
+			return n.NewInode(ctx, dd, stableAttr(syscall.S_IFDIR, "disk", n.vm, n.e.snap.ID, d.info.ID)), 0
 		}
 	}
 	return nil, syscall.ENOENT
@@ -319,7 +319,7 @@ func (n *byNameDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut)
 	n.st.fillOwner(&out.Attr, time.Time{})
 	out.SetEntryTimeout(listingTimeout)
 	out.SetAttrTimeout(listingTimeout)
-	return n.NewInode(ctx, link, gofs.StableAttr{Mode: syscall.S_IFLNK}), 0
+	return n.NewInode(ctx, link, stableAttr(syscall.S_IFLNK, "by-name", name, id)), 0
 }
 
 func (n *byNameDir) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {

@@ -31,9 +31,9 @@ const (
 	headerSize  = 1024
 	batOff      = headerOff + headerSize
 	locatorSize = 512
-	// changeUnit is the granularity libvhdi applies bitmaps at; marking
+	// ChangeUnit is the granularity libvhdi applies bitmaps at; marking
 	// whole units keeps every reader's view of the delta identical.
-	changeUnit = 4096
+	ChangeUnit = 4096
 	// MaxSize is the VHD format's limit on the virtual size.
 	MaxSize = 2040 << 30
 	// timestamp is fixed so the bytes are deterministic and a parent's
@@ -116,8 +116,8 @@ func NewDifferencing(raw Reader, d Differencing) (*View, error) {
 	// Round out to whole 4 KiB units and clip to the (padded) disk.
 	var rounded []extent.Extent
 	for _, e := range d.Changed.Extents() {
-		lo := e.Off / changeUnit * changeUnit
-		hi := min(roundUp(e.End(), changeUnit), vsize)
+		lo := e.Off / ChangeUnit * ChangeUnit
+		hi := min(roundUp(e.End(), ChangeUnit), vsize)
 		if hi > lo {
 			rounded = append(rounded, extent.Extent{Off: lo, Len: hi - lo})
 		}
@@ -350,9 +350,9 @@ func (v *View) bitmap(p []byte, b, in int64) {
 	clear(p)
 	// One bitmap byte covers 8 sectors = one 4 KiB change unit, and the
 	// marked map is already rounded to those units.
-	for _, e := range v.marked.Clip(b*blockSize+in*changeUnit, int64(len(p))*changeUnit) {
-		for u := e.Off; u < e.End(); u += changeUnit {
-			p[(u-b*blockSize)/changeUnit-in] = 0xff
+	for _, e := range v.marked.Clip(b*blockSize+in*ChangeUnit, int64(len(p))*ChangeUnit) {
+		for u := e.Off; u < e.End(); u += ChangeUnit {
+			p[(u-b*blockSize)/ChangeUnit-in] = 0xff
 		}
 	}
 }

@@ -1,0 +1,235 @@
+package main
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vmexportfs/vmexportfs/backend/coriolis/coriolistest"
+	"github.com/vmexportfs/vmexportfs/backend/extent"
+)
+
+// derivedHistory is a VM with four snapshots of a disk whose size is not a
+// multiple of the 2 MiB VHD block: changes that cross block boundaries, a
+// discard, and a snapshot with no change at all. The second snapshot is made
+// with mkdir so deltas against it carry a chosen name.
+type derivedHistory struct {
+	f     *fixture
+	m     *mounted
+	size  int64
+	snaps []string // shown names, oldest first
+	ids   []string // simulator ids, same order
+}
+
+const derivedVM, derivedDisk = "vm-d", "d.img"
+
+func newDerivedHistory(t *testing.T) *derivedHistory {
+	f := newFixture(t, coriolistest.Options{})
+	h := &derivedHistory{f: f, size: 21*mib + 192*kib + 512}
+	f.addVM(derivedVM, "derived", coriolistest.DiskSpec{Name: derivedDisk, Device: "xvda", Size: h.size})
+	f.write(derivedVM, derivedDisk, 0, 3*mib)
+	f.write(derivedVM, derivedDisk, 10*mib+4*kib, 300*kib)
+	f.write(derivedVM, derivedDisk, h.size-64*kib-512, 64*kib+512) // the odd tail
+	h.snaps = append(h.snaps, f.snapshot(derivedVM))
+
+	// Across the 2 MiB block boundary at 2 MiB and at 12 MiB; a discard.
+	f.write(derivedVM, derivedDisk, 2*mib-8*kib, 16*kib)
+	f.write(derivedVM, derivedDisk, 12*mib-1*mib, 3*mib)
+	require.NoError(t, f.sim.DiscardDisk(derivedVM, derivedDisk, 10*mib, 1*mib))
+	// Snapshots taken behind the mount's back must show at once.
+	h.m = f.mount("--list-ttl", "1ms")
+	tool(t, "mkdir", h.m.path("vms", derivedVM, "snapshots", "nightly"))
+	h.snaps = append(h.snaps, "nightly")
+
+	h.snaps = append(h.snaps, f.snapshot(derivedVM)) // no change
+
+	f.write(derivedVM, derivedDisk, 17*mib+100*kib, 5*kib)
+	h.snaps = append(h.snaps, f.snapshot(derivedVM))
+	ids, err := f.sim.Snapshots(derivedVM)
+	require.NoError(t, err)
+	require.Len(t, ids, 4)
+	h.ids = ids
+	return h
+}
+
+func (h *derivedHistory) dir(i int) string {
+	return h.m.path("vms", derivedVM, "snapshots", h.snaps[i])
+}
+
+func (h *derivedHistory) source(i int) string {
+	return h.f.source(derivedVM, h.ids[i], derivedDisk)
+}
+
+func TestGzipView(t *testing.T) {
+	requireTools(t, "gzip", "zcat", "sha256sum", "dd", "stat")
+	h := newDerivedHistory(t)
+	for i := range h.snaps {
+		gz := filepath.Join(h.dir(i), "disk.img.gz")
+		want := sha256File(t, h.source(i))
+		tool(t, "gzip", "-t", gz)
+		assert.Equal(t, want+"  -\n", tool(t, "sh", "-c", `zcat "$1" | sha256sum`, "sh", gz), "zcat of %s", h.snaps[i])
+
+		copied := filepath.Join(t.TempDir(), "copy.gz")
+		tool(t, "cp", gz, copied)
+		st, err := os.Stat(copied)
+		require.NoError(t, err)
+		assert.Equal(t, strings.TrimSpace(tool(t, "stat", "-c", "%s", gz)), strconv.FormatInt(st.Size(), 10), "st_size is exact")
+		assert.Equal(t, sha256File(t, copied), sha256File(t, gz), "a second read returns the same bytes")
+
+		// A read in the middle, as a resumed copy does, equals the same
+		// range of the full copy.
+		mid := st.Size() / 2
+		part := tool(t, "dd", "if="+gz, "bs=4096", "iflag=skip_bytes,count_bytes", "skip="+strconv.FormatInt(mid, 10), "count=100000", "status=none")
+		assert.Equal(t, sha256Range(t, copied, mid, int64(len(part))), sha256Bytes([]byte(part)))
+	}
+
+	// A later mount finds the index in the cache directory and serves the
+	// same bytes.
+	gz := filepath.Join(h.dir(3), "disk.img.gz")
+	before := sha256File(t, gz)
+	h.m.stop(t)
+	entries, err := os.ReadDir(h.f.cacheDir)
+	require.NoError(t, err)
+	assert.NotEmpty(t, entries, "gzip index persisted")
+	m := h.f.mount()
+	assert.Equal(t, before, sha256File(t, m.path("vms", derivedVM, "snapshots", h.snaps[3], "disk.img.gz")))
+}
+
+type qemuInfo struct {
+	Format      string `json:"format"`
+	VirtualSize int64  `json:"virtual-size"`
+}
+
+func TestVHDViews(t *testing.T) {
+	requireTools(t, "qemu-img", "vhdiinfo", "vhdimount", "getfattr", "fusermount3")
+	h := newDerivedHistory(t)
+	vsize := (h.size + 511) / 512 * 512
+
+	for i := range h.snaps {
+		vhd := filepath.Join(h.dir(i), "disk.vhd")
+		var info qemuInfo
+		require.NoError(t, json.Unmarshal([]byte(tool(t, "qemu-img", "info", "--output=json", vhd)), &info))
+		assert.Equal(t, qemuInfo{Format: "vpc", VirtualSize: vsize}, info)
+		raw := filepath.Join(t.TempDir(), "raw")
+		tool(t, "qemu-img", "convert", "-f", "vpc", "-O", "raw", vhd, raw)
+		require.NoError(t, os.Truncate(raw, h.size)) // the VHD's last sector is padded
+		assert.Equal(t, sha256File(t, h.source(i)), sha256File(t, raw), "qemu-img convert of %s/disk.vhd", h.snaps[i])
+	}
+
+	// Every older snapshot is a base, listed by its shown name.
+	for i := range h.snaps {
+		var want []string
+		for _, b := range h.snaps[:i] {
+			want = append(want, "delta-from-"+b+".vhd")
+		}
+		want = append(want, "disk.img", "disk.img.gz", "disk.vhd")
+		assert.ElementsMatch(t, want, strings.Fields(tool(t, "ls", h.dir(i))), "listing of %s", h.snaps[i])
+	}
+
+	for target := 1; target < len(h.snaps); target++ {
+		for base := 0; base < target; base++ {
+			t.Run(h.snaps[base]+"→"+h.snaps[target], func(t *testing.T) {
+				h.checkDelta(t, base, target)
+			})
+		}
+	}
+
+	// A base by id is found even though the listing shows its name, and a
+	// newer snapshot is no base.
+	_, err := os.Stat(filepath.Join(h.dir(3), "delta-from-"+h.ids[1]+".vhd"))
+	assert.NoError(t, err)
+	_, err = os.Stat(filepath.Join(h.dir(0), "delta-from-"+h.snaps[3]+".vhd"))
+	assert.ErrorIs(t, err, os.ErrNotExist)
+}
+
+// checkDelta copies base's disk.vhd and target's delta into one directory the
+// way a user builds a chain, and checks it with the tools and the served bytes.
+func (h *derivedHistory) checkDelta(t *testing.T, base, target int) {
+	name := "delta-from-" + h.snaps[base] + ".vhd"
+	chain := t.TempDir()
+	parent := filepath.Join(chain, h.snaps[base]+".vhd")
+	tool(t, "cp", filepath.Join(h.dir(base), "disk.vhd"), parent)
+
+	// A fresh mount so the served-bytes count sees every fetch.
+	m := h.f.mount()
+	delta := m.path("vms", derivedVM, "snapshots", h.snaps[target], name)
+	before := h.f.sim.Stats().DiskBytes
+	tool(t, "cp", delta, filepath.Join(chain, name))
+	served := h.f.sim.Stats().DiskBytes - before
+
+	changedText := tool(t, "getfattr", "--only-values", "-n", "user.vmexport.changed."+h.snaps[base],
+		m.path("vms", derivedVM, "snapshots", h.snaps[target], "disk.img"))
+	changed, err := extent.Parse(changedText, h.size)
+	require.NoError(t, err)
+	assert.LessOrEqual(t, served, roundedBytes(changed, 4096, h.size), "delta fetched only changed data")
+
+	info := tool(t, "vhdiinfo", filepath.Join(chain, name))
+	assert.Contains(t, info, "Differential")
+	assert.Contains(t, info, "Parent filename\t\t: "+h.snaps[base]+".vhd")
+
+	// The delta's present blocks are exactly the blocks the changed map
+	// touches: the xattr and the file agree.
+	assert.Equal(t, blocksOf(changed), presentBlocks(t, filepath.Join(chain, name)))
+
+	// vhdimount opens the chain; the applied image is the target's disk.
+	vm := t.TempDir()
+	tool(t, "vhdimount", filepath.Join(chain, name), vm)
+	defer toolErr("fusermount3", "-u", vm)
+	assert.Equal(t, sha256File(t, h.source(target)), sha256Range(t, filepath.Join(vm, "vhdi2"), 0, h.size))
+}
+
+// roundedBytes is the size of m with every extent widened to unit, the most
+// a reader may fetch for it.
+func roundedBytes(m extent.Map, unit, size int64) int64 {
+	var exts []extent.Extent
+	for _, e := range m.Extents() {
+		lo := e.Off / unit * unit
+		hi := min((e.End()+unit-1)/unit*unit, size)
+		exts = append(exts, extent.Extent{Off: lo, Len: hi - lo})
+	}
+	r, _ := extent.Normalize(exts, size)
+	return r.Bytes()
+}
+
+const vhdBlock = 2 << 20
+
+func blocksOf(m extent.Map) []uint32 {
+	var out []uint32
+	for _, e := range m.Extents() {
+		for b := e.Off / vhdBlock; b <= (e.End()-1)/vhdBlock; b++ {
+			if n := len(out); n == 0 || out[n-1] != uint32(b) {
+				out = append(out, uint32(b))
+			}
+		}
+	}
+	return out
+}
+
+// presentBlocks reads a VHD's block allocation table (spec: dynamic header
+// at 512, table offset at +16, entry count at +28; absent = 0xFFFFFFFF).
+func presentBlocks(t *testing.T, path string) []uint32 {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	require.NoError(t, err)
+	require.Greater(t, len(b), 1536)
+	hdr := b[512:1536]
+	require.Equal(t, "cxsparse", string(hdr[:8]))
+	table := binary.BigEndian.Uint64(hdr[16:24])
+	entries := binary.BigEndian.Uint32(hdr[28:32])
+	var out []uint32
+	for i := uint32(0); i < entries; i++ {
+		off := table + uint64(i)*4
+		require.LessOrEqual(t, off+4, uint64(len(b)))
+		if binary.BigEndian.Uint32(b[off:off+4]) != 0xFFFFFFFF {
+			out = append(out, i)
+		}
+	}
+	return out
+}
