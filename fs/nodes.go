@@ -58,6 +58,9 @@ func (st *state) fillOwner(a *fuse.Attr, mtime time.Time) {
 	}
 	a.SetTimes(&mtime, &mtime, &mtime)
 	a.Blksize = 4096
+	// 1 is the conventional "not counted" link count of FUSE directories;
+	// 0 would read as a deleted file.
+	a.Nlink = 1
 }
 
 func (n *dirNode) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
