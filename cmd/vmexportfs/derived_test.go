@@ -233,3 +233,29 @@ func presentBlocks(t *testing.T, path string) []uint32 {
 	}
 	return out
 }
+
+// TestDeltaParentNameMultiDisk: with several disks the copies of each disk's
+// disk.vhd need distinct names, so the parent name carries the device.
+func TestDeltaParentNameMultiDisk(t *testing.T) {
+	requireTools(t, "vhdiinfo", "vhdimount", "fusermount3")
+	f := newFixture(t, coriolistest.Options{})
+	f.addVM("vm-m", "multi",
+		coriolistest.DiskSpec{Name: "a.img", Device: "xvda", Size: 4 * mib},
+		coriolistest.DiskSpec{Name: "b.img", Device: "xvdb", Size: 6*mib + 512})
+	f.write("vm-m", "b.img", 0, 3*mib)
+	base := f.snapshot("vm-m")
+	f.write("vm-m", "b.img", 2*mib-4*kib, 8*kib)
+	target := f.snapshot("vm-m")
+	m := f.mount()
+
+	chain := t.TempDir()
+	parentName := base + "-xvdb.vhd"
+	tool(t, "cp", m.path("vms", "vm-m", "snapshots", base, "xvdb", "disk.vhd"), filepath.Join(chain, parentName))
+	delta := filepath.Join(chain, "delta.vhd")
+	tool(t, "cp", m.path("vms", "vm-m", "snapshots", target, "xvdb", "delta-from-"+base+".vhd"), delta)
+	assert.Contains(t, tool(t, "vhdiinfo", delta), "Parent filename\t\t: "+parentName)
+	dir := t.TempDir()
+	tool(t, "vhdimount", delta, dir)
+	defer toolErr("fusermount3", "-u", dir)
+	assert.Equal(t, sha256File(t, f.source("vm-m", target, "b.img")), sha256Range(t, filepath.Join(dir, "vhdi2"), 0, 6*mib+512))
+}
