@@ -339,7 +339,7 @@ func (s *Source) Snapshots(ctx context.Context, vmID string) ([]backend.Snapshot
 	for _, e := range exports {
 		if e.Spec.Source.Kind == "VirtualMachine" && e.Spec.Source.Name == vmID {
 			if disks, ok := disksOf(e.Status, s.cfg.Internal); ok {
-				out = append(out, backend.Snapshot{ID: LiveSnapshot, Name: e.Metadata.Name, Disks: disks})
+				out = append(out, backend.Snapshot{ID: LiveSnapshot, Name: LiveSnapshot, Disks: disks})
 				break
 			}
 		}

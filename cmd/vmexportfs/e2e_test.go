@@ -54,6 +54,46 @@ func copyFixture(t *testing.T) (f *fixture, sid, source string) {
 	return f, sid, f.source("vm-copy", sid, "copy.img")
 }
 
+// copyTool is one way users copy a disk image; copy returns the raw copy.
+type copyTool struct {
+	name string
+	copy func(t *testing.T, disk, out string) string
+}
+
+// copyTools are the copies every platform's disk.img must survive.
+var copyTools = []copyTool{
+	{"cp --sparse=always", func(t *testing.T, disk, out string) string {
+		dst := filepath.Join(out, "disk.img")
+		tool(t, "cp", "--sparse=always", disk, dst)
+		return dst
+	}},
+	{"tar -S", func(t *testing.T, disk, out string) string {
+		archive := filepath.Join(out, "disk.tar")
+		tool(t, "tar", "-S", "-cf", archive, "-C", filepath.Dir(disk), "disk.img")
+		extracted := filepath.Join(out, "x")
+		require.NoError(t, os.Mkdir(extracted, 0o755))
+		tool(t, "tar", "-xf", archive, "-C", extracted)
+		return filepath.Join(extracted, "disk.img")
+	}},
+	{"qemu-img convert -O qcow2", func(t *testing.T, disk, out string) string {
+		qcow := filepath.Join(out, "disk.qcow2")
+		tool(t, "qemu-img", "convert", "-O", "qcow2", disk, qcow)
+		tool(t, "qemu-img", "check", qcow)
+		raw := filepath.Join(out, "disk.raw")
+		tool(t, "qemu-img", "convert", "-O", "raw", qcow, raw)
+		return raw
+	}},
+	{"rsync --sparse", func(t *testing.T, disk, out string) string {
+		tool(t, "rsync", "--sparse", disk, out+"/")
+		return filepath.Join(out, "disk.img")
+	}},
+	{"dd bs=1M", func(t *testing.T, disk, out string) string {
+		dst := filepath.Join(out, "disk.img")
+		tool(t, "dd", "if="+disk, "of="+dst, "bs=1M", "status=none")
+		return dst
+	}},
+}
+
 // TestCopyToolsFetchOnlyWrittenData copies a sparse snapshot with the tools
 // backup people use, each on a cold mount, and checks the bytes and what
 // crossed the wire.
@@ -64,42 +104,7 @@ func TestCopyToolsFetchOnlyWrittenData(t *testing.T) {
 	allocated := allocatedBytes(copyWrites)
 	require.Equal(t, formatExtents(copyWrites), formatExtents(dataMap(t, source)), "the simulator's snapshot file")
 
-	cases := []struct {
-		name string
-		copy func(t *testing.T, disk, out string) string // returns the raw copy
-	}{
-		{"cp --sparse=always", func(t *testing.T, disk, out string) string {
-			dst := filepath.Join(out, "disk.img")
-			tool(t, "cp", "--sparse=always", disk, dst)
-			return dst
-		}},
-		{"tar -S", func(t *testing.T, disk, out string) string {
-			archive := filepath.Join(out, "disk.tar")
-			tool(t, "tar", "-S", "-cf", archive, "-C", filepath.Dir(disk), "disk.img")
-			extracted := filepath.Join(out, "x")
-			require.NoError(t, os.Mkdir(extracted, 0o755))
-			tool(t, "tar", "-xf", archive, "-C", extracted)
-			return filepath.Join(extracted, "disk.img")
-		}},
-		{"qemu-img convert -O qcow2", func(t *testing.T, disk, out string) string {
-			qcow := filepath.Join(out, "disk.qcow2")
-			tool(t, "qemu-img", "convert", "-O", "qcow2", disk, qcow)
-			tool(t, "qemu-img", "check", qcow)
-			raw := filepath.Join(out, "disk.raw")
-			tool(t, "qemu-img", "convert", "-O", "raw", qcow, raw)
-			return raw
-		}},
-		{"rsync --sparse", func(t *testing.T, disk, out string) string {
-			tool(t, "rsync", "--sparse", disk, out+"/")
-			return filepath.Join(out, "disk.img")
-		}},
-		{"dd bs=1M", func(t *testing.T, disk, out string) string {
-			dst := filepath.Join(out, "disk.img")
-			tool(t, "dd", "if="+disk, "of="+dst, "bs=1M", "status=none")
-			return dst
-		}},
-	}
-	for _, tc := range cases {
+	for _, tc := range copyTools {
 		t.Run(tc.name, func(t *testing.T) {
 			m := f.mount() // cold: nothing cached in the daemon or the page cache
 			f.sim.ResetStats()
@@ -120,8 +125,12 @@ func TestConcurrentRandomReaders(t *testing.T) {
 	requireTools(t, "dd")
 	f, sid, source := copyFixture(t)
 	m := f.mount("--cache-size", "4M")
-	disk := m.path("vms", "vm-copy", "snapshots", sid, "disk.img")
+	concurrentReaders(t, m.path("vms", "vm-copy", "snapshots", sid, "disk.img"), source, copyWrites, copyDiskSize)
+}
 
+// concurrentReaders runs 8 dd readers at random offsets of disk at once and
+// checks every range against source.
+func concurrentReaders(t *testing.T, disk, source string, writes []extent.Extent, size int64) {
 	var wg sync.WaitGroup
 	errs := make(chan error, 64)
 	for reader := range 8 {
@@ -131,10 +140,10 @@ func TestConcurrentRandomReaders(t *testing.T) {
 			rng := rand.New(rand.NewPCG(uint64(reader), 42))
 			for range 6 {
 				// Mostly inside written extents, sometimes across holes.
-				e := copyWrites[rng.IntN(len(copyWrites))]
+				e := writes[rng.IntN(len(writes))]
 				off := e.Off + rng.Int64N(e.Len) - rng.Int64N(64*kib)
-				off = max(0, min(off, copyDiskSize-1))
-				n := min(1+rng.Int64N(3*mib), copyDiskSize-off)
+				off = max(0, min(off, size-1))
+				n := min(1+rng.Int64N(3*mib), size-off)
 				out, err := toolErr("dd", "if="+disk, "bs=64K", "iflag=skip_bytes,count_bytes",
 					fmt.Sprintf("skip=%d", off), fmt.Sprintf("count=%d", n), "status=none")
 				if err != nil {

@@ -34,6 +34,11 @@ type mountConfig struct {
 	username, passwordFile, caFile string
 	insecureSkipVerify             bool
 
+	// KubeVirt.
+	kubeconfig, tokenFile, exportStatus string
+	kubevirtInternal                    bool
+	kubevirtVolumes                     []string
+
 	cacheSize         int64
 	cacheDir          string
 	stateDir          string
@@ -52,6 +57,11 @@ func newMountFlags(cfg *mountConfig, cacheSize *string, opts *[]string) *pflag.F
 	f.StringVar(&cfg.passwordFile, "password-file", "", "file holding the password (else $"+passwordEnv+"); never pass it in argv")
 	f.StringVar(&cfg.caFile, "ca-file", "", "PEM CA bundle to verify the platform's TLS certificate (default: system roots)")
 	f.BoolVar(&cfg.insecureSkipVerify, "insecure-skip-tls-verify", false, "DANGEROUS: do not verify the platform's TLS certificate")
+	f.StringVar(&cfg.kubeconfig, "kubeconfig", "", "KubeVirt: kubeconfig for the API server's token and CA (default $KUBECONFIG, then ~/.kube/config)")
+	f.BoolVar(&cfg.kubevirtInternal, "kubevirt-internal", false, "KubeVirt: use the exports' in-cluster links instead of the external ones")
+	f.StringVar(&cfg.tokenFile, "token-file", "", "KubeVirt standalone: file holding the export token")
+	f.StringVar(&cfg.exportStatus, "export-status", "", "KubeVirt standalone: file with the export's status (kubectl get vmexport NAME -o yaml); re-read on certificate errors")
+	f.StringArrayVar(&cfg.kubevirtVolumes, "kubevirt-volume", nil, "KubeVirt standalone without --export-status: a volume name of the export (repeatable)")
 	f.StringVar(cacheSize, "cache-size", "64M", "memory for cached disk blocks (more is not faster for copies: fresh pages cost more than refetching)")
 	f.StringVar(&cfg.cacheDir, "cache-dir", "", "directory for derived-file indexes (default ~/.cache/vmexportfs)")
 	f.StringVar(&cfg.stateDir, "state-dir", "", "directory for the snapshot name map (default ~/.local/state/vmexportfs)")

@@ -9,6 +9,7 @@ import (
 
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/coriolis"
+	"github.com/vmexportfs/vmexportfs/backend/kubevirt"
 )
 
 // platform is one kind of SOURCE: how it is written and how it is opened.
@@ -26,12 +27,18 @@ func lookupPlatform(name string) (platform, bool) {
 			usage: "coriolis+https://HOST:5544   Coriolis OVM exporter (--username, --password-file or $" + passwordEnv + ", --ca-file)",
 			open:  openCoriolis,
 		}, true
+	case "kubevirt":
+		return platform{
+			usage: "kubevirt+https://API-SERVER/namespaces/NS        KubeVirt VirtualMachineExports (--kubeconfig, --kubevirt-internal)\n" +
+				"  kubevirt+https://.../virtualmachineexports/NAME   one export, no API access (--token-file, --export-status or --ca-file and --kubevirt-volume)",
+			open: openKubevirt,
+		}, true
 	}
 	return platform{}, false
 }
 
 func platformNames() []string {
-	names := []string{"coriolis"}
+	names := []string{"coriolis", "kubevirt"}
 	sort.Strings(names)
 	return names
 }
@@ -72,4 +79,45 @@ func openCoriolis(ctx context.Context, cfg mountConfig, u *url.URL, logger *slog
 		Policy:             cfg.policy(),
 		Logger:             logger,
 	})
+}
+
+func openKubevirt(ctx context.Context, cfg mountConfig, u *url.URL, logger *slog.Logger) (backend.Source, error) {
+	su, err := kubevirt.ParseSourceURL(u.String())
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if cfg.insecureSkipVerify {
+		return nil, fmt.Errorf("%w: kubevirt: --insecure-skip-tls-verify is not supported; export servers are verified against their status certificate", errUsage)
+	}
+	if su.Standalone() {
+		if cfg.tokenFile == "" {
+			return nil, fmt.Errorf("%w: kubevirt standalone mode needs --token-file", errUsage)
+		}
+		return kubevirt.NewStandalone(kubevirt.StandaloneConfig{
+			ExportURL:        su.ExportURL,
+			TokenFile:        cfg.tokenFile,
+			CAFile:           cfg.caFile,
+			ExportStatusFile: cfg.exportStatus,
+			Volumes:          cfg.kubevirtVolumes,
+			Internal:         cfg.kubevirtInternal,
+			Policy:           cfg.policy(),
+			Logger:           logger,
+		})
+	}
+	src, err := kubevirt.New(kubevirt.Config{
+		APIServer:  su.APIServer,
+		Namespace:  su.Namespace,
+		Kubeconfig: cfg.kubeconfig,
+		Internal:   cfg.kubevirtInternal,
+		Policy:     cfg.policy(),
+		Logger:     logger,
+	})
+	if err != nil {
+		return nil, err
+	}
+	// Fail the mount, not the first ls, on a wrong token or CA.
+	if _, err := src.VMs(ctx); err != nil {
+		return nil, err
+	}
+	return src, nil
 }

@@ -1,0 +1,277 @@
+package main
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vmexportfs/vmexportfs/backend/kubevirt/kubevirttest"
+)
+
+// kvFixture is a KubeVirt simulator (API server and export servers) plus a
+// local reference copy of every volume, kept in step with each write.
+type kvFixture struct {
+	t          *testing.T
+	sim        *kubevirttest.Server
+	kubeconfig string
+	stateDir   string
+	cacheDir   string
+	refDir     string
+	rng        *rand.ChaCha8
+}
+
+func newKVFixture(t *testing.T) *kvFixture {
+	t.Helper()
+	requireRoot(t)
+	sim, err := kubevirttest.Start(kubevirttest.Options{Dir: t.TempDir(), Namespace: "backups", ReadyDelay: 300 * time.Millisecond})
+	require.NoError(t, err)
+	t.Cleanup(func() { sim.Close() })
+	kc := filepath.Join(t.TempDir(), "kubeconfig")
+	require.NoError(t, os.WriteFile(kc, sim.Kubeconfig(), 0o600))
+	var seed [32]byte
+	copy(seed[:], t.Name())
+	return &kvFixture{t: t, sim: sim, kubeconfig: kc, stateDir: t.TempDir(), cacheDir: t.TempDir(), refDir: t.TempDir(), rng: rand.NewChaCha8(seed)}
+}
+
+func (f *kvFixture) ref(vm, vol string) string { return filepath.Join(f.refDir, vm+"-"+vol+".img") }
+
+func (f *kvFixture) addVM(vm string, vols ...kubevirttest.VolumeSpec) {
+	f.t.Helper()
+	require.NoError(f.t, f.sim.AddVM(vm, vols))
+	for _, v := range vols {
+		require.NoError(f.t, os.WriteFile(f.ref(vm, v.Name), nil, 0o600))
+		require.NoError(f.t, os.Truncate(f.ref(vm, v.Name), v.Size))
+	}
+}
+
+// write puts fresh pseudo-random bytes into the live volume and its reference.
+func (f *kvFixture) write(vm, vol string, off, n int64) {
+	f.t.Helper()
+	buf := make([]byte, n)
+	f.rng.Read(buf)
+	require.NoError(f.t, f.sim.WriteDisk(vm, vol, buf, off))
+	ref, err := os.OpenFile(f.ref(vm, vol), os.O_WRONLY, 0)
+	require.NoError(f.t, err)
+	defer ref.Close()
+	_, err = ref.WriteAt(buf, off)
+	require.NoError(f.t, err)
+}
+
+// freeze keeps the reference of a volume as it is now: what a snapshot
+// taken now must hold.
+func (f *kvFixture) freeze(vm, vol string) string {
+	f.t.Helper()
+	frozen := filepath.Join(f.t.TempDir(), vol+".img")
+	tool(f.t, "cp", "--sparse=always", f.ref(vm, vol), frozen)
+	return frozen
+}
+
+func (f *kvFixture) source() string {
+	return "kubevirt+" + f.sim.URL() + "/namespaces/" + f.sim.Namespace()
+}
+
+func (f *kvFixture) mount(extra ...string) *mounted {
+	f.t.Helper()
+	dir := filepath.Join(f.t.TempDir(), "mnt")
+	require.NoError(f.t, os.Mkdir(dir, 0o755))
+	args := append([]string{"-f", "--kubeconfig", f.kubeconfig, "--state-dir", f.stateDir, "--cache-dir", f.cacheDir}, extra...)
+	m := startCommand(f.t, append(args, f.source(), dir)...)
+	m.dir = dir
+	return m
+}
+
+// object returns the HTTP status of a GET of one object on the API server.
+func (f *kvFixture) object(group, version, resource, name string) int {
+	f.t.Helper()
+	pool := x509.NewCertPool()
+	require.True(f.t, pool.AppendCertsFromPEM(f.sim.CAPEM()))
+	c := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	prefix := "/apis/" + group + "/" + version
+	if group == "" {
+		prefix = "/api/v1"
+	}
+	req, err := http.NewRequest(http.MethodGet, fmt.Sprintf("%s%s/namespaces/%s/%s/%s", f.sim.URL(), prefix, f.sim.Namespace(), resource, name), nil)
+	require.NoError(f.t, err)
+	req.Header.Set("Authorization", "Bearer "+f.sim.Token())
+	resp, err := c.Do(req)
+	require.NoError(f.t, err)
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// TestKubeVirtCopyTools runs the Core tool matrix against a snapshot made
+// with mkdir: with the backup map route only written data is fetched;
+// without it the whole disk is data and the copies are still exact.
+func TestKubeVirtCopyTools(t *testing.T) {
+	requireTools(t, "cp", "tar", "rsync", "dd", "qemu-img", "gzip", "zcat")
+	for _, withMap := range []bool{true, false} {
+		t.Run(fmt.Sprint("map=", withMap), func(t *testing.T) {
+			f := newKVFixture(t)
+			f.sim.SetBackupRoutes(withMap)
+			f.addVM("vm-kv", kubevirttest.VolumeSpec{Name: "rootdisk", Size: copyDiskSize})
+			for _, e := range copyWrites {
+				f.write("vm-kv", "rootdisk", e.Off, e.Len)
+			}
+			m := f.mount()
+			tool(t, "mkdir", m.path("vms", "vm-kv", "snapshots", "snap1"))
+			source := f.freeze("vm-kv", "rootdisk")
+			f.write("vm-kv", "rootdisk", 0, 2*mib) // the snapshot must not see this
+			want := sha256File(t, source)
+			fetchLimit := allocatedBytes(copyWrites) * 102 / 100
+			if !withMap {
+				fetchLimit = copyDiskSize
+			}
+			for _, tc := range copyTools {
+				t.Run(tc.name, func(t *testing.T) {
+					m := f.mount()
+					before := f.sim.Stats().DiskBytes
+					got := tc.copy(t, m.path("vms", "vm-kv", "snapshots", "snap1", "disk.img"), t.TempDir())
+					assert.Equal(t, want, sha256File(t, got))
+					served := f.sim.Stats().DiskBytes - before
+					assert.LessOrEqual(t, served, fetchLimit, "bytes served")
+				})
+			}
+			if !withMap {
+				return
+			}
+			concurrentReaders(t, m.path("vms", "vm-kv", "snapshots", "snap1", "disk.img"), source, copyWrites, copyDiskSize)
+			dir := m.path("vms", "vm-kv", "snapshots", "snap1")
+			tool(t, "gzip", "-t", filepath.Join(dir, "disk.img.gz"))
+			assert.Equal(t, want+"  -\n", tool(t, "sh", "-c", `zcat "$1" | sha256sum`, "sh", filepath.Join(dir, "disk.img.gz")))
+			raw := filepath.Join(t.TempDir(), "raw")
+			tool(t, "qemu-img", "convert", "-f", "vpc", "-O", "raw", filepath.Join(dir, "disk.vhd"), raw)
+			require.NoError(t, os.Truncate(raw, copyDiskSize))
+			assert.Equal(t, want, sha256File(t, raw), "disk.vhd")
+		})
+	}
+}
+
+// TestKubeVirtSnapshotsByDirectory: mkdir makes a VirtualMachineSnapshot and
+// an export owned by it, one directory per volume; rmdir removes both.
+func TestKubeVirtSnapshotsByDirectory(t *testing.T) {
+	f := newKVFixture(t)
+	f.addVM("vm-two", kubevirttest.VolumeSpec{Name: "root", Size: 4 * mib}, kubevirttest.VolumeSpec{Name: "data", Size: 6 * mib})
+	f.write("vm-two", "root", 64*kib, 1*mib)
+	f.write("vm-two", "data", 3*mib, 512*kib)
+	m := f.mount()
+	snaps := m.path("vms", "vm-two", "snapshots")
+
+	tool(t, "mkdir", filepath.Join(snaps, "nightly"))
+	root, data := f.freeze("vm-two", "root"), f.freeze("vm-two", "data")
+	assert.Equal(t, http.StatusOK, f.object("snapshot.kubevirt.io", "v1beta1", "virtualmachinesnapshots", "nightly"))
+	assert.Equal(t, http.StatusOK, f.object("export.kubevirt.io", "v1beta1", "virtualmachineexports", "nightly"))
+	assert.ElementsMatch(t, []string{"data", "root"}, strings.Fields(tool(t, "ls", filepath.Join(snaps, "nightly"))))
+	assert.Equal(t, sha256File(t, root), sha256File(t, filepath.Join(snaps, "nightly", "root", "disk.img")))
+	assert.Equal(t, sha256File(t, data), sha256File(t, filepath.Join(snaps, "nightly", "data", "disk.img")))
+
+	_, err := toolErr("mkdir", filepath.Join(snaps, "Not_A_Label"))
+	assert.ErrorContains(t, err, "Invalid argument")
+	_, err = toolErr("mkdir", m.path("vms", "no-such-vm", "snapshots", "x"))
+	assert.ErrorContains(t, err, "No such file or directory")
+
+	tool(t, "rmdir", filepath.Join(snaps, "nightly"))
+	assert.Equal(t, http.StatusNotFound, f.object("snapshot.kubevirt.io", "v1beta1", "virtualmachinesnapshots", "nightly"))
+	assert.Equal(t, http.StatusNotFound, f.object("export.kubevirt.io", "v1beta1", "virtualmachineexports", "nightly"))
+	assert.Equal(t, http.StatusNotFound, f.object("", "v1", "secrets", "nightly-export-token"))
+	assert.NotContains(t, tool(t, "ls", snaps), "nightly")
+}
+
+// TestKubeVirtWrongToken: an export that rejects our token is EACCES on
+// read, and the log explains it without printing any token.
+func TestKubeVirtWrongToken(t *testing.T) {
+	f := newKVFixture(t)
+	f.addVM("vm-t", kubevirttest.VolumeSpec{Name: "root", Size: 4 * mib})
+	f.write("vm-t", "root", 0, 1*mib)
+	m := f.mount()
+	tool(t, "mkdir", m.path("vms", "vm-t", "snapshots", "s1"))
+	token, err := f.sim.ExportToken("s1")
+	require.NoError(t, err)
+	f.sim.ForceExportToken("s1", "other-token-only-the-server-knows")
+
+	_, err = toolErr("cat", m.path("vms", "vm-t", "snapshots", "s1", "disk.img"))
+	assert.ErrorContains(t, err, "Permission denied")
+	logs := m.logs.String()
+	assert.Contains(t, logs, "401")
+	assert.NotContains(t, logs, token)
+	assert.NotContains(t, logs, "other-token-only-the-server-knows")
+	assert.NotContains(t, logs, f.sim.Token())
+}
+
+// TestKubeVirtCertRotation: the export server's certificate changes under a
+// running mount; the client takes the new CA from the export status.
+func TestKubeVirtCertRotation(t *testing.T) {
+	f := newKVFixture(t)
+	f.addVM("vm-r", kubevirttest.VolumeSpec{Name: "root", Size: 16 * mib})
+	f.write("vm-r", "root", 0, 16*mib)
+	m := f.mount()
+	tool(t, "mkdir", m.path("vms", "vm-r", "snapshots", "s1"))
+	source := f.freeze("vm-r", "root")
+	disk := m.path("vms", "vm-r", "snapshots", "s1", "disk.img")
+	read := func(off int64) string {
+		return tool(t, "dd", "if="+disk, "bs=64K", "iflag=skip_bytes,count_bytes", fmt.Sprintf("skip=%d", off), "count=65536", "status=none")
+	}
+	assert.Equal(t, sha256Range(t, source, 0, 64*kib), sha256String(read(0)))
+	require.NoError(t, f.sim.RotateCert("s1"))
+	// Far from the first read, so neither cache holds it.
+	assert.Equal(t, sha256Range(t, source, 12*mib, 64*kib), sha256String(read(12*mib)))
+}
+
+// TestKubeVirtStandalone mounts one export with only its token and status,
+// as a user without API access does.
+func TestKubeVirtStandalone(t *testing.T) {
+	f := newKVFixture(t)
+	f.addVM("vm-s", kubevirttest.VolumeSpec{Name: "root", Size: 8 * mib})
+	f.write("vm-s", "root", 2*mib, 3*mib)
+	setup := f.mount()
+	tool(t, "mkdir", setup.path("vms", "vm-s", "snapshots", "s1"))
+	source := f.freeze("vm-s", "root")
+
+	status, err := f.sim.ExportStatus("s1")
+	require.NoError(t, err)
+	var st struct {
+		Links struct {
+			External struct {
+				Volumes []struct {
+					Formats []struct{ Format, URL string }
+				}
+			}
+		}
+	}
+	require.NoError(t, json.Unmarshal(status, &st))
+	raw := st.Links.External.Volumes[0].Formats[0].URL
+	exportURL := raw[:strings.Index(raw, "/volumes/")]
+	dir := t.TempDir()
+	statusFile, tokenFile := filepath.Join(dir, "status.json"), filepath.Join(dir, "token")
+	require.NoError(t, os.WriteFile(statusFile, status, 0o600))
+	token, err := f.sim.ExportToken("s1")
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(tokenFile, []byte(token), 0o600))
+
+	mnt := filepath.Join(t.TempDir(), "mnt")
+	require.NoError(t, os.Mkdir(mnt, 0o755))
+	m := startCommand(t, "-f", "--token-file", tokenFile, "--export-status", statusFile,
+		"--state-dir", f.stateDir, "--cache-dir", f.cacheDir, "kubevirt+"+exportURL, mnt)
+	m.dir = mnt
+	var found []string
+	require.NoError(t, filepath.Walk(mnt, func(p string, info os.FileInfo, err error) error {
+		if err == nil && info.Name() == "disk.img" {
+			found = append(found, p)
+		}
+		return err
+	}))
+	require.Len(t, found, 1, "one disk.img in the standalone tree")
+	copied := filepath.Join(t.TempDir(), "disk.img")
+	tool(t, "cp", "--sparse=always", found[0], copied)
+	assert.Equal(t, sha256File(t, source), sha256File(t, copied))
+}
