@@ -60,6 +60,7 @@ type block struct {
 	// because its stream closed, waiters retry instead of failing.
 	readahead bool
 	used      atomic.Bool // CLOCK reference bit
+	unread    atomic.Bool // read ahead and not read yet
 }
 
 // Cache is a block cache shared by all readers; safe for concurrent use.
@@ -190,6 +191,7 @@ func (c *Cache) copyOut(k blockKey, dst []byte, inBlock int64) (bool, *block) {
 	}
 	copy(dst, b.buf[inBlock:])
 	b.used.Store(true)
+	b.unread.Store(false)
 	c.mu.RUnlock()
 	return true, nil
 }
@@ -249,6 +251,7 @@ func (c *Cache) fetch(ctx context.Context, r *Reader, b *block) {
 		c.resident += int64(len(b.buf))
 		b.ready = true
 		b.used.Store(true)
+		b.unread.Store(b.readahead)
 		c.clock = append(c.clock, b)
 	}
 	close(b.done)
@@ -289,21 +292,25 @@ func (c *Cache) fill(ctx context.Context, r *Reader, b *block) error {
 	return nil
 }
 
-// evictLocked frees ready blocks until need more bytes fit in Capacity.
+// evictLocked frees ready blocks until need more bytes fit in Capacity. It
+// is CLOCK, except that a block read ahead and not yet read is passed over
+// while anything else can go: evicting it would mean fetching it twice.
 func (c *Cache) evictLocked(need int64) {
+	passes := 0
 	for c.resident+need > c.opts.Capacity && len(c.clock) > 0 {
 		if c.hand >= len(c.clock) {
 			c.hand = 0
+			passes++
 		}
 		b := c.clock[c.hand]
-		if b.used.Swap(false) {
+		if b.used.Swap(false) || (b.unread.Load() && passes < 2) {
 			c.hand++
 			continue
 		}
-		last := len(c.clock) - 1
-		c.clock[c.hand] = c.clock[last]
-		c.clock[last] = nil
-		c.clock = c.clock[:last]
+		// Remove in place so the order, and with it every block's
+		// second chance, is kept.
+		c.clock = append(c.clock[:c.hand], c.clock[c.hand+1:]...)
+		c.clock[len(c.clock):cap(c.clock)][0] = nil
 		delete(c.blocks, b.key)
 		c.freeLocked(b)
 		c.evictions.Add(1)
