@@ -41,6 +41,11 @@ func TestBadInvocations(t *testing.T) {
 		{"missing mountpoint", []string{"coriolis+https://h", filepath.Join(mnt, "nope")}, 1, "mountpoint"},
 		{"demo bad dataset", []string{"demo", "--dataset", "huge", mnt}, 2, "--dataset"},
 		{"extents no path", []string{"extents"}, 2, "usage"},
+		{"kubevirt standalone without token", []string{"-f", "kubevirt+https://h/virtualmachineexports/e", mnt}, 2, "--token-file"},
+		{"kubevirt bad path", []string{"-f", "kubevirt+https://h/nowhere", mnt}, 2, "/namespaces/NS"},
+		{"kubevirt token option", []string{"-o", "token=hunter2", "kubevirt+https://h/namespaces/n", mnt}, 2, "secrets are not accepted"},
+		{"kubevirt missing kubeconfig", []string{"-f", "--kubeconfig", "/nonexistent/kc", "kubevirt+https://h/namespaces/n", mnt}, 1, "kubeconfig"},
+		{"bad ready timeout", []string{"--ready-timeout", "0s", "kubevirt+https://h/namespaces/n", mnt}, 2, "--ready-timeout"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bytes"
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -175,6 +177,15 @@ func TestKubeVirtSnapshotsByDirectory(t *testing.T) {
 	assert.Equal(t, sha256File(t, root), sha256File(t, filepath.Join(snaps, "nightly", "root", "disk.img")))
 	assert.Equal(t, sha256File(t, data), sha256File(t, filepath.Join(snaps, "nightly", "data", "disk.img")))
 
+	// The in-cluster links serve the same bytes.
+	internal := f.mount("--kubevirt-internal")
+	assert.Equal(t, sha256File(t, data), sha256File(t, internal.path("vms", "vm-two", "snapshots", "nightly", "data", "disk.img")))
+
+	// An export of the VM itself shows as "live".
+	require.NoError(t, f.sim.CreateLiveExport("vm-two-export", "vm-two", "vm-two-export-token", "live-token"))
+	assert.Eventually(t, func() bool { return strings.Contains(tool(t, "ls", snaps), "live") }, 10*time.Second, 200*time.Millisecond)
+	assert.Equal(t, sha256File(t, f.ref("vm-two", "root")), sha256File(t, filepath.Join(snaps, "live", "root", "disk.img")))
+
 	_, err := toolErr("mkdir", filepath.Join(snaps, "Not_A_Label"))
 	assert.ErrorContains(t, err, "Invalid argument")
 	_, err = toolErr("mkdir", m.path("vms", "no-such-vm", "snapshots", "x"))
@@ -274,4 +285,19 @@ func TestKubeVirtStandalone(t *testing.T) {
 	copied := filepath.Join(t.TempDir(), "disk.img")
 	tool(t, "cp", "--sparse=always", found[0], copied)
 	assert.Equal(t, sha256File(t, source), sha256File(t, copied))
+}
+
+// TestKubeVirtBadCredentials: a kubeconfig whose token the API server
+// rejects fails the mount with a message that does not echo the token.
+func TestKubeVirtBadCredentials(t *testing.T) {
+	f := newKVFixture(t)
+	kc := strings.ReplaceAll(string(f.sim.Kubeconfig()), f.sim.Token(), "rejected-token-4711")
+	require.NotEqual(t, string(f.sim.Kubeconfig()), kc)
+	bad := filepath.Join(t.TempDir(), "kubeconfig")
+	require.NoError(t, os.WriteFile(bad, []byte(kc), 0o600))
+	var stdout, stderr bytes.Buffer
+	code := run(context.Background(), []string{"-f", "--kubeconfig", bad, f.source(), t.TempDir()}, &stdout, &stderr)
+	assert.Equal(t, 1, code)
+	assert.Contains(t, stderr.String(), "connect to kubevirt")
+	assert.NotContains(t, stderr.String(), "rejected-token-4711")
 }

@@ -37,6 +37,7 @@ type mountConfig struct {
 	// KubeVirt.
 	kubeconfig, tokenFile, exportStatus string
 	kubevirtInternal                    bool
+	readyTimeout                        time.Duration
 	kubevirtVolumes                     []string
 
 	cacheSize         int64
@@ -59,6 +60,7 @@ func newMountFlags(cfg *mountConfig, cacheSize *string, opts *[]string) *pflag.F
 	f.BoolVar(&cfg.insecureSkipVerify, "insecure-skip-tls-verify", false, "DANGEROUS: do not verify the platform's TLS certificate")
 	f.StringVar(&cfg.kubeconfig, "kubeconfig", "", "KubeVirt: kubeconfig for the API server's token and CA (default $KUBECONFIG, then ~/.kube/config)")
 	f.BoolVar(&cfg.kubevirtInternal, "kubevirt-internal", false, "KubeVirt: use the exports' in-cluster links instead of the external ones")
+	f.DurationVar(&cfg.readyTimeout, "ready-timeout", 2*time.Minute, "KubeVirt: how long mkdir waits for the snapshot and its export to be Ready")
 	f.StringVar(&cfg.tokenFile, "token-file", "", "KubeVirt standalone: file holding the export token")
 	f.StringVar(&cfg.exportStatus, "export-status", "", "KubeVirt standalone: file with the export's status (kubectl get vmexport NAME -o yaml); re-read on certificate errors")
 	f.StringArrayVar(&cfg.kubevirtVolumes, "kubevirt-volume", nil, "KubeVirt standalone without --export-status: a volume name of the export (repeatable)")
@@ -111,8 +113,8 @@ func parseMountArgs(args []string) (mountConfig, error) {
 	if cfg.retries < 1 || cfg.retries > 100 {
 		return cfg, fmt.Errorf("%w: --retries %d: want 1 to 100", errUsage, cfg.retries)
 	}
-	if cfg.readTimeout <= 0 || cfg.listTTL < 0 {
-		return cfg, fmt.Errorf("%w: --read-timeout must be positive and --list-ttl not negative", errUsage)
+	if cfg.readTimeout <= 0 || cfg.listTTL < 0 || cfg.readyTimeout <= 0 {
+		return cfg, fmt.Errorf("%w: --read-timeout and --ready-timeout must be positive and --list-ttl not negative", errUsage)
 	}
 	if _, err := parseLogLevel(cfg.logLevel); err != nil {
 		return cfg, fmt.Errorf("%w: %v", errUsage, err)

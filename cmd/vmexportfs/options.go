@@ -31,7 +31,7 @@ var flagOptions = map[string]bool{
 	"username": true, "password-file": true, "ca-file": true, "cache-size": true,
 	"state-dir": true, "cache-dir": true, "list-ttl": true, "log-level": true, "log-file": true,
 	"read-timeout": true, "retries": true,
-	"kubeconfig": true, "token-file": true, "export-status": true, "kubevirt-internal": true, "kubevirt-volume": true,
+	"kubeconfig": true, "token-file": true, "export-status": true, "kubevirt-internal": true, "kubevirt-volume": true, "ready-timeout": true,
 }
 
 // secretOptions must never be given on a command line: argv is world-readable

@@ -105,12 +105,13 @@ func openKubevirt(ctx context.Context, cfg mountConfig, u *url.URL, logger *slog
 		})
 	}
 	src, err := kubevirt.New(kubevirt.Config{
-		APIServer:  su.APIServer,
-		Namespace:  su.Namespace,
-		Kubeconfig: cfg.kubeconfig,
-		Internal:   cfg.kubevirtInternal,
-		Policy:     cfg.policy(),
-		Logger:     logger,
+		APIServer:    su.APIServer,
+		Namespace:    su.Namespace,
+		Kubeconfig:   cfg.kubeconfig,
+		Internal:     cfg.kubevirtInternal,
+		ReadyTimeout: cfg.readyTimeout,
+		Policy:       cfg.policy(),
+		Logger:       logger,
 	})
 	if err != nil {
 		return nil, err
