@@ -51,22 +51,26 @@ func (d *diskFiles) names(ctx context.Context) []string {
 	if !raw.TracksChanges(ctx) {
 		return names
 	}
-	for _, b := range d.bases(ctx) {
+	bases, err := d.bases(ctx)
+	if err != nil {
+		d.st.log.Warn("fs: listing deltas failed; showing the other files", "dir", d.dir, "err", err)
+	}
+	for _, b := range bases {
 		names = append(names, deltaPrefix+b.name+deltaSuffix)
 	}
 	return names
 }
 
 // bases are the shown snapshots older than this one that hold the same disk.
-func (d *diskFiles) bases(ctx context.Context) []*snapEntry {
+func (d *diskFiles) bases(ctx context.Context) ([]*snapEntry, error) {
 	l, err := d.st.listSnapshots(ctx, d.vm)
 	if err != nil {
-		return nil
+		return nil, err
 	}
 	var out []*snapEntry
 	for _, e := range l.entries {
 		if e.snap.ID == d.e.snap.ID {
-			return out
+			return out, nil
 		}
 		for _, info := range e.snap.Disks {
 			if info.ID == d.disk.info.ID {
@@ -75,7 +79,7 @@ func (d *diskFiles) bases(ctx context.Context) []*snapEntry {
 			}
 		}
 	}
-	return nil // not listed any more: no bases to offer
+	return nil, nil // not listed any more: no bases to offer
 }
 
 func (d *diskFiles) readdir(ctx context.Context) gofs.DirStream {
@@ -102,8 +106,11 @@ func (d *diskFiles) lookup(ctx context.Context, parent *gofs.Inode, name string,
 		}
 		v = newDynamicVHDView(raw)
 	case strings.HasPrefix(name, deltaPrefix) && strings.HasSuffix(name, deltaSuffix):
-		baseID, parentName, ok := d.resolveBase(ctx, strings.TrimSuffix(strings.TrimPrefix(name, deltaPrefix), deltaSuffix))
-		if !ok || !d.vhdFits(ctx, raw) || !raw.TracksChanges(ctx) {
+		baseID, parentName, err := d.resolveBase(ctx, strings.TrimSuffix(strings.TrimPrefix(name, deltaPrefix), deltaSuffix))
+		if err != nil {
+			return nil, d.st.toErrno(ctx, "lookup", path.Join(d.dir, name), err)
+		}
+		if baseID == "" || !d.vhdFits(ctx, raw) || !raw.TracksChanges(ctx) {
 			return nil, syscall.ENOENT
 		}
 		v = newDeltaVHDView(raw, baseID, parentName)
@@ -138,24 +145,29 @@ func (d *diskFiles) lookup(ctx context.Context, parent *gofs.Inode, name string,
 	return ch, 0
 }
 
-// resolveBase finds a delta's base by shown name or id. A listed base must be
-// older than this snapshot; an unlisted id is left to the backend to judge.
-func (d *diskFiles) resolveBase(ctx context.Context, base string) (id, parentName string, ok bool) {
+// resolveBase finds a delta's base by shown name or id; "" when there is no
+// such base. A listed base must be older than this snapshot; an unlisted id
+// is left to the backend to judge.
+func (d *diskFiles) resolveBase(ctx context.Context, base string) (id, parentName string, err error) {
 	if base == "" || nameProblem(base) != "" {
-		return "", "", false
+		return "", "", nil
 	}
 	l, err := d.st.listSnapshots(ctx, d.vm)
 	if err != nil {
-		return "", "", false
+		return "", "", err
 	}
 	id, shown := base, base
 	if e := l.lookup(base); e != nil {
+		bases, err := d.bases(ctx)
+		if err != nil {
+			return "", "", err
+		}
 		older := false
-		for _, b := range d.bases(ctx) {
+		for _, b := range bases {
 			older = older || b == e
 		}
 		if !older {
-			return "", "", false
+			return "", "", nil
 		}
 		id, shown = e.snap.ID, e.name
 	}
@@ -163,5 +175,5 @@ func (d *diskFiles) resolveBase(ctx context.Context, base string) (id, parentNam
 	if d.multi {
 		parentName = shown + "-" + d.disk.name + ".vhd"
 	}
-	return id, parentName, true
+	return id, parentName, nil
 }

@@ -151,7 +151,9 @@ func (st *state) toErrno(ctx context.Context, op, path string, err error) syscal
 	switch {
 	case err == nil:
 		return 0
-	case errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil:
+	case ctx.Err() != nil:
+		// The kernel gave up on the request (the reader was
+		// interrupted); a deadline inside the backend is a fault, not this.
 		return syscall.EINTR
 	case errors.Is(err, backend.ErrNotFound):
 		return syscall.ENOENT

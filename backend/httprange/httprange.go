@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/vmexportfs/vmexportfs/backend"
@@ -65,6 +66,11 @@ type Client struct {
 	Auth   Authorizer // nil: no auth
 	Policy Policy
 	Logger *slog.Logger
+
+	// accepted records that the server has taken our credentials at least
+	// once: 401s that outlast the retries after that are an outage (EIO),
+	// before it a refusal (EACCES).
+	accepted atomic.Bool
 }
 
 // errorBodyLimit bounds how much of a server's error answer goes into an error.
@@ -136,18 +142,27 @@ func (c *Client) retry(ctx context.Context, opName func() string, attempt func(c
 		case final:
 			return fmt.Errorf("%s: %w", op, last)
 		case unauthorized:
-			if renewed || c.Auth == nil {
+			if c.Auth == nil {
 				return fmt.Errorf("%s: %w", op, last)
 			}
-			renewed = true
 			c.logger().Warn("httprange: renewing credentials after 401", "op", op)
 			if err := c.Auth.Renew(ctx); err != nil {
-				return fmt.Errorf("%s: renew credentials: %w", op, err)
+				// Credentials that worked a moment ago being refused is
+				// more often a passing storm than a revocation: retry
+				// within the budget, then fail as a permission error.
+				last = &attemptError{kind: unauthorized, err: fmt.Errorf("renew credentials: %w", err)}
+				break
 			}
-			try-- // the renewal, not the server, was at fault
-			continue
+			if !renewed {
+				renewed = true
+				try-- // the first renewal is expected (a token expired), not a fault
+				continue
+			}
 		}
 		c.logger().Warn("httprange: retrying", "op", op, "attempt", try+1, "of", pol.Attempts, "fault", last.Error())
+	}
+	if last.kind == unauthorized && c.accepted.Load() {
+		return fmt.Errorf("%s: %w after %d attempts: credentials that worked before refused (401 storm): %v", op, backend.ErrUnavailable, pol.Attempts, last)
 	}
 	return fmt.Errorf("%s: %w after %d attempts: %w", op, backend.ErrUnavailable, pol.Attempts, last)
 }
@@ -167,6 +182,9 @@ func (c *Client) send(ctx context.Context, req *http.Request) (*http.Response, *
 			kind = retryable
 		}
 		return nil, &attemptError{kind: kind, err: fmt.Errorf("%w: %w", backend.ErrUnavailable, err)}
+	}
+	if c.Auth != nil && resp.StatusCode != http.StatusUnauthorized && resp.StatusCode != http.StatusForbidden {
+		c.accepted.Store(true)
 	}
 	return resp, nil
 }
