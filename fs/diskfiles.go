@@ -35,30 +35,44 @@ func (d *diskFiles) raw() *rawView {
 	return &rawView{st: d.st, ref: backend.DiskRef{VM: d.vm, Snapshot: d.e.snap.ID, Disk: d.disk.info.ID}}
 }
 
-// vhdFits reports whether the disk can be a VHD at all (2040 GiB at most).
-func (d *diskFiles) vhdFits(ctx context.Context, raw *rawView) bool {
-	size, err := raw.Size(ctx)
-	return err == nil && size <= vhdview.MaxSize
+// vhdPossible answers whether a VHD (a delta when delta) of the disk exists:
+// ENOENT when the format or the backend cannot have it, the backend's errno
+// when the disk cannot be opened to tell.
+func (d *diskFiles) vhdPossible(ctx context.Context, raw *rawView, delta bool) syscall.Errno {
+	disk, err := d.st.disk(ctx, raw.ref)
+	if err != nil {
+		return d.st.toErrno(ctx, "lookup", d.dir, err)
+	}
+	if disk.Size() > vhdview.MaxSize {
+		return syscall.ENOENT
+	}
+	if _, tracks := disk.(backend.ChangeTracker); delta && !tracks {
+		return syscall.ENOENT
+	}
+	return 0
 }
 
-func (d *diskFiles) names(ctx context.Context) []string {
+func (d *diskFiles) names(ctx context.Context) ([]string, error) {
 	names := []string{diskFileName, gzipFileName}
-	raw := d.raw()
-	if !d.vhdFits(ctx, raw) {
-		return names
+	disk, err := d.st.disk(ctx, d.raw().ref)
+	if err != nil {
+		return nil, err
+	}
+	if disk.Size() > vhdview.MaxSize {
+		return names, nil
 	}
 	names = append(names, vhdFileName)
-	if !raw.TracksChanges(ctx) {
-		return names
+	if _, tracks := disk.(backend.ChangeTracker); !tracks {
+		return names, nil
 	}
 	bases, err := d.bases(ctx)
 	if err != nil {
-		d.st.log.Warn("fs: listing deltas failed; showing the other files", "dir", d.dir, "err", err)
+		return nil, err
 	}
 	for _, b := range bases {
 		names = append(names, deltaPrefix+b.name+deltaSuffix)
 	}
-	return names
+	return names, nil
 }
 
 // bases are the shown snapshots older than this one that hold the same disk.
@@ -82,13 +96,16 @@ func (d *diskFiles) bases(ctx context.Context) ([]*snapEntry, error) {
 	return nil, nil // not listed any more: no bases to offer
 }
 
-func (d *diskFiles) readdir(ctx context.Context) gofs.DirStream {
-	names := d.names(ctx)
+func (d *diskFiles) readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {
+	names, err := d.names(ctx)
+	if err != nil {
+		return nil, d.st.toErrno(ctx, "readdir", d.dir, err)
+	}
 	es := make([]fuse.DirEntry, 0, len(names))
 	for _, n := range names {
 		es = append(es, fuse.DirEntry{Name: n, Mode: syscall.S_IFREG})
 	}
-	return gofs.NewListDirStream(es)
+	return gofs.NewListDirStream(es), 0
 }
 
 func (d *diskFiles) lookup(ctx context.Context, parent *gofs.Inode, name string, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
@@ -101,8 +118,8 @@ func (d *diskFiles) lookup(ctx context.Context, parent *gofs.Inode, name string,
 	case name == gzipFileName:
 		v = newGzipView(raw, d.st.cacheDir)
 	case name == vhdFileName:
-		if !d.vhdFits(ctx, raw) {
-			return nil, syscall.ENOENT
+		if errno := d.vhdPossible(ctx, raw, false); errno != 0 {
+			return nil, errno
 		}
 		v = newDynamicVHDView(raw)
 	case strings.HasPrefix(name, deltaPrefix) && strings.HasSuffix(name, deltaSuffix):
@@ -110,8 +127,11 @@ func (d *diskFiles) lookup(ctx context.Context, parent *gofs.Inode, name string,
 		if err != nil {
 			return nil, d.st.toErrno(ctx, "lookup", path.Join(d.dir, name), err)
 		}
-		if baseID == "" || !d.vhdFits(ctx, raw) || !raw.TracksChanges(ctx) {
+		if baseID == "" {
 			return nil, syscall.ENOENT
+		}
+		if errno := d.vhdPossible(ctx, raw, true); errno != 0 {
+			return nil, errno
 		}
 		v = newDeltaVHDView(raw, baseID, parentName)
 		identity = deltaPrefix + "\x00" + baseID + "\x00" + parentName

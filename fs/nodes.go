@@ -249,7 +249,7 @@ func (n *snapDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (
 func (n *snapDir) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {
 	disks := n.st.disksOf(n.vm, n.e.snap)
 	if len(disks) == 1 {
-		return n.files(disks[0], false).readdir(ctx), 0
+		return n.files(disks[0], false).readdir(ctx)
 	}
 	es := make([]fuse.DirEntry, 0, len(disks))
 	for _, d := range disks {
@@ -287,7 +287,7 @@ func (n *diskDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (
 }
 
 func (n *diskDir) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {
-	return n.files.readdir(ctx), 0
+	return n.files.readdir(ctx)
 }
 
 func (n *diskDir) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
