@@ -99,6 +99,9 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 	if err := c.auth.Renew(ctx); err != nil {
 		return nil, err
 	}
+	// The login proved the credentials: later 401s are a server hiccup
+	// (retried, then EIO), not a refusal.
+	c.http.CredentialsAccepted()
 	return c, nil
 }
 

@@ -73,6 +73,10 @@ type Client struct {
 	accepted atomic.Bool
 }
 
+// CredentialsAccepted tells the client that its credentials are known good
+// (a login with them succeeded), as a successful request would.
+func (c *Client) CredentialsAccepted() { c.accepted.Store(true) }
+
 // errorBodyLimit bounds how much of a server's error answer goes into an error.
 const errorBodyLimit = 512
 

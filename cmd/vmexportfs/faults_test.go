@@ -117,4 +117,3 @@ func containsAny(s string, words []string) bool {
 	}
 	return false
 }
-
