@@ -45,8 +45,12 @@ func Mount(dir string, root *Root, mo MountOptions) (*fuse.Server, error) {
 			// Reads are answered from memory: splicing them through a pipe
 			// buys nothing and fails for 1 MiB replies (pipe-max-size).
 			DisableSplice: true,
-			MaxReadAhead:  mo.ReadAheadKB << 10,
-			DirectMount:   os.Geteuid() == 0, // falls back to fusermount3
+			// READDIRPLUS would look up every entry a readdir returns:
+			// `ls` or `find` would then size every disk.img.gz (compressing
+			// it) and open every delta. Plain readdir leaves that to stat.
+			DisableReadDirPlus: true,
+			MaxReadAhead:       mo.ReadAheadKB << 10,
+			DirectMount:        os.Geteuid() == 0, // falls back to fusermount3
 			// The kernel checks modes, so 0444/0555 hold for every user.
 			Options: []string{"default_permissions"},
 		},

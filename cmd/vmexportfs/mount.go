@@ -148,18 +148,24 @@ func splitSource(source string) (platform string, u *url.URL, err error) {
 
 // checkMountpoint fails early on a mountpoint that cannot be used.
 func checkMountpoint(dir string) error {
+	// The kernel may answer the stat from its cache even when the FUSE
+	// server behind it is dead; the readdir cannot be.
+	dead := func(err error) error {
+		if errors.Is(err, syscall.ENOTCONN) {
+			return fmt.Errorf("mountpoint %s: a dead FUSE mount is still there; run: fusermount3 -u %s", dir, dir)
+		}
+		return fmt.Errorf("mountpoint: %w", err)
+	}
 	st, err := os.Stat(dir)
 	switch {
-	case errors.Is(err, syscall.ENOTCONN):
-		return fmt.Errorf("mountpoint %s: a dead FUSE mount is still there; run: fusermount3 -u %s", dir, dir)
 	case err != nil:
-		return fmt.Errorf("mountpoint: %w", err)
+		return dead(err)
 	case !st.IsDir():
 		return fmt.Errorf("mountpoint %s: not a directory", dir)
 	}
 	entries, err := os.ReadDir(dir)
 	if err != nil {
-		return fmt.Errorf("mountpoint: %w", err)
+		return dead(err)
 	}
 	if len(entries) > 0 {
 		return fmt.Errorf("mountpoint %s: not empty", dir)

@@ -1,0 +1,212 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vmexportfs/vmexportfs/backend/coriolis/coriolistest"
+)
+
+const simPassword = "s3cr3t-pa55word" // newFixture's
+
+// TestSecretsNeverLeak runs a mount with every log enabled through logins,
+// a token renewal and failures, then greps everything a user or another
+// user on the machine can see for the password and any JWT.
+func TestSecretsNeverLeak(t *testing.T) {
+	f := newFixture(t, coriolistest.Options{TokenTTL: time.Second})
+	f.addVM("vm-sec", "sec", coriolistest.DiskSpec{Name: "s.img", Device: "xvda", Size: 4 * mib})
+	f.write("vm-sec", "s.img", 0, 1*mib)
+	sid := f.snapshot("vm-sec")
+	later := f.snapshot("vm-sec")
+	m := f.mount("--log-level", "debug", "--debug")
+	disk := m.path("vms", "vm-sec", "snapshots", sid, "disk.img")
+	tool(t, "cat", disk)
+	time.Sleep(1500 * time.Millisecond) // the token expires: the next request renews it
+	tool(t, "cat", m.path("vms", "vm-sec", "snapshots", later, "disk.img"))
+	tool(t, "getfattr", "-d", "-m", "-", disk)
+	_, _ = toolErr("cat", m.path("vms", "vm-sec", "snapshots", "no-such", "disk.img"))
+
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", m.cmd.Process.Pid))
+	require.NoError(t, err)
+	environ, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", m.cmd.Process.Pid))
+	require.NoError(t, err)
+	m.stop(t)
+	seen := map[string]string{"logs": m.logs.String(), "cmdline": string(cmdline), "environ": string(environ)}
+	require.GreaterOrEqual(t, strings.Count(seen["logs"], "coriolis: logged in"), 2, "the test must exercise a renewal")
+
+	// A wrong password and a bad CA: the messages users get.
+	wrong := filepath.Join(t.TempDir(), "pw")
+	require.NoError(t, os.WriteFile(wrong, []byte("hunter2-wrong\n"), 0o600))
+	out, _ := runTool(os.Args[0], []string{"-f", "--username", "admin", "--password-file", wrong, "--ca-file", f.sim.CAFile(),
+		"coriolis+" + f.sim.URL(), t.TempDir()}, asCommandEnv+"=1")
+	seen["wrong password"] = out
+	_, err = runTool(os.Args[0], []string{"-f", "--username", "admin", "--password-file", f.passwordFile,
+		"coriolis+" + f.sim.URL(), t.TempDir()}, asCommandEnv+"=1")
+	require.Error(t, err)
+	seen["untrusted CA"] = err.Error()
+
+	for where, text := range seen {
+		assert.NotContains(t, text, simPassword, where)
+		assert.NotContains(t, text, "hunter2-wrong", where)
+		assert.NotContains(t, text, "eyJ", where+": looks like a JWT") // base64 of `{"`
+	}
+}
+
+// TestAccessModes: the default mount is its user's alone; modes are
+// read-only except snapshots/; the state and cache directories are private.
+func TestAccessModes(t *testing.T) {
+	requireTools(t, "setpriv", "stat")
+	f := newFixture(t, coriolistest.Options{})
+	f.addVM("vm-p", "p", coriolistest.DiskSpec{Name: "p.img", Device: "xvda", Size: 4 * mib})
+	sid := f.snapshot("vm-p")
+	m := f.mount()
+	mode := func(parts ...string) string {
+		return strings.TrimSpace(tool(t, "stat", "-c", "%a", m.path(parts...)))
+	}
+	assert.Equal(t, "555", mode())
+	assert.Equal(t, "555", mode("vms"))
+	assert.Equal(t, "555", mode("vms", "vm-p"))
+	assert.Equal(t, "755", mode("vms", "vm-p", "snapshots"))
+	assert.Equal(t, "555", mode("vms", "vm-p", "snapshots", sid))
+	for _, name := range []string{"disk.img", "disk.img.gz", "disk.vhd"} {
+		assert.Equal(t, "444", mode("vms", "vm-p", "snapshots", sid, name), name)
+	}
+	_, err := toolErr("touch", m.path("vms", "vm-p", "snapshots", sid, "new"))
+	assert.ErrorContains(t, err, "Read-only file system")
+
+	for _, dir := range []string{f.stateDir, f.cacheDir} {
+		entries, err := os.ReadDir(dir)
+		require.NoError(t, err)
+		require.NotEmpty(t, entries)
+		for _, e := range entries {
+			info, err := os.Stat(filepath.Join(dir, e.Name()))
+			require.NoError(t, err)
+			assert.Equal(t, os.FileMode(0o700), info.Mode().Perm(), "%s/%s", dir, e.Name())
+		}
+	}
+
+	// Another user cannot even look, unless allow_other was asked for.
+	// The mountpoints' parents are open to all, so only FUSE can refuse.
+	publicMount := func(extra ...string) string {
+		dir, err := os.MkdirTemp("", "vmexportfs-access-")
+		require.NoError(t, err)
+		require.NoError(t, os.Chmod(dir, 0o755))
+		t.Cleanup(func() { os.Remove(dir) })
+		m := startCommand(t, append(append(append([]string{"-f"}, f.mountArgs()...), extra...), "coriolis+"+f.sim.URL(), dir)...)
+		m.dir = dir
+		return dir
+	}
+	private, shared := publicMount(), publicMount("--allow-other")
+	asNobody := func(dir string) (string, error) {
+		return toolErr("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "ls", filepath.Join(dir, "vms"))
+	}
+	_, err = asNobody(private)
+	assert.ErrorContains(t, err, "Permission denied")
+	out, err := asNobody(shared)
+	require.NoError(t, err)
+	assert.Contains(t, out, "vm-p")
+}
+
+// TestSignalsDuringCopy: SIGTERM, SIGINT and fusermount3 -u while a copy
+// runs all end the daemon cleanly and free the mountpoint.
+func TestSignalsDuringCopy(t *testing.T) {
+	requireTools(t, "fusermount3")
+	f, sid, _ := copyFixture(t)
+	for _, stop := range []string{"SIGTERM", "SIGINT", "fusermount3 -u"} {
+		t.Run(stop, func(t *testing.T) {
+			m := f.mount()
+			cp := exec.Command("cp", m.path("vms", "vm-copy", "snapshots", sid, "disk.img"), filepath.Join(t.TempDir(), "copy"))
+			require.NoError(t, cp.Start())
+			time.Sleep(50 * time.Millisecond)
+			switch stop {
+			case "SIGTERM":
+				require.NoError(t, m.cmd.Process.Signal(syscall.SIGTERM))
+			case "SIGINT":
+				require.NoError(t, m.cmd.Process.Signal(syscall.SIGINT))
+			default:
+				_, _ = toolErr("fusermount3", "-u", "-z", m.dir)
+			}
+			_ = cp.Wait() // finishes or fails; it must not hang
+			select {
+			case <-m.done:
+			case <-time.After(15 * time.Second):
+				t.Fatal("daemon still running 15 s after", stop)
+			}
+			assert.True(t, m.cmd.ProcessState.Success(), "daemon exit: %v\n%s", m.cmd.ProcessState, m.logs.String())
+			mounts, err := os.ReadFile("/proc/self/mountinfo")
+			require.NoError(t, err)
+			assert.NotContains(t, string(mounts), " "+m.dir+" ")
+		})
+	}
+}
+
+// TestKill9ThenRemount: after kill -9 the mountpoint is dead until
+// fusermount3 -u; then a new mount works there and the names are intact.
+func TestKill9ThenRemount(t *testing.T) {
+	requireTools(t, "fusermount3")
+	f := newFixture(t, coriolistest.Options{})
+	f.addVM("vm-k", "k", coriolistest.DiskSpec{Name: "k.img", Device: "xvda", Size: 4 * mib})
+	m := f.mount()
+	t.Cleanup(func() { _, _ = toolErr("fusermount3", "-u", "-z", m.dir) })
+	tool(t, "mkdir", m.path("vms", "vm-k", "snapshots", "keep"))
+	require.NoError(t, m.cmd.Process.Kill())
+	<-m.done
+	_, err := os.ReadDir(m.path("vms")) // a stat could be answered from the kernel's cache
+	require.Error(t, err)
+	assert.True(t, errors.Is(err, syscall.ENOTCONN), "dead mount: %v", err)
+
+	// A new mount refuses the dead mountpoint with the fix in its message.
+	out, err := runTool(os.Args[0], append(f.mountArgs(), "-f", "coriolis+"+f.sim.URL(), m.dir), asCommandEnv+"=1")
+	require.Error(t, err, out)
+	assert.Contains(t, err.Error()+out, "fusermount3 -u")
+
+	tool(t, "fusermount3", "-u", m.dir)
+	again := startCommand(t, append(append([]string{"-f"}, f.mountArgs()...), "coriolis+"+f.sim.URL(), m.dir)...)
+	again.dir = m.dir
+	assert.Contains(t, tool(t, "ls", again.path("vms", "vm-k", "snapshots")), "keep")
+	ids, err := f.sim.Snapshots("vm-k")
+	require.NoError(t, err)
+	assert.Len(t, ids, 1)
+}
+
+// TestManyVMs walks a simulator with many VMs and snapshots with find and
+// reports how many backend listings that cost.
+func TestManyVMs(t *testing.T) {
+	vms, snaps := 1000, 10
+	if v := os.Getenv("VMEXPORTFS_MANY_VMS"); v != "" {
+		n, err := strconv.Atoi(v)
+		require.NoError(t, err)
+		vms = n
+	}
+	f := newFixture(t, coriolistest.Options{})
+	for i := range vms {
+		id := fmt.Sprintf("vm-%04d", i)
+		f.addVM(id, id, coriolistest.DiskSpec{Name: "d.img", Device: "xvda", Size: 1 * mib})
+		for range snaps {
+			f.snapshot(id)
+		}
+	}
+	m := f.mount()
+	f.sim.ResetStats()
+	start := time.Now()
+	out := tool(t, "sh", "-c", `find "$1" -name disk.img | wc -l`, "sh", m.path("vms"))
+	took := time.Since(start)
+	assert.Equal(t, strconv.Itoa(vms*snaps), strings.TrimSpace(out))
+	st := f.sim.Stats()
+	t.Logf("find over %d VMs × %d snapshots: %v, %d API requests (%.2f per snapshot), %d logins",
+		vms, snaps, took.Round(time.Millisecond), st.APIRequests, float64(st.APIRequests)/float64(vms*snaps), st.Logins)
+	// One VM listing, one snapshot listing per VM, and per snapshot at most
+	// the open of its disk (snapshot GET + HEAD).
+	assert.LessOrEqual(t, st.APIRequests, int64(1+vms+2*vms*snaps))
+}
