@@ -105,6 +105,14 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 	return c, nil
 }
 
+// CloseIdleConnections lets an unmounted client go without leaving kept-alive
+// connections (and their goroutines) behind.
+func (c *Client) CloseIdleConnections() {
+	if c.http.HTTP != nil {
+		c.http.HTTP.CloseIdleConnections()
+	}
+}
+
 // route builds /api/v1/<segments...>, escaping each segment so hostile ids
 // cannot change the path.
 func (c *Client) route(segments ...string) string {

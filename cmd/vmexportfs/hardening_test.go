@@ -1,13 +1,17 @@
 package main
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -209,4 +213,111 @@ func TestManyVMs(t *testing.T) {
 	// One VM listing, one snapshot listing per VM, and per snapshot at most
 	// the open of its disk (snapshot GET + HEAD).
 	assert.LessOrEqual(t, st.APIRequests, int64(1+vms+2*vms*snaps))
+}
+
+// TestLoad: 64 readers at random offsets of 16 files for a while (60 s in the
+// full run, VMEXPORTFS_LOAD_SECONDS; 15 s by default) through a 32 MiB
+// cache: every read checked against the source, memory bounded, and the
+// daemon's goroutines back to their count at mount time after unmount.
+func TestLoad(t *testing.T) {
+	seconds := 15
+	if v := os.Getenv("VMEXPORTFS_LOAD_SECONDS"); v != "" {
+		n, err := strconv.Atoi(v)
+		require.NoError(t, err)
+		seconds = n
+	}
+	f := newFixture(t, coriolistest.Options{})
+	type file struct{ path, source string }
+	var files []file
+	const size = 24 * mib
+	for v := range 8 {
+		vm := fmt.Sprintf("vm-l%d", v)
+		f.addVM(vm, vm, coriolistest.DiskSpec{Name: "l.img", Device: "xvda", Size: size})
+		for range 2 {
+			for range 4 {
+				off := f.rng.Uint64() % uint64(size-2*mib)
+				f.write(vm, "l.img", int64(off)/(64*kib)*(64*kib), 2*mib)
+			}
+			sid := f.snapshot(vm)
+			files = append(files, file{filepath.Join("vms", vm, "snapshots", sid, "disk.img"), f.source(vm, sid, "l.img")})
+		}
+	}
+	m := f.mount("--cache-size", "32M")
+	deadline := time.Now().Add(time.Duration(seconds) * time.Second)
+	var reads, failures atomic.Int64
+	var wg sync.WaitGroup
+	for r := range 64 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(r), 99))
+			buf, want := make([]byte, 1*mib), make([]byte, 1*mib)
+			for time.Now().Before(deadline) {
+				fl := files[rng.IntN(len(files))]
+				n := 1 + rng.Int64N(1*mib)
+				off := rng.Int64N(size - n)
+				if err := readAt(m.path(fl.path), buf[:n], off); err != nil {
+					failures.Add(1)
+					t.Errorf("reader %d: %v", r, err)
+					return
+				}
+				if err := readAt(fl.source, want[:n], off); err != nil {
+					t.Error(err)
+					return
+				}
+				if !bytes.Equal(buf[:n], want[:n]) {
+					failures.Add(1)
+					t.Errorf("reader %d: WRONG BYTES at %s %d+%d", r, fl.path, off, n)
+					return
+				}
+				reads.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", m.cmd.Process.Pid))
+	require.NoError(t, err)
+	var hwmKiB int64
+	for _, line := range strings.Split(string(status), "\n") {
+		if rest, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			hwmKiB, _ = strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
+		}
+	}
+	m.stop(t)
+	atMount, afterUnmount := logInt(t, m.logs.String(), "msg=mounted", "goroutines"), logInt(t, m.logs.String(), "msg=unmounted", "goroutines")
+	t.Logf("%d s: %d checked reads by 64 readers over %d files, %d failures; peak RSS %d MiB with a 32 MiB cache; goroutines %d at mount, %d after unmount",
+		seconds, reads.Load(), len(files), failures.Load(), hwmKiB/1024, atMount, afterUnmount)
+	assert.Zero(t, failures.Load())
+	assert.Positive(t, reads.Load())
+	assert.LessOrEqual(t, hwmKiB/1024, int64(200), "peak RSS MiB")
+	assert.LessOrEqual(t, afterUnmount, atMount+2, "goroutines left after unmount")
+}
+
+func readAt(path string, p []byte, off int64) error {
+	fh, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer fh.Close()
+	_, err = fh.ReadAt(p, off)
+	return err
+}
+
+// logInt finds key=<int> on the first log line containing marker.
+func logInt(t *testing.T, logs, marker, key string) int {
+	t.Helper()
+	for _, line := range strings.Split(logs, "\n") {
+		if !strings.Contains(line, marker) {
+			continue
+		}
+		for _, field := range strings.Fields(line) {
+			if v, ok := strings.CutPrefix(field, key+"="); ok {
+				n, err := strconv.Atoi(v)
+				require.NoError(t, err)
+				return n
+			}
+		}
+	}
+	t.Fatalf("no %s with %s in the log:\n%s", marker, key, logs)
+	return 0
 }
