@@ -13,6 +13,10 @@ import (
 	"github.com/vmexportfs/vmexportfs/fs/vhdview"
 )
 
+// gzipMaxSize bounds disk.img.gz to disks whose member index (8 bytes per
+// 4 MiB) stays small: 16 TiB gives 32 MiB.
+const gzipMaxSize = 16 << 40
+
 const (
 	gzipFileName = "disk.img.gz"
 	vhdFileName  = "disk.vhd"
@@ -53,10 +57,13 @@ func (d *diskFiles) vhdPossible(ctx context.Context, raw *rawView, delta bool) s
 }
 
 func (d *diskFiles) names(ctx context.Context) ([]string, error) {
-	names := []string{diskFileName, gzipFileName}
+	names := []string{diskFileName}
 	disk, err := d.st.disk(ctx, d.raw().ref)
 	if err != nil {
 		return nil, err
+	}
+	if disk.Size() <= gzipMaxSize {
+		names = append(names, gzipFileName)
 	}
 	if disk.Size() > vhdview.MaxSize {
 		return names, nil
@@ -116,6 +123,13 @@ func (d *diskFiles) lookup(ctx context.Context, parent *gofs.Inode, name string,
 	case name == diskFileName:
 		v = raw
 	case name == gzipFileName:
+		disk, err := d.st.disk(ctx, raw.ref)
+		if err != nil {
+			return nil, d.st.toErrno(ctx, "lookup", path.Join(d.dir, name), err)
+		}
+		if disk.Size() > gzipMaxSize {
+			return nil, syscall.ENOENT
+		}
 		v = newGzipView(raw, d.st.cacheDir)
 	case name == vhdFileName:
 		if errno := d.vhdPossible(ctx, raw, false); errno != 0 {

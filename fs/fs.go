@@ -174,6 +174,10 @@ func (st *state) toErrno(ctx context.Context, op, path string, err error) syscal
 	return errno
 }
 
+// MaxDiskSize is the largest disk served (64 PiB): larger sizes come from a
+// confused or hostile backend, and would overflow offsets and indexes.
+const MaxDiskSize = 1 << 56
+
 // stableAttr gives a node an inode number derived from what it shows (ids,
 // never shown names, which can be reused for another snapshot). A path walk
 // that looks a name up again, e.g. after a short listing timeout expired
@@ -216,6 +220,10 @@ func (st *state) disk(ctx context.Context, ref backend.DiskRef) (backend.Disk, e
 			o.disk, o.err = st.src.OpenDisk(context.WithoutCancel(ctx), ref)
 			if o.err == nil && o.disk == nil {
 				o.err = fmt.Errorf("open disk: backend returned nil disk: %w", backend.ErrUnavailable)
+			}
+			if o.err == nil && (o.disk.Size() < 0 || o.disk.Size() > MaxDiskSize) {
+				st.warnOnce("disk-size:"+cacheKey(ref), "fs: refusing disk with implausible size", "vm", ref.VM, "snapshot", ref.Snapshot, "disk", quoteShort(ref.Disk), "size", o.disk.Size())
+				o.disk, o.err = nil, fmt.Errorf("open disk: %w: size %d is not plausible (0 to %d bytes)", backend.ErrInvalid, o.disk.Size(), int64(MaxDiskSize))
 			}
 			if o.err != nil {
 				st.mu.Lock()

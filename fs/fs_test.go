@@ -2,8 +2,12 @@ package fs
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"fmt"
+	"log/slog"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -322,4 +326,60 @@ func TestMkdirRmdir(t *testing.T) {
 	out, err := run(t, "mkdir", filepath.Join(ro, "vms/vm-a/snapshots/x"))
 	require.Error(t, err)
 	assert.Contains(t, out, "Read-only file system")
+}
+
+// sizedDisk is a disk that claims any size and holds no data.
+type sizedDisk struct{ size int64 }
+
+func (d sizedDisk) Size() int64           { return d.size }
+func (d sizedDisk) Allocated() extent.Map { return extent.Map{} }
+func (d sizedDisk) ReadAt(_ context.Context, p []byte, _ int64) error {
+	clear(p)
+	return nil
+}
+
+// sizedSource answers OpenDisk of disk "d2" in snapshot s2 with a claimed size.
+type sizedSource struct {
+	*backendtest.Source
+	size int64
+}
+
+func (s sizedSource) OpenDisk(ctx context.Context, ref backend.DiskRef) (backend.Disk, error) {
+	if ref.Snapshot == "s2" {
+		return sizedDisk{s.size}, nil
+	}
+	return s.Source.OpenDisk(ctx, ref)
+}
+
+// TestHostileDiskSizes: a size of 0 is an empty disk; a huge or negative
+// one is refused with a logged reason; the rest of the tree keeps working.
+func TestHostileDiskSizes(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		size  int64
+		files []string // "" = the lookup fails
+	}{
+		{"zero", 0, []string{"disk.img", "disk.img.gz", "disk.vhd"}},
+		{"beyond gzip and vhd", 20 << 40, []string{"disk.img"}},
+		{"2^63-1", math.MaxInt64, nil},
+		{"negative", -1, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var logs bytes.Buffer
+			mnt := mountWith(t, sizedSource{fixture(t), tc.size}, Options{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+			dir := filepath.Join(mnt, "vms/vm-a/snapshots/s2")
+			out, err := run(t, "ls", dir)
+			if tc.files == nil {
+				require.Error(t, err)
+				assert.Contains(t, out, "Invalid argument")
+				assert.Contains(t, logs.String(), "implausible size")
+			} else {
+				require.NoError(t, err, out)
+				assert.Equal(t, tc.files, lines(out))
+				assert.Equal(t, fmt.Sprintf("%d\n", tc.size), mustRun(t, "stat", "-c", "%s", filepath.Join(dir, "disk.img")))
+			}
+			// The other snapshot is unaffected.
+			assert.Contains(t, mustRun(t, "ls", filepath.Join(mnt, "vms/vm-a/snapshots/first")), "disk.img")
+		})
+	}
 }

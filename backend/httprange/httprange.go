@@ -163,7 +163,9 @@ func (c *Client) retry(ctx context.Context, opName func() string, attempt func(c
 				continue
 			}
 		}
-		c.logger().Warn("httprange: retrying", "op", op, "attempt", try+1, "of", pol.Attempts, "fault", last.Error())
+		if try+1 < pol.Attempts {
+			c.logger().Warn("httprange: retrying", "op", op, "attempt", try+1, "of", pol.Attempts, "fault", last.Error())
+		}
 	}
 	if last.kind == unauthorized && c.accepted.Load() {
 		return fmt.Errorf("%s: %w after %d attempts: credentials that worked before refused (401 storm): %v", op, backend.ErrUnavailable, pol.Attempts, last)

@@ -21,6 +21,11 @@ import (
 // secret.
 func TestBadInvocations(t *testing.T) {
 	mnt := t.TempDir()
+	full := t.TempDir()
+	require.NoError(t, os.WriteFile(filepath.Join(full, "x"), nil, 0o600))
+	notDir := filepath.Join(full, "x")
+	pw := filepath.Join(t.TempDir(), "pw")
+	require.NoError(t, os.WriteFile(pw, []byte("hunter2\n"), 0o600))
 	cases := []struct {
 		name string
 		args []string
@@ -39,6 +44,10 @@ func TestBadInvocations(t *testing.T) {
 		{"bad retries", []string{"--retries", "0", "coriolis+https://h", mnt}, 2, "--retries"},
 		{"bad log level", []string{"--log-level", "loud", "coriolis+https://h", mnt}, 2, "--log-level"},
 		{"missing mountpoint", []string{"coriolis+https://h", filepath.Join(mnt, "nope")}, 1, "mountpoint"},
+		{"mountpoint not empty", []string{"coriolis+https://h", full}, 1, "not empty"},
+		{"mountpoint not a directory", []string{"coriolis+https://h", notDir}, 1, "not a directory"},
+		{"missing password file", []string{"--username", "u", "--password-file", filepath.Join(mnt, "nope"), "coriolis+https://h", mnt}, 1, "no such file"},
+		{"unreachable host", []string{"-f", "--username", "u", "--password-file", pw, "--retries", "1", "coriolis+https://127.0.0.1:1", mnt}, 1, "connection refused"},
 		{"demo bad dataset", []string{"demo", "--dataset", "huge", mnt}, 2, "--dataset"},
 		{"extents no path", []string{"extents"}, 2, "usage"},
 		{"kubevirt standalone without token", []string{"-f", "kubevirt+https://h/virtualmachineexports/e", mnt}, 2, "--token-file"},
@@ -54,6 +63,7 @@ func TestBadInvocations(t *testing.T) {
 			assert.Equal(t, tc.code, code, stderr.String())
 			assert.Contains(t, stderr.String(), tc.msg)
 			assert.NotContains(t, stderr.String(), "hunter2")
+			assert.NotContains(t, strings.TrimSpace(stderr.String()), "\n", "one line")
 		})
 	}
 }
