@@ -65,3 +65,21 @@ func FuzzPage(f *testing.F) {
 		}
 	})
 }
+
+// FuzzXattrName: any attribute name a user can pass to getxattr parses to a
+// name and a non-negative page start, or to itself unpaged.
+func FuzzXattrName(f *testing.F) {
+	for _, s := range []string{"user.vmexport.extents", "user.vmexport.extents@0", "user.vmexport.changed.a@b@12", "@", "x@-1", "x@99999999999999999999"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, attr string) {
+		name, from, paged := splitPage(attr)
+		if !paged {
+			require.Equal(t, attr, name)
+			require.Zero(t, from)
+			return
+		}
+		require.GreaterOrEqual(t, from, int64(0))
+		require.Equal(t, attr, name+"@"+attr[len(name)+1:])
+	})
+}
