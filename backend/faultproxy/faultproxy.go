@@ -95,7 +95,7 @@ type Proxy struct {
 	burst    int       // requests left in the current burst
 	downTill time.Time // Restart window
 
-	injected atomic.Int64
+	injected, requests atomic.Int64
 }
 
 // Start runs a proxy on loopback; it injects nothing until Set.
@@ -166,6 +166,9 @@ func (p *Proxy) Set(f Fault, rate float64) {
 // Injected counts the faults injected so far.
 func (p *Proxy) Injected() int64 { return p.injected.Load() }
 
+// Requests counts the requests the proxy has seen.
+func (p *Proxy) Requests() int64 { return p.requests.Load() }
+
 // decide picks what happens to one request.
 func (p *Proxy) decide(r *http.Request) Fault {
 	p.mu.Lock()
@@ -198,6 +201,7 @@ func (p *Proxy) decide(r *http.Request) Fault {
 }
 
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	p.requests.Add(1)
 	switch p.decide(r) {
 	case None:
 		p.rp.ServeHTTP(w, r)

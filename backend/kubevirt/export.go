@@ -35,6 +35,9 @@ type exportConn struct {
 	cert     string
 	tr       *http.Transport
 	rotating sync.Mutex // one status re-read per failure burst
+
+	httpOnce sync.Once
+	http     *httprange.Client
 }
 
 func newExportConn(ctx context.Context, c *exportConn, st ExportStatus) error {
@@ -129,8 +132,13 @@ func isCertError(err error) bool {
 	return errors.As(err, &verr) || errors.As(err, &uerr) || errors.As(err, &herr)
 }
 
+// client is one for the connection's life, so that it remembers whether the
+// server ever accepted the token (a 401 storm after that is an outage).
 func (c *exportConn) client() *httprange.Client {
-	return &httprange.Client{HTTP: &http.Client{Transport: c}, Auth: c, Policy: c.policy, Logger: c.logger}
+	c.httpOnce.Do(func() {
+		c.http = &httprange.Client{HTTP: &http.Client{Transport: c}, Auth: c, Policy: c.policy, Logger: c.logger}
+	})
+	return c.http
 }
 
 // disk is one volume of one export.
