@@ -36,7 +36,10 @@ func TestHostileMap(t *testing.T) {
 		{name: "overflow", page: `{"extents":[{"offset":18446744073709551615,"length":1,"description":"data"}]}`, want: extent.Full(size).Format()},
 		{name: "next offset stuck", page: `{"extents":[],"next_offset":0}`, want: extent.Full(size).Format()},
 		{name: "not json", page: `<html>`, want: extent.Full(size).Format()},
-		{name: "forbidden", status: 401, err: backend.ErrPermission},
+		// The raw route took the token, so a 401 on the map is an outage, not
+		// a permission problem, and never an empty map.
+		{name: "unauthorized after accepted", status: 401, err: backend.ErrUnavailable},
+		{name: "forbidden", status: 403, err: backend.ErrPermission},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -62,7 +65,7 @@ func TestHostileMap(t *testing.T) {
 			require.NoError(t, err)
 			logs := &syncBuffer{}
 			token := "tok"
-			if tc.status == 401 {
+			if tc.status == 401 || tc.status == 403 {
 				token = "wrong"
 			}
 			conn := &exportConn{name: "e", logger: slog.New(slog.NewTextHandler(logs, nil)),
@@ -71,7 +74,7 @@ func TestHostileMap(t *testing.T) {
 				token:  func(context.Context) (string, error) { return token, nil }}
 			ctx := context.Background()
 			require.NoError(t, newExportConn(ctx, conn, st))
-			if tc.status == 401 {
+			if tc.status == 401 || tc.status == 403 {
 				// HEAD passes only with the right token; fake a good HEAD.
 				token = "tok"
 				require.NoError(t, conn.Renew(ctx))

@@ -44,6 +44,7 @@ func (s *syncBuffer) String() string {
 type env struct {
 	sim  *kubevirttest.Server
 	src  *Source
+	cfg  Config // what src was made from, to open a second, fresh source
 	logs *syncBuffer
 	root []byte // VM root volume content written before the first snapshot
 }
@@ -74,7 +75,7 @@ func newEnv(t *testing.T, opts kubevirttest.Options, cfg Config) *env {
 	}
 	src, err := New(cfg)
 	require.NoError(t, err)
-	return &env{sim: sim, src: src, logs: logs, root: root}
+	return &env{sim: sim, src: src, cfg: cfg, logs: logs, root: root}
 }
 
 func TestListAndReadSnapshot(t *testing.T) {
@@ -193,9 +194,17 @@ func TestWrongTokenIsPermissionAndNotLogged(t *testing.T) {
 	require.NoError(t, d.ReadAt(ctx, p, 0))
 	assert.Equal(t, e.root[:4096], p)
 
-	// A server that accepts none of the secret's tokens gives ErrPermission.
+	// A server that stops accepting a token it took before is treated as an
+	// outage (a 401 storm looks the same from here): retried, then EIO.
 	e.sim.ForceExportToken("s1", "serverOnlyToken98765")
 	err = d.ReadAt(ctx, p, 0)
+	require.ErrorIs(t, err, backend.ErrUnavailable)
+	assert.Contains(t, err.Error(), "credentials that worked before refused")
+
+	// A token refused from the start is a permission error.
+	fresh, err := New(e.cfg)
+	require.NoError(t, err)
+	_, err = fresh.OpenDisk(ctx, backend.DiskRef{VM: "vm1", Snapshot: "s1", Disk: "root"})
 	require.ErrorIs(t, err, backend.ErrPermission)
 	logs := e.logs.String()
 	assert.Contains(t, logs, "export=s1")
