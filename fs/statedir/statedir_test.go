@@ -68,3 +68,29 @@ func TestCorruptFileIsKept(t *testing.T) {
 		})
 	}
 }
+
+// FuzzStateFile feeds arbitrary state files: the store never panics, and a
+// name recorded afterwards is persisted whatever was there before.
+func FuzzStateFile(f *testing.F) {
+	f.Add(`{"vm":"vm1","names":{"nightly":"s-1"}}`)
+	f.Add(`{"vm":"vm1","names":{"../x":"s-1","":""}}`)
+	f.Add(`{"vm":"vm1","names":null}`)
+	f.Add(`[]`)
+	f.Fuzz(func(t *testing.T, content string) {
+		dir := t.TempDir()
+		s, err := Open(dir, nil)
+		require.NoError(t, err)
+		require.NoError(t, os.WriteFile(s.fileFor("vm1"), []byte(content), 0o600))
+		before := s.Names("vm1")
+		require.NoError(t, s.Put("vm1", "fresh-name", "fresh-id", nil))
+		s2, err := Open(dir, nil)
+		require.NoError(t, err)
+		after := s2.Names("vm1")
+		assert.Equal(t, "fresh-id", after["fresh-name"])
+		for name, id := range before {
+			if name != "fresh-name" {
+				assert.Equal(t, id, after[name], "existing names are kept")
+			}
+		}
+	})
+}
