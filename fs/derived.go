@@ -136,7 +136,7 @@ func newDynamicVHDView(raw *rawView) *vhdView {
 func newDeltaVHDView(raw *rawView, baseID, parentName string) *vhdView {
 	v := &vhdView{}
 	v.lazy = lazyView[*vhdview.View]{raw: raw, build: func(ctx context.Context, d backend.Disk) (*vhdview.View, stream, error) {
-		changed, err := raw.ChangedSince(ctx, baseID)
+		changed, err := raw.deltaMap(ctx, baseID)
 		if err != nil {
 			return nil, nil, err
 		}

@@ -39,18 +39,15 @@ func (d *diskFiles) raw() *rawView {
 	return &rawView{st: d.st, ref: backend.DiskRef{VM: d.vm, Snapshot: d.e.snap.ID, Disk: d.disk.info.ID}}
 }
 
-// vhdPossible answers whether a VHD (a delta when delta) of the disk exists:
-// ENOENT when the format or the backend cannot have it, the backend's errno
-// when the disk cannot be opened to tell.
-func (d *diskFiles) vhdPossible(ctx context.Context, raw *rawView, delta bool) syscall.Errno {
+// vhdPossible answers whether VHDs of the disk exist: ENOENT when the disk
+// is too large for the format, the backend's errno when the disk cannot be
+// opened to tell.
+func (d *diskFiles) vhdPossible(ctx context.Context, raw *rawView) syscall.Errno {
 	disk, err := d.st.disk(ctx, raw.ref)
 	if err != nil {
 		return d.st.toErrno(ctx, "lookup", d.dir, err)
 	}
 	if disk.Size() > vhdview.MaxSize {
-		return syscall.ENOENT
-	}
-	if _, tracks := disk.(backend.ChangeTracker); delta && !tracks {
 		return syscall.ENOENT
 	}
 	return 0
@@ -69,9 +66,6 @@ func (d *diskFiles) names(ctx context.Context) ([]string, error) {
 		return names, nil
 	}
 	names = append(names, vhdFileName)
-	if _, tracks := disk.(backend.ChangeTracker); !tracks {
-		return names, nil
-	}
 	bases, err := d.bases(ctx)
 	if err != nil {
 		return nil, err
@@ -132,7 +126,7 @@ func (d *diskFiles) lookup(ctx context.Context, parent *gofs.Inode, name string,
 		}
 		v = newGzipView(raw, d.st.cacheDir)
 	case name == vhdFileName:
-		if errno := d.vhdPossible(ctx, raw, false); errno != 0 {
+		if errno := d.vhdPossible(ctx, raw); errno != 0 {
 			return nil, errno
 		}
 		v = newDynamicVHDView(raw)
@@ -144,7 +138,7 @@ func (d *diskFiles) lookup(ctx context.Context, parent *gofs.Inode, name string,
 		if baseID == "" {
 			return nil, syscall.ENOENT
 		}
-		if errno := d.vhdPossible(ctx, raw, true); errno != 0 {
+		if errno := d.vhdPossible(ctx, raw); errno != 0 {
 			return nil, errno
 		}
 		v = newDeltaVHDView(raw, baseID, parentName)

@@ -121,6 +121,31 @@ func (v *rawView) ChangedSince(ctx context.Context, base string) (extent.Map, er
 	return ct.ChangedSince(ctx, base)
 }
 
+// deltaMap is what a delta from base must hold: the platform's changed
+// extents where it tracks changes, else every extent written in either
+// snapshot (where both are holes they agree; anywhere else they may not), a
+// larger delta but a correct one.
+func (v *rawView) deltaMap(ctx context.Context, base string) (extent.Map, error) {
+	d, err := v.st.disk(ctx, v.ref)
+	if err != nil {
+		return extent.Map{}, err
+	}
+	if ct, ok := d.(backend.ChangeTracker); ok {
+		return ct.ChangedSince(ctx, base)
+	}
+	ref := v.ref
+	ref.Snapshot = base
+	b, err := v.st.disk(ctx, ref)
+	if err != nil {
+		return extent.Map{}, fmt.Errorf("delta from %s: %w", base, err)
+	}
+	m, err := extent.Normalize(d.Allocated().Union(b.Allocated()).Clip(0, d.Size()), d.Size())
+	if err != nil {
+		return extent.Map{}, fmt.Errorf("delta from %s: %w", base, err)
+	}
+	return m, nil
+}
+
 // diskFile is a read-only file over a view.
 type diskFile struct {
 	gofs.Inode

@@ -359,7 +359,7 @@ func TestHostileDiskSizes(t *testing.T) {
 		size  int64
 		files []string // "" = the lookup fails
 	}{
-		{"zero", 0, []string{"disk.img", "disk.img.gz", "disk.vhd"}},
+		{"zero", 0, []string{"delta-from-first.vhd", "disk.img", "disk.img.gz", "disk.vhd"}},
 		{"beyond gzip and vhd", 20 << 40, []string{"disk.img"}},
 		{"2^63-1", math.MaxInt64, nil},
 		{"negative", -1, nil},

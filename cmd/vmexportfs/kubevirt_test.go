@@ -116,7 +116,7 @@ func (f *kvFixture) object(group, version, resource, name string) int {
 // with mkdir: with the backup map route only written data is fetched;
 // without it the whole disk is data and the copies are still exact.
 func TestKubeVirtCopyTools(t *testing.T) {
-	requireTools(t, "cp", "tar", "rsync", "dd", "qemu-img", "gzip", "zcat")
+	requireTools(t, "cp", "tar", "rsync", "dd", "qemu-img", "gzip", "zcat", "vhdiinfo", "vhdimount")
 	for _, withMap := range []bool{true, false} {
 		t.Run(fmt.Sprint("map=", withMap), func(t *testing.T) {
 			f := newKVFixture(t)
@@ -155,6 +155,20 @@ func TestKubeVirtCopyTools(t *testing.T) {
 			tool(t, "qemu-img", "convert", "-f", "vpc", "-O", "raw", filepath.Join(dir, "disk.vhd"), raw)
 			require.NoError(t, os.Truncate(raw, copyDiskSize))
 			assert.Equal(t, want, sha256File(t, raw), "disk.vhd")
+
+			// KubeVirt cannot say what changed between two snapshots, so the
+			// delta holds what either wrote; the chain still applies exactly.
+			f.write("vm-kv", "rootdisk", 7*mib, 3*mib)
+			tool(t, "mkdir", m.path("vms", "vm-kv", "snapshots", "snap2"))
+			second := f.freeze("vm-kv", "rootdisk")
+			chain := t.TempDir()
+			tool(t, "cp", filepath.Join(dir, "disk.vhd"), filepath.Join(chain, "snap1.vhd"))
+			tool(t, "cp", m.path("vms", "vm-kv", "snapshots", "snap2", "delta-from-snap1.vhd"), filepath.Join(chain, "delta.vhd"))
+			assert.Contains(t, tool(t, "vhdiinfo", filepath.Join(chain, "delta.vhd")), "Parent filename\t\t: snap1.vhd")
+			applied := t.TempDir()
+			tool(t, "vhdimount", filepath.Join(chain, "delta.vhd"), applied)
+			defer toolErr("fusermount3", "-u", applied)
+			assert.Equal(t, sha256File(t, second), sha256Range(t, filepath.Join(applied, "vhdi2"), 0, copyDiskSize), "snap1 disk.vhd + delta")
 		})
 	}
 }
