@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"sync"
 
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/httprange"
@@ -32,6 +33,9 @@ type Standalone struct {
 	cfg    StandaloneConfig
 	export string
 	logger *slog.Logger
+
+	mu   sync.Mutex
+	conn *exportConn // one per mount, so it remembers that the server took the token
 }
 
 var _ backend.Source = (*Standalone)(nil)
@@ -142,9 +146,23 @@ func (s *Standalone) OpenDisk(ctx context.Context, ref backend.DiskRef) (backend
 	if ref.VM != s.vmID(st) || ref.Snapshot != s.export {
 		return nil, fmt.Errorf("open disk %s/%s: %w", ref.VM, ref.Snapshot, backend.ErrNotFound)
 	}
-	conn := &exportConn{name: s.export, internal: s.cfg.Internal, status: s.status, token: s.token, logger: s.logger, policy: s.cfg.Policy}
-	if err := newExportConn(ctx, conn, st); err != nil {
+	conn, err := s.connection(ctx, st)
+	if err != nil {
 		return nil, fmt.Errorf("open disk: %w", err)
 	}
 	return openExportDisk(ctx, conn, st, ref.Disk)
+}
+
+func (s *Standalone) connection(ctx context.Context, st ExportStatus) (*exportConn, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.conn != nil {
+		return s.conn, nil
+	}
+	conn := &exportConn{name: s.export, internal: s.cfg.Internal, status: s.status, token: s.token, logger: s.logger, policy: s.cfg.Policy}
+	if err := newExportConn(ctx, conn, st); err != nil {
+		return nil, err
+	}
+	s.conn = conn
+	return conn, nil
 }

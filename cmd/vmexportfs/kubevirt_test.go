@@ -283,6 +283,19 @@ func TestKubeVirtStandalone(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, os.WriteFile(tokenFile, []byte(token), 0o600))
 
+	// A token the export server refuses fails the mount, not the first read.
+	badToken := filepath.Join(dir, "bad-token")
+	require.NoError(t, os.WriteFile(badToken, []byte("refusedToken31337"), 0o600))
+	var stdout, stderr bytes.Buffer
+	code := run(context.Background(), []string{"-f", "--token-file", badToken, "--export-status", statusFile,
+		"--state-dir", f.stateDir, "kubevirt+" + exportURL, t.TempDir()}, &stdout, &stderr)
+	assert.Equal(t, 1, code)
+	lines := strings.Split(strings.TrimSpace(stderr.String()), "\n")
+	last := lines[len(lines)-1] // -f logs to stderr before the error
+	assert.Contains(t, last, "vmexportfs: connect to kubevirt")
+	assert.Contains(t, last, "permission denied")
+	assert.NotContains(t, stderr.String(), "refusedToken31337")
+
 	mnt := filepath.Join(t.TempDir(), "mnt")
 	require.NoError(t, os.Mkdir(mnt, 0o755))
 	m := startCommand(t, "-f", "--token-file", tokenFile, "--export-status", statusFile,

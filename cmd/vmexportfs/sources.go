@@ -93,7 +93,7 @@ func openKubevirt(ctx context.Context, cfg mountConfig, u *url.URL, logger *slog
 		if cfg.tokenFile == "" {
 			return nil, fmt.Errorf("%w: kubevirt standalone mode needs --token-file", errUsage)
 		}
-		return kubevirt.NewStandalone(kubevirt.StandaloneConfig{
+		src, err := kubevirt.NewStandalone(kubevirt.StandaloneConfig{
 			ExportURL:        su.ExportURL,
 			TokenFile:        cfg.tokenFile,
 			CAFile:           cfg.caFile,
@@ -103,6 +103,15 @@ func openKubevirt(ctx context.Context, cfg mountConfig, u *url.URL, logger *slog
 			Policy:           cfg.policy(),
 			Logger:           logger,
 		})
+		if err != nil {
+			return nil, err
+		}
+		// Fail the mount, not the first read, on a token or CA the export
+		// server refuses.
+		if err := probeFirstDisk(ctx, src); err != nil {
+			return nil, err
+		}
+		return src, nil
 	}
 	src, err := kubevirt.New(kubevirt.Config{
 		APIServer:    su.APIServer,
@@ -121,4 +130,26 @@ func openKubevirt(ctx context.Context, cfg mountConfig, u *url.URL, logger *slog
 		return nil, err
 	}
 	return src, nil
+}
+
+// probeFirstDisk opens the first disk the source lists, which makes the
+// platform check our credentials on its data server.
+func probeFirstDisk(ctx context.Context, src backend.Source) error {
+	vms, err := src.VMs(ctx)
+	if err != nil {
+		return err
+	}
+	for _, vm := range vms {
+		snaps, err := src.Snapshots(ctx, vm.ID)
+		if err != nil {
+			return err
+		}
+		for _, sn := range snaps {
+			for _, d := range sn.Disks {
+				_, err := src.OpenDisk(ctx, backend.DiskRef{VM: vm.ID, Snapshot: sn.ID, Disk: d.ID})
+				return err
+			}
+		}
+	}
+	return nil
 }
