@@ -19,7 +19,9 @@ var dnsLabel = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]{0,40}[a-z0-9])?$`)
 func tokenSecretName(snapshot string) string { return snapshot + "-export-token" }
 
 // CreateSnapshot creates a VirtualMachineSnapshot and an export of it (owned
-// by the snapshot), and waits for both to be Ready.
+// by the snapshot), and waits for both to be Ready. A snapshot of the VM that
+// exists already without an export (taken by a scheduler, say) is adopted:
+// only the export is made, and a failure leaves the snapshot as it was.
 func (s *Source) CreateSnapshot(ctx context.Context, vmID, name string) (snap backend.Snapshot, err error) {
 	if name == LiveSnapshot || !dnsLabel.MatchString(name) {
 		return backend.Snapshot{}, fmt.Errorf("create snapshot %q: %w: want a lowercase DNS label other than %q", name, backend.ErrInvalid, LiveSnapshot)
@@ -33,7 +35,13 @@ func (s *Source) CreateSnapshot(ctx context.Context, vmID, name string) (snap ba
 			"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": vmID}},
 	}
 	var created snapshotObject
-	if err := s.kube(ctx, http.MethodPost, "snapshot.kubevirt.io", "virtualmachinesnapshots", "", snapObj, &created); err != nil {
+	adopted := false
+	err = s.kube(ctx, http.MethodPost, "snapshot.kubevirt.io", "virtualmachinesnapshots", "", snapObj, &created)
+	if errors.Is(err, backend.ErrExists) {
+		created, err = s.adoptable(ctx, vmID, name)
+		adopted = err == nil
+	}
+	if err != nil {
 		return backend.Snapshot{}, fmt.Errorf("create snapshot %s/%s: %w", vmID, name, err)
 	}
 	defer func() {
@@ -44,10 +52,17 @@ func (s *Source) CreateSnapshot(ctx context.Context, vmID, name string) (snap ba
 		// caller's context may be spent, so clean up on a short one of ours.
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 		defer cancel()
-		if derr := s.DeleteSnapshot(cctx, vmID, name); derr != nil {
+		derr := s.deleteExport(cctx, name)
+		if !adopted && derr == nil {
+			derr = s.DeleteSnapshot(cctx, vmID, name)
+		}
+		if derr != nil {
 			s.logger.Warn("kubevirt: cleaning up after failed snapshot creation", "vm", vmID, "snapshot", name, "err", derr)
 		}
 	}()
+	if adopted {
+		s.logger.Info("kubevirt: exporting an existing snapshot", "vm", vmID, "snapshot", name)
+	}
 	s.mu.Lock()
 	snapVersion := s.versions["snapshot.kubevirt.io"]
 	s.mu.Unlock()
@@ -100,6 +115,26 @@ func (s *Source) CreateSnapshot(ctx context.Context, vmID, name string) (snap ba
 	return backend.Snapshot{ID: name, Name: name, Created: created.Metadata.CreationTimestamp, Disks: disks}, nil
 }
 
+// adoptable returns an existing snapshot of vmID that has no export yet;
+// anything else keeps the name taken (ErrExists).
+func (s *Source) adoptable(ctx context.Context, vmID, name string) (snapshotObject, error) {
+	var sn snapshotObject
+	if err := s.kube(ctx, http.MethodGet, "snapshot.kubevirt.io", "virtualmachinesnapshots", name, nil, &sn); err != nil {
+		return snapshotObject{}, err
+	}
+	if sn.Spec.Source.Name != vmID {
+		return snapshotObject{}, fmt.Errorf("%w: snapshot %s belongs to %s", backend.ErrExists, name, sn.Spec.Source.Name)
+	}
+	err := s.kube(ctx, http.MethodGet, "export.kubevirt.io", "virtualmachineexports", name, nil, nil)
+	switch {
+	case err == nil:
+		return snapshotObject{}, fmt.Errorf("%w: snapshot %s already has an export", backend.ErrExists, name)
+	case !errors.Is(err, backend.ErrNotFound):
+		return snapshotObject{}, err
+	}
+	return sn, nil
+}
+
 // wait polls until ready or ctx (bounded by ReadyTimeout) ends.
 func (s *Source) wait(ctx context.Context, what string, ready func(ctx context.Context) (bool, error)) error {
 	t := time.NewTicker(s.cfg.PollInterval)
@@ -132,14 +167,25 @@ func (s *Source) DeleteSnapshot(ctx context.Context, vmID, snapshotID string) er
 	if sn.Spec.Source.Name != vmID {
 		return fmt.Errorf("delete snapshot %s/%s: %w: snapshot belongs to %s", vmID, snapshotID, backend.ErrNotFound, sn.Spec.Source.Name)
 	}
+	if err := s.deleteExport(ctx, snapshotID); err != nil {
+		return fmt.Errorf("delete snapshot %s/%s: %w", vmID, snapshotID, err)
+	}
+	err := s.kube(ctx, http.MethodDelete, "snapshot.kubevirt.io", "virtualmachinesnapshots", snapshotID, nil, nil)
+	if err != nil && !errors.Is(err, backend.ErrNotFound) {
+		return fmt.Errorf("delete snapshot %s/%s: %w", vmID, snapshotID, err)
+	}
+	return nil
+}
+
+// deleteExport deletes a snapshot's export and its token secret, if there.
+func (s *Source) deleteExport(ctx context.Context, snapshotID string) error {
 	for _, step := range []struct{ group, resource, name string }{
 		{"export.kubevirt.io", "virtualmachineexports", snapshotID},
 		{"", "secrets", tokenSecretName(snapshotID)},
-		{"snapshot.kubevirt.io", "virtualmachinesnapshots", snapshotID},
 	} {
 		err := s.kube(ctx, http.MethodDelete, step.group, step.resource, step.name, nil, nil)
 		if err != nil && !errors.Is(err, backend.ErrNotFound) {
-			return fmt.Errorf("delete snapshot %s/%s: %s: %w", vmID, snapshotID, step.resource, err)
+			return fmt.Errorf("%s %s: %w", step.resource, step.name, err)
 		}
 	}
 	return nil

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"log/slog"
+	"net/http"
 	"sync"
 	"testing"
 	"time"
@@ -268,4 +269,52 @@ func TestReadyTimeout(t *testing.T) {
 	assert.Less(t, time.Since(start), 5*time.Second)
 	// The half-made snapshot was removed, so the name can be used again.
 	assert.ErrorIs(t, e.src.DeleteSnapshot(ctx, "vm1", "slow"), backend.ErrNotFound)
+}
+
+// postSnapshot makes a VirtualMachineSnapshot the way a scheduler would: no
+// export, nothing of ours.
+func postSnapshot(t *testing.T, e *env, vm, name string) {
+	t.Helper()
+	obj := map[string]any{
+		"kind":     "VirtualMachineSnapshot",
+		"metadata": map[string]any{"name": name},
+		"spec":     map[string]any{"source": map[string]any{"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": vm}},
+	}
+	require.NoError(t, e.src.kube(context.Background(), http.MethodPost, "snapshot.kubevirt.io", "virtualmachinesnapshots", "", obj, nil))
+}
+
+func TestAdoptExistingSnapshot(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, kubevirttest.Options{}, Config{})
+	postSnapshot(t, e, "vm1", "scheduled")
+	snaps, err := e.src.Snapshots(ctx, "vm1")
+	require.NoError(t, err)
+	assert.Empty(t, snaps, "a snapshot without an export is not shown")
+
+	_, err = e.src.CreateSnapshot(ctx, "vm2", "scheduled")
+	require.ErrorIs(t, err, backend.ErrExists, "another VM's snapshot is not adopted")
+	snap, err := e.src.CreateSnapshot(ctx, "vm1", "scheduled")
+	require.NoError(t, err)
+	assert.Equal(t, "scheduled", snap.ID)
+	assert.Contains(t, e.logs.String(), "exporting an existing snapshot")
+	d, err := e.src.OpenDisk(ctx, backend.DiskRef{VM: "vm1", Snapshot: "scheduled", Disk: "root"})
+	require.NoError(t, err)
+	p := make([]byte, 8192)
+	require.NoError(t, d.ReadAt(ctx, p, 0))
+	assert.Equal(t, e.root[:8192], p)
+	_, err = e.src.CreateSnapshot(ctx, "vm1", "scheduled")
+	require.ErrorIs(t, err, backend.ErrExists, "once exported, the name is taken")
+	require.NoError(t, e.src.DeleteSnapshot(ctx, "vm1", "scheduled"))
+}
+
+func TestFailedAdoptionKeepsTheSnapshot(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, kubevirttest.Options{ReadyDelay: time.Hour}, Config{ReadyTimeout: 150 * time.Millisecond})
+	postSnapshot(t, e, "vm1", "scheduled")
+	_, err := e.src.CreateSnapshot(ctx, "vm1", "scheduled")
+	require.ErrorIs(t, err, backend.ErrUnavailable)
+	require.NoError(t, e.src.kube(ctx, http.MethodGet, "snapshot.kubevirt.io", "virtualmachinesnapshots", "scheduled", nil, nil),
+		"the user's snapshot survives")
+	err = e.src.kube(ctx, http.MethodGet, "export.kubevirt.io", "virtualmachineexports", "scheduled", nil, nil)
+	assert.ErrorIs(t, err, backend.ErrNotFound, "no export left behind")
 }
