@@ -165,6 +165,10 @@ func (st *state) toErrno(ctx context.Context, op, path string, err error) syscal
 		return syscall.EEXIST
 	case errors.Is(err, backend.ErrUnsupported):
 		return syscall.ENOTSUP
+	case errors.Is(err, backend.ErrUnavailable):
+		// Checked before any errno inside: a reset or refused connection
+		// to the platform is a backend fault (EIO), not ours to pass on.
+		errno = syscall.EIO
 	case errors.As(err, &errno):
 		return errno
 	default:

@@ -5,15 +5,18 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -380,6 +383,34 @@ func TestHostileDiskSizes(t *testing.T) {
 			}
 			// The other snapshot is unaffected.
 			assert.Contains(t, mustRun(t, "ls", filepath.Join(mnt, "vms/vm-a/snapshots/first")), "disk.img")
+		})
+	}
+}
+
+// TestToErrno: platform faults are EIO whatever errno sits inside them, so a
+// reader never sees a network errno such as ECONNRESET.
+func TestToErrno(t *testing.T) {
+	netErr := &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", syscall.ECONNRESET)}
+	st := &state{log: slog.New(slog.DiscardHandler)}
+	canceled, cancel := context.WithCancel(context.Background())
+	cancel()
+	for _, tc := range []struct {
+		name string
+		ctx  context.Context
+		err  error
+		want syscall.Errno
+	}{
+		{"nil", context.Background(), nil, 0},
+		{"not found", context.Background(), fmt.Errorf("x: %w", backend.ErrNotFound), syscall.ENOENT},
+		{"permission", context.Background(), fmt.Errorf("x: %w", backend.ErrPermission), syscall.EACCES},
+		{"reset after retries", context.Background(), fmt.Errorf("read: %w after 4 attempts: %w", backend.ErrUnavailable, netErr), syscall.EIO},
+		{"refused", context.Background(), fmt.Errorf("%w: %w", backend.ErrUnavailable, syscall.ECONNREFUSED), syscall.EIO},
+		{"local errno", context.Background(), fmt.Errorf("write index: %w", syscall.ENOSPC), syscall.ENOSPC},
+		{"unknown", context.Background(), errors.New("odd"), syscall.EIO},
+		{"reader gone", canceled, fmt.Errorf("%w", backend.ErrUnavailable), syscall.EINTR},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			assert.Equal(t, tc.want, st.toErrno(tc.ctx, "read", "/x", tc.err))
 		})
 	}
 }
