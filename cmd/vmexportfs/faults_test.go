@@ -2,11 +2,9 @@ package main
 
 import (
 	"crypto/x509"
-	"encoding/json"
 	"net/url"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 
@@ -38,12 +36,7 @@ var faultWords = map[faultproxy.Fault][]string{
 // with EIO, the log names the fault, and once the backend recovers the same
 // mount reads correctly. A wrong byte fails the test.
 func TestFaultMatrix(t *testing.T) {
-	copies := 50
-	if v := os.Getenv(faultCopiesEnv); v != "" {
-		n, err := strconv.Atoi(v)
-		require.NoError(t, err, faultCopiesEnv)
-		copies = n
-	}
+	copies := envInt(t, faultCopiesEnv, 50)
 	f := newFixture(t, coriolistest.Options{})
 	f.addVM("vm-f", "faults", coriolistest.DiskSpec{Name: "f.img", Device: "xvda", Size: 9*mib + 64*kib})
 	f.write("vm-f", "f.img", 0, 2*mib)
@@ -78,51 +71,57 @@ func TestFaultMatrix(t *testing.T) {
 
 	for _, view := range views {
 		t.Run(view, func(t *testing.T) {
-			var identical, eio, wrong int
-			for i := range copies {
-				fault := faultproxy.Faults[i%len(faultproxy.Faults)]
-				m := mount()
-				src := m.path("vms", "vm-f", "snapshots", target, view)
-				dst := filepath.Join(t.TempDir(), "copy")
-				proxy.Set(fault, 0.3)
-				_, err := toolErr("cp", src, dst)
-				proxy.Set(faultproxy.None, 0)
-				switch {
-				case err == nil && sha256File(t, dst) == want[view]:
-					identical++
-				case err == nil:
-					wrong++
-					t.Errorf("copy %d (%s): WRONG BYTES", i, fault)
-				case strings.Contains(err.Error(), "Input/output error"):
-					eio++
-					logs := m.logs.String()
-					assert.True(t, containsAny(logs, faultWords[fault]), "copy %d (%s) failed with EIO but the log does not name the fault:\n%s", i, fault, logs)
-					// The backend is back: the same mount reads correctly.
-					out, err := toolErr("cp", src, dst)
-					assert.NoError(t, err, "copy %d (%s) after recovery: %s", i, fault, out)
-					assert.Equal(t, want[view], sha256File(t, dst), "copy %d (%s) after recovery", i, fault)
-				default:
-					t.Errorf("copy %d (%s): failed without EIO: %v", i, fault, err)
-				}
-				m.stop(t)
-			}
-			t.Logf("%s: %d faulted copies: %d byte-identical, %d EIO, %d wrong (%d faults injected so far)",
-				view, copies, identical, eio, wrong, proxy.Injected())
-			assert.Zero(t, wrong)
+			faultedCopies(t, proxy, copies, view, want[view], mount, func(m *mounted) string {
+				return m.path("vms", "vm-f", "snapshots", target, view)
+			})
 		})
 	}
+}
+
+// faultedCopies copies one view copies times, each on a fresh mount with the
+// next fault injected: the copy is byte-identical to want, or it fails with
+// EIO, the log names the fault, and once the backend is back the same mount
+// copies correctly. A wrong byte fails the test.
+func faultedCopies(t *testing.T, proxy *faultproxy.Proxy, copies int, label, want string, mount func() *mounted, path func(*mounted) string) {
+	t.Helper()
+	var identical, eio, wrong int
+	for i := range copies {
+		fault := faultproxy.Faults[i%len(faultproxy.Faults)]
+		m := mount()
+		src := path(m)
+		dst := filepath.Join(t.TempDir(), "copy")
+		proxy.Set(fault, 0.3)
+		_, err := toolErr("cp", src, dst)
+		proxy.Set(faultproxy.None, 0)
+		switch {
+		case err == nil && sha256File(t, dst) == want:
+			identical++
+		case err == nil:
+			wrong++
+			t.Errorf("copy %d (%s): WRONG BYTES", i, fault)
+		case strings.Contains(err.Error(), "Input/output error"):
+			eio++
+			logs := m.logs.String()
+			assert.True(t, containsAny(logs, faultWords[fault]), "copy %d (%s) failed with EIO but the log does not name the fault:\n%s", i, fault, logs)
+			// The backend is back: the same mount reads correctly.
+			out, err := toolErr("cp", src, dst)
+			assert.NoError(t, err, "copy %d (%s) after recovery: %s", i, fault, out)
+			assert.Equal(t, want, sha256File(t, dst), "copy %d (%s) after recovery", i, fault)
+		default:
+			t.Errorf("copy %d (%s): failed without EIO: %v", i, fault, err)
+		}
+		m.stop(t)
+	}
+	t.Logf("%s: %d faulted copies: %d byte-identical, %d EIO, %d wrong (%d faults injected so far)",
+		label, copies, identical, eio, wrong, proxy.Injected())
+	assert.Zero(t, wrong)
 }
 
 // TestFaultMatrixKubeVirt runs the matrix against a KubeVirt export server:
 // the proxy stands where the export proxy would, and the mount uses the
 // standalone mode (export URL, token file, the proxy's CA).
 func TestFaultMatrixKubeVirt(t *testing.T) {
-	copies := 24
-	if v := os.Getenv(faultCopiesEnv); v != "" {
-		n, err := strconv.Atoi(v)
-		require.NoError(t, err, faultCopiesEnv)
-		copies = n
-	}
+	copies := envInt(t, faultCopiesEnv, 24)
 	f := newKVFixture(t)
 	f.addVM("vm-kf", kubevirttest.VolumeSpec{Name: "rootdisk", Size: 9*mib + 64*kib})
 	f.write("vm-kf", "rootdisk", 0, 2*mib)
@@ -132,97 +131,44 @@ func TestFaultMatrixKubeVirt(t *testing.T) {
 	source := f.freeze("vm-kf", "rootdisk")
 	setup.stop(t)
 
-	status, err := f.sim.ExportStatus("s1")
+	_, exportURL, cert := f.externalExport("s1")
+	export, err := url.Parse(exportURL)
 	require.NoError(t, err)
-	var st struct {
-		Links struct {
-			External struct {
-				Cert    string
-				Volumes []struct {
-					Formats []struct{ Format, URL string }
-				}
-			}
-		}
-	}
-	require.NoError(t, json.Unmarshal(status, &st))
-	raw, err := url.Parse(st.Links.External.Volumes[0].Formats[0].URL)
-	require.NoError(t, err)
-	exportPath := raw.Path[:strings.Index(raw.Path, "/volumes/")]
 	pool := x509.NewCertPool()
-	require.True(t, pool.AppendCertsFromPEM([]byte(st.Links.External.Cert)))
-	proxy, err := faultproxy.Start(faultproxy.Options{Upstream: raw.Scheme + "://" + raw.Host, UpstreamCA: pool, Dir: t.TempDir(), Seed: 11})
+	require.True(t, pool.AppendCertsFromPEM([]byte(cert)))
+	proxy, err := faultproxy.Start(faultproxy.Options{Upstream: export.Scheme + "://" + export.Host, UpstreamCA: pool, Dir: t.TempDir(), Seed: 11})
 	require.NoError(t, err)
 	t.Cleanup(func() { proxy.Close() })
-	token, err := f.sim.ExportToken("s1")
-	require.NoError(t, err)
-	tokenFile := filepath.Join(t.TempDir(), "token")
-	require.NoError(t, os.WriteFile(tokenFile, []byte(token), 0o600))
+	tokenFile := f.tokenFile("s1")
 	mount := func() *mounted {
 		dir := filepath.Join(t.TempDir(), "mnt")
 		require.NoError(t, os.Mkdir(dir, 0o755))
 		m := startCommand(t, "-f", "--token-file", tokenFile, "--ca-file", proxy.CAFile(), "--kubevirt-volume", "rootdisk",
 			"--state-dir", f.stateDir, "--cache-dir", t.TempDir(), "--read-timeout", "1s", "--retries", "4",
-			"kubevirt+"+proxy.URL()+exportPath, dir)
+			"kubevirt+"+proxy.URL()+export.Path, dir)
 		m.dir = dir
 		return m
 	}
-	find := func(m *mounted, name string) string {
-		var found string
-		require.NoError(t, filepath.Walk(m.dir, func(p string, info os.FileInfo, err error) error {
-			if err == nil && info.Name() == name {
-				found = p
-			}
-			return err
-		}))
-		require.NotEmpty(t, found, name)
-		return found
-	}
-
 	// Paths come from a clean mount: walking a faulted mount would stat
 	// disk.img.gz, whose first stat reads the whole disk before the fault.
+	views := []string{"disk.img", "disk.img.gz"}
 	want := map[string]string{"disk.img": sha256File(t, source)}
 	rel := map[string]string{}
 	clean := mount()
-	for _, view := range []string{"disk.img", "disk.img.gz"} {
-		p := find(clean, view)
+	for _, view := range views {
+		found := findAll(t, clean.dir, view)
+		require.Len(t, found, 1, view)
+		p := found[0]
 		rel[view] = strings.TrimPrefix(p, clean.dir)
 		want[view] = sha256File(t, p)
 	}
 	require.Equal(t, sha256File(t, source), want["disk.img"])
 	clean.stop(t)
 
-	for _, view := range []string{"disk.img", "disk.img.gz"} {
+	for _, view := range views {
 		t.Run(view, func(t *testing.T) {
-			var identical, eio, wrong int
-			for i := range copies {
-				fault := faultproxy.Faults[i%len(faultproxy.Faults)]
-				m := mount()
-				src := m.dir + rel[view]
-				dst := filepath.Join(t.TempDir(), "copy")
-				proxy.Set(fault, 0.3)
-				_, err := toolErr("cp", src, dst)
-				proxy.Set(faultproxy.None, 0)
-				switch {
-				case err == nil && sha256File(t, dst) == want[view]:
-					identical++
-				case err == nil:
-					wrong++
-					t.Errorf("copy %d (%s): WRONG BYTES", i, fault)
-				case strings.Contains(err.Error(), "Input/output error"):
-					eio++
-					assert.True(t, containsAny(m.logs.String(), faultWords[fault]), "copy %d (%s): the log does not name the fault:\n%s", i, fault, m.logs.String())
-					out, err := toolErr("cp", src, dst)
-					assert.NoError(t, err, "copy %d (%s) after recovery: %s", i, fault, out)
-					assert.Equal(t, want[view], sha256File(t, dst), "copy %d (%s) after recovery", i, fault)
-				default:
-					t.Errorf("copy %d (%s): failed without EIO: %v", i, fault, err)
-				}
-				m.stop(t)
-			}
-			t.Logf("kubevirt %s: %d faulted copies: %d byte-identical, %d EIO, %d wrong (%d faults injected so far)",
-				view, copies, identical, eio, wrong, proxy.Injected())
+			faultedCopies(t, proxy, copies, "kubevirt "+view, want[view], mount, func(m *mounted) string { return m.dir + rel[view] })
 			assert.Positive(t, proxy.Injected())
-			assert.Zero(t, wrong)
 		})
 	}
 }

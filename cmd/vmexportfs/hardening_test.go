@@ -187,12 +187,7 @@ func TestKill9ThenRemount(t *testing.T) {
 // TestManyVMs walks a simulator with many VMs and snapshots with find and
 // reports how many backend listings that cost.
 func TestManyVMs(t *testing.T) {
-	vms, snaps := 1000, 10
-	if v := os.Getenv("VMEXPORTFS_MANY_VMS"); v != "" {
-		n, err := strconv.Atoi(v)
-		require.NoError(t, err)
-		vms = n
-	}
+	vms, snaps := envInt(t, "VMEXPORTFS_MANY_VMS", 1000), 10
 	f := newFixture(t, coriolistest.Options{})
 	for i := range vms {
 		id := fmt.Sprintf("vm-%04d", i)
@@ -220,12 +215,7 @@ func TestManyVMs(t *testing.T) {
 // cache: every read checked against the source, memory bounded, and the
 // daemon's goroutines back to their count at mount time after unmount.
 func TestLoad(t *testing.T) {
-	seconds := 15
-	if v := os.Getenv("VMEXPORTFS_LOAD_SECONDS"); v != "" {
-		n, err := strconv.Atoi(v)
-		require.NoError(t, err)
-		seconds = n
-	}
+	seconds := envInt(t, "VMEXPORTFS_LOAD_SECONDS", 15)
 	f := newFixture(t, coriolistest.Options{})
 	type file struct{ path, source string }
 	var files []file

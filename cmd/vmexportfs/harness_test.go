@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -305,4 +306,30 @@ func formatExtents(es []extent.Extent) string {
 func sha256Bytes(b []byte) string {
 	sum := sha256.Sum256(b)
 	return hex.EncodeToString(sum[:])
+}
+
+// envInt is an integer test setting from the environment (the full-length
+// runs in README), def when unset.
+func envInt(t *testing.T, name string, def int) int {
+	t.Helper()
+	v := os.Getenv(name)
+	if v == "" {
+		return def
+	}
+	n, err := strconv.Atoi(v)
+	require.NoError(t, err, name)
+	return n
+}
+
+// findAll walks dir for entries called name.
+func findAll(t *testing.T, dir, name string) []string {
+	t.Helper()
+	var found []string
+	require.NoError(t, filepath.Walk(dir, func(p string, info os.FileInfo, err error) error {
+		if err == nil && info.Name() == name {
+			found = append(found, p)
+		}
+		return err
+	}))
+	return found
 }

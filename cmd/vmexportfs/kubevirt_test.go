@@ -93,6 +93,42 @@ func (f *kvFixture) mount(extra ...string) *mounted {
 	return m
 }
 
+// externalExport reads an export's status as the simulator publishes it:
+// the raw status, the export's external base URL
+// (…/virtualmachineexports/<name>) and the cert its links carry.
+func (f *kvFixture) externalExport(name string) (status []byte, exportURL, cert string) {
+	f.t.Helper()
+	status, err := f.sim.ExportStatus(name)
+	require.NoError(f.t, err)
+	var st struct {
+		Links struct {
+			External struct {
+				Cert    string
+				Volumes []struct {
+					Formats []struct{ Format, URL string }
+				}
+			}
+		}
+	}
+	require.NoError(f.t, json.Unmarshal(status, &st))
+	require.NotEmpty(f.t, st.Links.External.Volumes, "export %s has external volumes", name)
+	raw := st.Links.External.Volumes[0].Formats[0].URL
+	i := strings.Index(raw, "/volumes/")
+	require.Positive(f.t, i, "raw link %s", raw)
+	return status, raw[:i], st.Links.External.Cert
+}
+
+// tokenFile writes an export's token into a fresh file, as a user given
+// only the token would hold it.
+func (f *kvFixture) tokenFile(export string) string {
+	f.t.Helper()
+	token, err := f.sim.ExportToken(export)
+	require.NoError(f.t, err)
+	path := filepath.Join(f.t.TempDir(), "token")
+	require.NoError(f.t, os.WriteFile(path, []byte(token), 0o600))
+	return path
+}
+
 // object returns the HTTP status of a GET of one object on the API server.
 func (f *kvFixture) object(group, version, resource, name string) int {
 	f.t.Helper()
@@ -262,26 +298,10 @@ func TestKubeVirtStandalone(t *testing.T) {
 	tool(t, "mkdir", setup.path("vms", "vm-s", "snapshots", "s1"))
 	source := f.freeze("vm-s", "root")
 
-	status, err := f.sim.ExportStatus("s1")
-	require.NoError(t, err)
-	var st struct {
-		Links struct {
-			External struct {
-				Volumes []struct {
-					Formats []struct{ Format, URL string }
-				}
-			}
-		}
-	}
-	require.NoError(t, json.Unmarshal(status, &st))
-	raw := st.Links.External.Volumes[0].Formats[0].URL
-	exportURL := raw[:strings.Index(raw, "/volumes/")]
+	status, exportURL, _ := f.externalExport("s1")
 	dir := t.TempDir()
-	statusFile, tokenFile := filepath.Join(dir, "status.json"), filepath.Join(dir, "token")
+	statusFile, tokenFile := filepath.Join(dir, "status.json"), f.tokenFile("s1")
 	require.NoError(t, os.WriteFile(statusFile, status, 0o600))
-	token, err := f.sim.ExportToken("s1")
-	require.NoError(t, err)
-	require.NoError(t, os.WriteFile(tokenFile, []byte(token), 0o600))
 
 	// A token the export server refuses fails the mount, not the first read.
 	badToken := filepath.Join(dir, "bad-token")
@@ -301,13 +321,7 @@ func TestKubeVirtStandalone(t *testing.T) {
 	m := startCommand(t, "-f", "--token-file", tokenFile, "--export-status", statusFile,
 		"--state-dir", f.stateDir, "--cache-dir", f.cacheDir, "kubevirt+"+exportURL, mnt)
 	m.dir = mnt
-	var found []string
-	require.NoError(t, filepath.Walk(mnt, func(p string, info os.FileInfo, err error) error {
-		if err == nil && info.Name() == "disk.img" {
-			found = append(found, p)
-		}
-		return err
-	}))
+	found := findAll(t, mnt, "disk.img")
 	require.Len(t, found, 1, "one disk.img in the standalone tree")
 	copied := filepath.Join(t.TempDir(), "disk.img")
 	tool(t, "cp", "--sparse=always", found[0], copied)
