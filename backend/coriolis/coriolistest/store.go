@@ -251,6 +251,22 @@ func diffChunks(cur, old []Chunk) []Chunk {
 	return out
 }
 
+// editLive runs change on the disk's live file, opened for writing.
+func editLive(d *disk, op string, change func(*os.File) error) error {
+	f, err := os.OpenFile(d.livePath, os.O_WRONLY, 0)
+	if err != nil {
+		return fmt.Errorf("open live disk: %w", err)
+	}
+	if err := change(f); err != nil {
+		f.Close()
+		return fmt.Errorf("%s live disk: %w", op, err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("close live disk: %w", err)
+	}
+	return nil
+}
+
 func writeLive(d *disk, off int64, data []byte, alloc func() uint64) error {
 	n := int64(len(data))
 	if err := checkRange(off, n, d.spec.Size); err != nil {
@@ -259,16 +275,11 @@ func writeLive(d *disk, off int64, data []byte, alloc func() uint64) error {
 	if n == 0 {
 		return nil
 	}
-	f, err := os.OpenFile(d.livePath, os.O_WRONLY, 0)
-	if err != nil {
-		return fmt.Errorf("open live disk: %w", err)
-	}
-	if _, err := f.WriteAt(data, off); err != nil {
-		f.Close()
-		return fmt.Errorf("write live disk: %w", err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("close live disk: %w", err)
+	if err := editLive(d, "write", func(f *os.File) error {
+		_, err := f.WriteAt(data, off)
+		return err
+	}); err != nil {
+		return err
 	}
 	// Copy-on-write: every touched granule moves to a new physical location,
 	// so older snapshots keep theirs and compareTo sees the change.
@@ -286,16 +297,8 @@ func discardLive(d *disk, off, n int64, alloc func() uint64) error {
 	if n == 0 {
 		return nil
 	}
-	f, err := os.OpenFile(d.livePath, os.O_WRONLY, 0)
-	if err != nil {
-		return fmt.Errorf("open live disk: %w", err)
-	}
-	if err := punchHole(f, off, n); err != nil {
-		f.Close()
-		return fmt.Errorf("punch hole in live disk: %w", err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("close live disk: %w", err)
+	if err := editLive(d, "punch hole in", func(f *os.File) error { return punchHole(f, off, n) }); err != nil {
+		return err
 	}
 	first, last := granuleRange(off, n)
 	for g := first; g <= last; g++ {
