@@ -17,17 +17,20 @@ import (
 )
 
 // memSource serves a reference slice and checks every request against the
-// allocated map, so a fetch of a hole byte fails the test.
+// allocated map, so a fetch of hole bytes beyond what coalescing allows (a
+// request that starts or ends in a hole, or spans a hole longer than
+// coalesceGap) fails the test.
 type memSource struct {
-	t       testing.TB
-	ref     []byte
-	data    extent.Map
-	latency time.Duration
-	calls   atomic.Int64
-	bytes   atomic.Int64
-	maxOff  atomic.Int64 // highest end offset requested
-	fail    atomic.Int64 // remaining calls to fail
-	gate    chan struct{}
+	t        testing.TB
+	ref      []byte
+	data     extent.Map
+	holeByte byte // what the backend sends for hole bytes (a real one sends zeros)
+	latency  time.Duration
+	calls    atomic.Int64
+	bytes    atomic.Int64
+	maxOff   atomic.Int64 // highest end offset requested
+	fail     atomic.Int64 // remaining calls to fail
+	gate     chan struct{}
 }
 
 var errInjected = errors.New("injected backend failure")
@@ -47,7 +50,7 @@ func (m *memSource) ReadAt(ctx context.Context, p []byte, off int64) error {
 			return ctx.Err()
 		}
 	}
-	if !m.data.Contains(off, int64(len(p))) {
+	if !coalescedRange(m.data, off, int64(len(p))) {
 		m.t.Errorf("fetch of hole bytes [%d, +%d)", off, len(p))
 		return errors.New("hole fetched")
 	}
@@ -64,7 +67,29 @@ func (m *memSource) ReadAt(ctx context.Context, p []byte, off int64) error {
 		}
 	}
 	copy(p, m.ref[off:])
+	if m.holeByte != 0 {
+		for i := range p {
+			if !m.data.Contains(off+int64(i), 1) {
+				p[i] = m.holeByte
+			}
+		}
+	}
 	return nil
+}
+
+// coalescedRange reports whether [off, off+n) is a range the cache may fetch:
+// it starts and ends in data and no hole inside is longer than coalesceGap.
+func coalescedRange(m extent.Map, off, n int64) bool {
+	if n <= 0 || !m.Contains(off, 1) || !m.Contains(off+n-1, 1) {
+		return false
+	}
+	exts := m.Clip(off, n)
+	for i := 1; i < len(exts); i++ {
+		if exts[i].Off-exts[i-1].End() > coalesceGap {
+			return false
+		}
+	}
+	return true
 }
 
 // randomDisk builds a disk with random, block-unaligned extents; hole bytes
@@ -154,8 +179,12 @@ func TestSequentialFetchesExactlyAllocated(t *testing.T) {
 				require.NoError(t, r.ReadAt(context.Background(), p[:n], off))
 				require.Equal(t, src.ref[off:off+n], p[:n])
 			}
-			assert.Equal(t, src.data.Bytes(), src.bytes.Load())
-			assert.Equal(t, src.data.Bytes(), c.Stats().FetchedBytes)
+			// Exactly the data, plus the short holes each block's runs read
+			// through.
+			want := runBytes(src.data, size, 256<<10)
+			assert.Equal(t, want, src.bytes.Load())
+			assert.Equal(t, want, c.Stats().FetchedBytes)
+			assert.LessOrEqual(t, want-src.data.Bytes(), int64(src.data.Len())*coalesceGap)
 		})
 	}
 }
@@ -336,5 +365,71 @@ func TestBadRange(t *testing.T) {
 	r := c.Open("d", 100, extent.Full(100), &memSource{t: t, ref: make([]byte, 100), data: extent.Full(100)})
 	for _, tc := range []struct{ off, n int64 }{{-1, 1}, {99, 2}, {101, 0}} {
 		require.Error(t, r.ReadAt(context.Background(), make([]byte, tc.n), tc.off))
+	}
+}
+
+// runBytes is what fetching every block of a disk reads: the blocks' runs.
+func runBytes(m extent.Map, size, bs int64) int64 {
+	var n int64
+	for lo := int64(0); lo < size; lo += bs {
+		for _, r := range m.Runs(lo, min(bs, size-lo), coalesceGap) {
+			n += r.Len
+		}
+	}
+	return n
+}
+
+// TestCoalescedFetches: a block's extents separated by holes of at most
+// coalesceGap are one request, the holes read as zeros whatever the backend
+// sent for them, and extents further apart are fetched apart.
+func TestCoalescedFetches(t *testing.T) {
+	const bs = 1 << 20
+	every := func(n int, length, stride, from int64) []extent.Extent {
+		var out []extent.Extent
+		for i := range int64(n) {
+			out = append(out, extent.Extent{Off: from + i*stride, Len: length})
+		}
+		return out
+	}
+	tests := []struct {
+		name    string
+		size    int64
+		raw     []extent.Extent
+		fetches int64
+		fetched int64
+	}{
+		{"4096 extents of 16 bytes 256 apart", bs, every(4096, 16, 256, 0), 1, 4095*256 + 16},
+		{"hole of exactly coalesceGap", bs, []extent.Extent{{Off: 0, Len: 100}, {Off: 100 + coalesceGap, Len: 100}}, 1, 200 + coalesceGap},
+		{"hole one byte longer", bs, []extent.Extent{{Off: 0, Len: 100}, {Off: 101 + coalesceGap, Len: 100}}, 2, 200},
+		{"far apart: fetched as they are", bs, every(4, 64<<10, 256<<10, 0), 4, 4 * 64 << 10},
+		{"a run is cut at the block end", 2 * bs, every(2, 4096, 8192, bs-4096), 2, 2 * 4096},
+		{"bench layout: 8 MiB every 32 MiB", 64 << 20, every(2, 8<<20, 32<<20, 0), 16, 16 << 20},
+		{"mixed: two runs and a lone extent", bs, append(every(100, 16, 256, 0), append(every(100, 16, 256, 512<<10), extent.Extent{Off: bs - 16, Len: 16})...), 3, 2*(99*256+16) + 16},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m, err := extent.Normalize(tt.raw, tt.size)
+			require.NoError(t, err)
+			ref := make([]byte, tt.size)
+			for _, e := range m.Extents() {
+				for i := e.Off; i < e.End(); i++ {
+					ref[i] = byte(i%251) | 1
+				}
+			}
+			src := &memSource{t: t, ref: ref, data: m, holeByte: 0xEE}
+			c := New(Options{BlockSize: bs, Capacity: 64 << 20, MaxReadahead: bs})
+			defer c.Close()
+			r := c.Open("d", tt.size, m, src)
+			defer r.Close()
+			got := make([]byte, tt.size)
+			for off := int64(0); off < tt.size; off += bs {
+				require.NoError(t, r.ReadAt(context.Background(), got[off:off+bs], off))
+			}
+			require.Equal(t, ref, got, "holes read as zeros, data as data")
+			assert.Equal(t, tt.fetches, c.Stats().Fetches, "requests")
+			assert.Equal(t, tt.fetches, src.calls.Load(), "requests the backend saw")
+			assert.Equal(t, tt.fetched, c.Stats().FetchedBytes, "bytes requested")
+			assert.Equal(t, tt.fetched, src.bytes.Load(), "bytes the backend sent")
+		})
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/extent"
@@ -67,15 +68,26 @@ func (l *lazyView[V]) close(closeView func(V)) {
 
 // gzipView is disk.img.gz: a multi-member gzip whose member index is kept in
 // the cache directory, so only the first full stat of a snapshot compresses.
+//
+// An index that turns out stale (the data under an unchanged snapshot id
+// changed: a member compresses to another length) is dropped and rebuilt
+// once, which changes the file's size and bytes. Each open handle is pinned
+// to the layout it was opened on and fails with EIO once that layout is
+// gone, so no reader gets bytes of two layouts; the kernel's cached
+// attributes and pages of the inode are invalidated when the layout is
+// dropped and again when the rebuilt one is ready, so a fresh open or stat
+// sees the new size.
 type gzipView struct {
 	lazy lazyView[*gzipview.View]
+	// onChange is set once the file's inode exists (diskFile.OnAdd).
+	onChange atomic.Pointer[func()]
 }
 
-func newGzipView(raw *rawView, cacheDir string) *gzipView {
+func newGzipView(raw *rawView, cacheDir, name string) *gzipView {
 	v := &gzipView{}
 	v.lazy = lazyView[*gzipview.View]{raw: raw, build: func(ctx context.Context, d backend.Disk) (*gzipview.View, stream, error) {
 		s := raw.st.open(cacheKey(raw.ref), d.Size(), d.Allocated(), d)
-		opts := gzipview.Options{Logger: raw.st.log}
+		opts := gzipview.Options{Logger: raw.st.log, Name: name, OnLayoutChange: v.layoutChanged}
 		if cacheDir != "" {
 			sum := sha256.Sum256([]byte(cacheKey(raw.ref)))
 			opts.IndexPath = filepath.Join(cacheDir, "gzip-"+hex.EncodeToString(sum[:16])+".idx")
@@ -108,6 +120,46 @@ func (v *gzipView) Data(ctx context.Context) (extent.Map, error) {
 }
 
 func (v *gzipView) Close() { v.lazy.close((*gzipview.View).Close) }
+
+// watchLayout makes fn run (and not block) whenever the layout changes.
+func (v *gzipView) watchLayout(fn func()) { v.onChange.Store(&fn) }
+
+func (v *gzipView) layoutChanged() {
+	if fn := v.onChange.Load(); fn != nil {
+		(*fn)()
+	}
+}
+
+// OpenStream pins a handle to the current layout: its reads fail with
+// gzipview.ErrLayoutChanged (EIO) once a stale index was dropped, because
+// its opener sized the file by the old one.
+func (v *gzipView) OpenStream(ctx context.Context) (stream, error) {
+	g, err := v.lazy.get(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &gzipStream{g: g, gen: g.Generation()}, nil
+}
+
+type gzipStream struct {
+	g   *gzipview.View
+	gen uint64
+}
+
+func (s *gzipStream) ReadAt(ctx context.Context, p []byte, off int64) error {
+	return s.g.ReadAtGeneration(ctx, s.gen, p, off)
+}
+
+// valid fails once the stream's layout is gone, before the read would size
+// the file by (and so rebuild) the new one.
+func (s *gzipStream) valid() error {
+	if s.g.Generation() != s.gen {
+		return fmt.Errorf("gzip: %w", gzipview.ErrLayoutChanged)
+	}
+	return nil
+}
+
+func (s *gzipStream) Close() {}
 
 // vhdView is disk.vhd (dynamic) or delta-from-<base>.vhd (differencing). Its
 // layout needs only the extent maps, so stat costs no data reads.

@@ -124,7 +124,7 @@ func (d *diskFiles) lookup(ctx context.Context, parent *gofs.Inode, name string,
 		if disk.Size() > gzipMaxSize {
 			return nil, syscall.ENOENT
 		}
-		v = newGzipView(raw, d.st.cacheDir)
+		v = newGzipView(raw, d.st.cacheDir, path.Join(d.dir, name))
 	case name == vhdFileName:
 		if errno := d.vhdPossible(ctx, raw); errno != 0 {
 			return nil, errno

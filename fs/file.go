@@ -168,7 +168,35 @@ var (
 	_ gofs.NodeStatfser    = (*diskFile)(nil)
 	_ gofs.NodeReleaser    = (*diskFile)(nil)
 	_ gofs.NodeOnForgetter = (*diskFile)(nil)
+	_ gofs.NodeOnAdder     = (*diskFile)(nil)
 )
+
+// layoutWatcher is implemented by views whose size and bytes can change
+// while the inode lives (disk.img.gz after a stale index is dropped).
+type layoutWatcher interface {
+	watchLayout(fn func())
+}
+
+// OnAdd runs once the file has an inode: from then on a layout change
+// invalidates what the kernel caches of it.
+func (f *diskFile) OnAdd(ctx context.Context) {
+	if w, ok := f.v.(layoutWatcher); ok {
+		w.watchLayout(f.invalidateKernelCache)
+	}
+}
+
+// invalidateKernelCache drops the kernel's cached attributes and pages of the
+// file, so the next stat asks again and no page of an old layout is served.
+// It notifies from a goroutine: the change is found inside a READ whose pages
+// the kernel keeps locked until we answer, and invalidating them from there
+// would deadlock.
+func (f *diskFile) invalidateKernelCache() {
+	go func() {
+		if errno := f.NotifyContent(0, 0); errno != 0 && errno != syscall.ENOENT {
+			f.st.log.Debug("fs: cannot invalidate kernel cache", "path", f.path, "errno", errno.Error())
+		}
+	}()
+}
 
 // OnForget drops what a derived view keeps (its raw stream, read-ahead).
 func (f *diskFile) OnForget() {
@@ -178,6 +206,8 @@ func (f *diskFile) OnForget() {
 }
 
 func (f *diskFile) fillAttr(ctx context.Context, a *fuse.Attr) syscall.Errno {
+	f.st.inflight.Add(1)
+	defer f.st.inflight.Add(-1)
 	size, err := f.v.Size(ctx)
 	if err != nil {
 		return f.st.toErrno(ctx, "stat", f.path, err)
@@ -236,17 +266,30 @@ func (f *diskFile) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uin
 		}
 		h.s = s
 	}
+	f.st.openFiles.Add(1)
 	return h, fuse.FOPEN_KEEP_CACHE, 0
 }
 
 func (f *diskFile) Release(ctx context.Context, fh gofs.FileHandle) syscall.Errno {
-	if h, ok := fh.(*handle); ok && h.s != nil {
-		h.s.Close()
+	if h, ok := fh.(*handle); ok {
+		f.st.openFiles.Add(-1)
+		if h.s != nil {
+			h.s.Close()
+		}
 	}
 	return 0
 }
 
 func (f *diskFile) Read(ctx context.Context, fh gofs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	f.st.inflight.Add(1)
+	defer f.st.inflight.Add(-1)
+	if h, ok := fh.(*handle); ok {
+		if s, ok := h.s.(interface{ valid() error }); ok {
+			if err := s.valid(); err != nil {
+				return nil, f.st.toErrno(ctx, "read", f.path, err)
+			}
+		}
+	}
 	size, err := f.v.Size(ctx)
 	if err != nil {
 		return nil, f.st.toErrno(ctx, "read", f.path, err)

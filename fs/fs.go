@@ -14,6 +14,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -53,6 +54,10 @@ type state struct {
 	epoch    time.Time
 
 	vms cachedList[*vmListing]
+
+	// openFiles counts open file handles, inflight the file operations
+	// running (reads, stats): what a shutdown would cut short.
+	openFiles, inflight atomic.Int64
 
 	mu     sync.Mutex
 	snaps  map[string]*cachedList[*snapListing]
@@ -97,6 +102,12 @@ func NewRoot(src backend.Source, opts Options) (*Root, error) {
 		warned:   map[string]bool{},
 	}
 	return &Root{dirNode{st: st, mode: 0o555}}, nil
+}
+
+// Activity reports the file handles open on the tree (in any mount
+// namespace) and the file operations (reads, stats) running now.
+func (r *Root) Activity() (openFiles, inflight int64) {
+	return r.st.openFiles.Load(), r.st.inflight.Load()
 }
 
 // OnAdd builds the static top of the tree.

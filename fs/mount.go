@@ -2,6 +2,7 @@ package fs
 
 import (
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -53,6 +54,9 @@ func Mount(dir string, root *Root, mo MountOptions) (*fuse.Server, error) {
 			DirectMount:        os.Geteuid() == 0, // falls back to fusermount3
 			// The kernel checks modes, so 0444/0555 hold for every user.
 			Options: []string{"default_permissions"},
+			// --debug output goes where every other log line goes, through
+			// the same handler (and so the same redaction of secrets).
+			Logger: slog.NewLogLogger(root.st.log.Handler(), slog.LevelInfo),
 		},
 		EntryTimeout:    &long,
 		AttrTimeout:     &long,

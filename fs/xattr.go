@@ -110,13 +110,30 @@ func (f *diskFile) Getxattr(ctx context.Context, attr string, dest []byte) (uint
 	if paged {
 		return xattrValue(page(m, from), dest)
 	}
-	val := m.Format()
-	if len(val) > xattrSizeMax {
+	val := capped{limit: xattrSizeMax}
+	if _, err := m.WriteTo(&val); err != nil {
 		f.st.log.Warn("fs: extent map too large for one xattr; use `vmexportfs extents` (pages with "+name+"@<offset>)",
-			"path", f.path, "attr", name, "bytes", len(val))
+			"path", f.path, "attr", name, "extents", m.Len())
 		return 0, syscall.E2BIG
 	}
-	return xattrValue([]byte(val), dest)
+	return xattrValue(val.buf, dest)
+}
+
+// capped collects at most limit bytes and fails a write past that, so a map
+// of millions of extents is refused without being formatted whole.
+type capped struct {
+	buf   []byte
+	limit int
+}
+
+var errCapped = errors.New("value over the xattr size limit")
+
+func (c *capped) Write(p []byte) (int, error) {
+	if len(c.buf)+len(p) > c.limit {
+		return 0, errCapped
+	}
+	c.buf = append(c.buf, p...)
+	return len(p), nil
 }
 
 // changedSince answers for a base given by shown name or by id.

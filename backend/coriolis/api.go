@@ -1,9 +1,9 @@
 package coriolis
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
-	"strconv"
 	"strings"
 
 	"github.com/vmexportfs/vmexportfs/backend"
@@ -35,52 +35,22 @@ type apiSnapshot struct {
 }
 
 type apiDiskSnapshot struct {
-	Name       string     `json:"name"`
-	Path       string     `json:"path"`
-	SnapshotID string     `json:"snapshot_id"`
-	Chunks     []apiChunk `json:"chunks"`
+	Name       string    `json:"name"`
+	Path       string    `json:"path"`
+	SnapshotID string    `json:"snapshot_id"`
+	Chunks     chunkList `json:"chunks"`
 }
 
-// apiChunk keeps numbers as text: the server's uint64 may not fit an int64,
-// and a bad number must degrade the map, not fail the whole answer.
-type apiChunk struct {
-	Start  json.Number `json:"start"`
-	Length json.Number `json:"length"`
-}
-
+// UnmarshalJSON decodes a snapshot with the streaming decoder (decode.go),
+// which also takes the README's vmID spelling.
 func (s *apiSnapshot) UnmarshalJSON(b []byte) error {
-	var raw struct {
-		ID      string            `json:"id"`
-		VMID    string            `json:"vm_id"`
-		VMIDAlt string            `json:"vmID"`
-		Disks   []apiDiskSnapshot `json:"disks"`
-	}
-	if err := json.Unmarshal(b, &raw); err != nil {
-		return err
-	}
-	*s = apiSnapshot{ID: raw.ID, VMID: raw.VMID, Disks: raw.Disks}
-	if s.VMID == "" {
-		s.VMID = raw.VMIDAlt
-	}
-	return nil
+	return decodeSnapshot(json.NewDecoder(bytes.NewReader(b)), s)
 }
 
+// UnmarshalJSON decodes a snapshot disk with the streaming decoder, which
+// also takes the README's snapshotID spelling.
 func (d *apiDiskSnapshot) UnmarshalJSON(b []byte) error {
-	var raw struct {
-		Name          string     `json:"name"`
-		Path          string     `json:"path"`
-		SnapshotID    string     `json:"snapshot_id"`
-		SnapshotIDAlt string     `json:"snapshotID"`
-		Chunks        []apiChunk `json:"chunks"`
-	}
-	if err := json.Unmarshal(b, &raw); err != nil {
-		return err
-	}
-	*d = apiDiskSnapshot{Name: raw.Name, Path: raw.Path, SnapshotID: raw.SnapshotID, Chunks: raw.Chunks}
-	if d.SnapshotID == "" {
-		d.SnapshotID = raw.SnapshotIDAlt
-	}
-	return nil
+	return decodeDiskSnapshot(json.NewDecoder(bytes.NewReader(b)), d)
 }
 
 // snapshottable reports whether a VM disk is part of snapshots: CD-ROMs and
@@ -127,38 +97,21 @@ func (s apiSnapshot) disk(name string) (apiDiskSnapshot, bool) {
 }
 
 // chunkMap turns chunks into a normalized map, or says why it cannot.
-func chunkMap(chunks []apiChunk, size int64) (extent.Map, error) {
-	raw := make([]extent.Extent, 0, len(chunks))
-	for i, c := range chunks {
-		start, err := chunkNumber(c.Start)
-		if err != nil {
-			return extent.Map{}, fmt.Errorf("%w %d: start: %w", errHostile, i, err)
-		}
-		length, err := chunkNumber(c.Length)
-		if err != nil {
-			return extent.Map{}, fmt.Errorf("%w %d: length: %w", errHostile, i, err)
-		}
-		raw = append(raw, extent.Extent{Off: start, Len: length})
-	}
-	m, err := extent.Normalize(raw, size)
-	if err != nil {
-		return extent.Map{}, fmt.Errorf("%w: %w", errHostile, err)
-	}
-	return m, nil
+func chunkMap(chunks chunkList, size int64) (extent.Map, error) {
+	m, _, err := chunkMapReport(chunks, size)
+	return m, err
 }
 
-func chunkNumber(n json.Number) (int64, error) {
-	if n == "" {
-		return 0, fmt.Errorf("missing")
+// chunkMapReport is chunkMap that also says what normalizing repaired.
+func chunkMapReport(chunks chunkList, size int64) (extent.Map, extent.Repairs, error) {
+	if chunks.bad != nil {
+		return extent.Map{}, extent.Repairs{}, chunks.bad
 	}
-	v, err := strconv.ParseInt(string(n), 10, 64)
+	m, rep, err := extent.NormalizeShared(chunks.extents(), size)
 	if err != nil {
-		return 0, fmt.Errorf("not an offset: %.40q", string(n))
+		return extent.Map{}, rep, fmt.Errorf("%w: %w", errHostile, err)
 	}
-	if v < 0 {
-		return 0, fmt.Errorf("negative: %d", v)
-	}
-	return v, nil
+	return m, rep, nil
 }
 
 type loginRequest struct {

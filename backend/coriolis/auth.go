@@ -14,6 +14,7 @@ import (
 
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/httprange"
+	"github.com/vmexportfs/vmexportfs/backend/redact"
 )
 
 // renewDebounce: a 401 that arrives this soon after a login was almost
@@ -23,11 +24,12 @@ const renewDebounce = time.Second
 // authorizer holds the exporter's JWT and logs in again before it expires
 // or after a 401. One mutex makes concurrent requests share one login.
 type authorizer struct {
-	login  *httprange.Client // no Auth: login is how credentials are made
-	url    string
-	user   string
-	pass   string
-	logger *slog.Logger
+	login   *httprange.Client // no Auth: login is how credentials are made
+	url     string
+	user    string
+	pass    string
+	logger  *slog.Logger
+	secrets *redact.Secrets
 
 	mu       sync.Mutex
 	token    string
@@ -81,6 +83,8 @@ func (a *authorizer) loginLocked(ctx context.Context) error {
 	if err := decodeJSON(resp.Body, &ans); err != nil {
 		return fmt.Errorf("coriolis: login: %w", err)
 	}
+	// Known before anything can quote it, even an error about it.
+	a.secrets.AddRenewed(ans.Token)
 	now := time.Now()
 	renewAt, err := tokenRenewal(ans.Token, now)
 	if err != nil {

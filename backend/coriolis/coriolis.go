@@ -4,7 +4,6 @@
 package coriolis
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -22,6 +21,7 @@ import (
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/extent"
 	"github.com/vmexportfs/vmexportfs/backend/httprange"
+	"github.com/vmexportfs/vmexportfs/backend/redact"
 )
 
 // Config says where the exporter is and how to log in.
@@ -33,12 +33,15 @@ type Config struct {
 	InsecureSkipVerify bool
 	Policy             httprange.Policy
 	Logger             *slog.Logger
-	HTTP               *http.Client // optional override (tests); otherwise built from RootCAs
+	HTTP               *http.Client    // optional override (tests); otherwise built from RootCAs
+	Secrets            *redact.Secrets // the password and every token issued are added to it
 }
 
-// maxJSONBody bounds a JSON answer: a snapshot of a huge, fragmented disk has
-// many chunks, but nothing legitimate comes close.
-const maxJSONBody = 64 << 20
+// maxJSONBody bounds a JSON answer. Answers are decoded as they stream in, so
+// memory grows with the extents kept (16 B each), not with the body: the
+// bound only stops an endless answer. The snapshot list of a VM whose
+// snapshots each have a million chunks is 66 MB per snapshot.
+const maxJSONBody = 1 << 30
 
 // snapshotCacheTTL is how long one snapshot answer serves OpenDisk calls, so
 // opening every disk of a snapshot costs one GET. Snapshots are immutable, so
@@ -88,14 +91,20 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 		logger.Warn("coriolis: TLS certificate verification disabled", "url", base.Redacted())
 	}
 	c := &Client{base: base, logger: logger, cache: map[[2]string]cachedSnapshot{}}
-	c.auth = &authorizer{
-		login:  &httprange.Client{HTTP: hc, Policy: cfg.Policy, Logger: logger},
-		url:    c.route("auth", "login"),
-		user:   cfg.Username,
-		pass:   cfg.Password,
-		logger: logger,
+	secrets := cfg.Secrets
+	if secrets == nil {
+		secrets = &redact.Secrets{}
 	}
-	c.http = &httprange.Client{HTTP: hc, Auth: c.auth, Policy: cfg.Policy, Logger: logger}
+	secrets.Add(cfg.Password)
+	c.auth = &authorizer{
+		login:   &httprange.Client{HTTP: hc, Policy: cfg.Policy, Logger: logger, Secrets: secrets},
+		url:     c.route("auth", "login"),
+		user:    cfg.Username,
+		pass:    cfg.Password,
+		logger:  logger,
+		secrets: secrets,
+	}
+	c.http = &httprange.Client{HTTP: hc, Auth: c.auth, Policy: cfg.Policy, Logger: logger, Secrets: secrets}
 	if err := c.auth.Renew(ctx); err != nil {
 		return nil, err
 	}
@@ -146,23 +155,48 @@ func (c *Client) call(ctx context.Context, method, u string, v any) error {
 }
 
 // decodeJSON reads one bounded JSON value; trailing data or an oversize body
-// is malformed.
+// is malformed. Snapshots are decoded as a stream (decode.go), so the body of
+// a million-chunk answer is never held whole.
 func decodeJSON(r io.Reader, v any) error {
-	b, err := io.ReadAll(io.LimitReader(r, maxJSONBody+1))
-	if err != nil {
-		return fmt.Errorf("%w: read answer: %w", backend.ErrUnavailable, err)
+	body := &countingReader{r: io.LimitReader(r, maxJSONBody+1)}
+	dec := json.NewDecoder(body)
+	var err error
+	switch v := v.(type) {
+	case *apiSnapshot:
+		err = decodeSnapshot(dec, v)
+	case *[]apiSnapshot:
+		err = decodeSnapshots(dec, v)
+	default:
+		err = dec.Decode(v)
 	}
-	if len(b) > maxJSONBody {
+	if err == nil && dec.More() {
+		err = errors.New("trailing data")
+	}
+	switch {
+	case body.n > maxJSONBody:
 		return fmt.Errorf("%w: answer larger than %d bytes", backend.ErrUnavailable, maxJSONBody)
-	}
-	dec := json.NewDecoder(bytes.NewReader(b))
-	if err := dec.Decode(v); err != nil {
+	case body.err != nil && !errors.Is(body.err, io.EOF):
+		return fmt.Errorf("%w: read answer: %w", backend.ErrUnavailable, body.err)
+	case err != nil:
 		return fmt.Errorf("%w: malformed JSON answer: %w", backend.ErrUnavailable, err)
 	}
-	if dec.More() {
-		return fmt.Errorf("%w: malformed JSON answer: trailing data", backend.ErrUnavailable)
-	}
 	return nil
+}
+
+// countingReader counts what it read and keeps the first read error.
+type countingReader struct {
+	r   io.Reader
+	n   int64
+	err error
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += int64(n)
+	if err != nil && c.err == nil {
+		c.err = err
+	}
+	return n, err
 }
 
 // VMs lists the exporter's VMs.
@@ -277,8 +311,19 @@ func (c *Client) snapshot(ctx context.Context, vmID, sid string) (apiSnapshot, e
 			delete(c.cache, k)
 		}
 	}
-	c.cache[key] = cachedSnapshot{snap: s, fetched: time.Now()}
+	fetched := time.Now()
+	c.cache[key] = cachedSnapshot{snap: s, fetched: fetched}
 	c.mu.Unlock()
+	// The answer holds every disk's chunks (16 bytes each, 16 MB for a
+	// million): drop it when it expires, not at the next snapshot GET,
+	// which may never come.
+	time.AfterFunc(snapshotCacheTTL, func() {
+		c.mu.Lock()
+		if cs, ok := c.cache[key]; ok && cs.fetched.Equal(fetched) {
+			delete(c.cache, key)
+		}
+		c.mu.Unlock()
+	})
 	return s, nil
 }
 
@@ -297,10 +342,15 @@ func (c *Client) OpenDisk(ctx context.Context, ref backend.DiskRef) (backend.Dis
 	if d.size, err = c.http.Size(ctx, d.url); err != nil {
 		return nil, fmt.Errorf("coriolis: open disk: %w", err)
 	}
-	if d.alloc, err = chunkMap(ds.Chunks, d.size); err != nil {
+	var rep extent.Repairs
+	if d.alloc, rep, err = chunkMapReport(ds.Chunks, d.size); err != nil {
 		// Reading everything is always correct; a wrong map is not.
 		c.logger.Warn("coriolis: untrusted chunk map, reading the whole disk", "vm", ref.VM, "snapshot", ref.Snapshot, "disk", ref.Disk, "reason", err.Error())
 		d.alloc = extent.Full(d.size)
+	} else if rep.Suspicious() {
+		// Adjacent chunks (FIEMAP splits) are merged silently: routine.
+		c.logger.Warn(fmt.Sprintf("coriolis: chunk map normalized: %d unsorted/overlapping extents", rep.Unsorted+rep.Overlapping),
+			"vm", ref.VM, "snapshot", ref.Snapshot, "disk", ref.Disk, "unsorted", rep.Unsorted, "overlapping", rep.Overlapping, "extents", d.alloc.Len())
 	}
 	return d, nil
 }
@@ -325,7 +375,7 @@ func (d *Disk) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if off < 0 || off > d.size || int64(len(p)) > d.size-off {
 		return fmt.Errorf("coriolis: read: %w: %d bytes at %d past disk size %d", backend.ErrInvalid, len(p), off, d.size)
 	}
-	if err := d.c.http.ReadRange(ctx, d.url, p, off); err != nil {
+	if err := d.c.http.ReadRange(ctx, d.url, d.size, p, off); err != nil {
 		return fmt.Errorf("coriolis: read: %w", err)
 	}
 	return nil

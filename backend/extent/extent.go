@@ -5,9 +5,12 @@
 package extent
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
+	"io"
 	"math"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -21,7 +24,9 @@ type Extent struct {
 // End is the first byte after the extent.
 func (e Extent) End() int64 { return e.Off + e.Len }
 
-// Map is a normalized list of extents. The zero Map is empty (all hole).
+// Map is a normalized list of extents. The zero Map is empty (all hole). It
+// holds 16 bytes per extent (two int64s, in one slice): a map of 1,000,000
+// extents is 16 MB.
 type Map struct {
 	exts []Extent
 }
@@ -30,31 +35,100 @@ type Map struct {
 // or past the end of the disk).
 var ErrInvalid = errors.New("invalid extent")
 
+// Repairs counts what Normalize had to fix in its input.
+//
+// Only Unsorted and Overlapping say the source sent a wrong map (see
+// Suspicious). Adjacent extents are routine: FIEMAP splits a file's extents
+// wherever their physical blocks are not contiguous, so a Coriolis exporter
+// asked not to squash (or one whose squash keeps physical boundaries) lists
+// many touching extents, and merging them is the normal, silent case. Empty
+// extents are counted for the same report but are harmless.
+type Repairs struct {
+	Unsorted    int // extents that start before the extent listed before them
+	Overlapping int // extents sharing bytes with an earlier one, in sorted order
+	Adjacent    int // extents that start where the one before ends, merged into it
+	Empty       int // zero-length extents, dropped
+}
+
+// Suspicious reports a map that was unsorted or overlapping: worth one warning
+// per map, since a well-behaved platform never sends one.
+func (r Repairs) Suspicious() bool { return r.Unsorted+r.Overlapping > 0 }
+
 // Normalize validates raw extents against a disk of the given size and returns
 // their union as a Map. Unsorted, overlapping, adjacent and empty extents are
 // fine (they are sorted and merged); an extent that is negative, overflows or
 // runs past size is an error, because a map that disagrees with the disk
-// cannot be trusted to say where data is.
+// cannot be trusted to say where data is. raw is not modified.
 func Normalize(raw []Extent, size int64) (Map, error) {
-	if size < 0 {
-		return Map{}, fmt.Errorf("%w: disk size %d", ErrInvalid, size)
+	m, _, err := NormalizeReport(raw, size)
+	return m, err
+}
+
+// NormalizeReport is Normalize that also says what it repaired, so a backend
+// can log one line per map it had to fix. raw is not modified.
+func NormalizeReport(raw []Extent, size int64) (Map, Repairs, error) {
+	return normalize(make([]Extent, 0, len(raw)), raw, size)
+}
+
+// NormalizeShared is NormalizeReport for a list that is never modified
+// again (a decoded answer kept in a cache): when raw is already normalized,
+// as a platform's map usually is, the Map shares its array instead of
+// copying it, so a map of a million extents is held once (16 MB), not twice.
+// Otherwise raw is left alone and the Map is a normalized copy.
+func NormalizeShared(raw []Extent, size int64) (Map, Repairs, error) {
+	if size >= 0 && normalized(raw, size) {
+		if len(raw) == 0 {
+			return Map{}, Repairs{}, nil
+		}
+		return Map{exts: raw[:len(raw):len(raw)]}, Repairs{}, nil
 	}
-	exts := make([]Extent, 0, len(raw))
+	return NormalizeReport(raw, size)
+}
+
+// normalized reports whether raw already satisfies Map's invariant.
+func normalized(raw []Extent, size int64) bool {
+	end := int64(-1)
+	for _, e := range raw {
+		if e.Len <= 0 || e.Off <= end || e.Off > size-e.Len {
+			return false
+		}
+		end = e.End()
+	}
+	return true
+}
+
+func normalize(exts, raw []Extent, size int64) (Map, Repairs, error) {
+	var rep Repairs
+	if size < 0 {
+		return Map{}, rep, fmt.Errorf("%w: disk size %d", ErrInvalid, size)
+	}
 	for _, e := range raw {
 		if e.Off < 0 || e.Len < 0 || e.Off > math.MaxInt64-e.Len {
-			return Map{}, fmt.Errorf("%w: offset %d length %d", ErrInvalid, e.Off, e.Len)
+			return Map{}, rep, fmt.Errorf("%w: offset %d length %d", ErrInvalid, e.Off, e.Len)
 		}
 		if e.End() > size {
-			return Map{}, fmt.Errorf("%w: offset %d length %d runs past disk size %d", ErrInvalid, e.Off, e.Len, size)
+			return Map{}, rep, fmt.Errorf("%w: offset %d length %d runs past disk size %d", ErrInvalid, e.Off, e.Len, size)
 		}
-		if e.Len > 0 {
-			exts = append(exts, e)
+		if e.Len == 0 {
+			rep.Empty++
+			continue
 		}
+		if n := len(exts); n > 0 && e.Off < exts[n-1].Off {
+			rep.Unsorted++
+		}
+		exts = append(exts, e)
 	}
-	sort.Slice(exts, func(i, j int) bool { return exts[i].Off < exts[j].Off })
+	if rep.Unsorted > 0 {
+		slices.SortFunc(exts, func(a, b Extent) int { return cmp.Compare(a.Off, b.Off) })
+	}
 	out := exts[:0]
 	for _, e := range exts {
 		if n := len(out); n > 0 && e.Off <= out[n-1].End() {
+			if e.Off < out[n-1].End() {
+				rep.Overlapping++
+			} else {
+				rep.Adjacent++
+			}
 			if e.End() > out[n-1].End() {
 				out[n-1].Len = e.End() - out[n-1].Off
 			}
@@ -63,9 +137,14 @@ func Normalize(raw []Extent, size int64) (Map, error) {
 		out = append(out, e)
 	}
 	if len(out) == 0 {
-		return Map{}, nil
+		return Map{}, rep, nil
 	}
-	return Map{exts: out}, nil
+	// Merging left spare capacity behind (a map of adjacent extents shrinks
+	// to one): give it back rather than hold it for the map's lifetime.
+	if cap(out)-len(out) > len(out) {
+		out = slices.Clone(out)
+	}
+	return Map{exts: out}, rep, nil
 }
 
 // Full is a map with all of [0, size) as data.
@@ -142,17 +221,73 @@ func (m Map) Clip(off, n int64) []Extent {
 	return out
 }
 
+// Runs covers the data inside [off, off+n) with as few ranges as it can
+// without spanning a hole longer than maxGap: consecutive extents (cut to the
+// range) whose hole between them is at most maxGap bytes form one run, which
+// then includes that hole. A reader fetches each run with one request and
+// zeroes the holes inside (ZeroHoles), so many small extents cost few
+// requests while the bytes read past the data stay below maxGap per hole.
+// maxGap 0 gives the extents themselves (Clip).
+func (m Map) Runs(off, n, maxGap int64) []Extent {
+	var out []Extent
+	for i := m.first(off); i < len(m.exts) && m.exts[i].Off < off+n; i++ {
+		e := m.exts[i]
+		lo, hi := max(e.Off, off), min(e.End(), off+n)
+		if k := len(out); k > 0 && lo-out[k-1].End() <= maxGap {
+			out[k-1].Len = hi - out[k-1].Off
+			continue
+		}
+		out = append(out, Extent{lo, hi - lo})
+	}
+	return out
+}
+
+// ZeroHoles clears every byte of p, which holds [off, off+len(p)), that is
+// not data in m: what a run read from the backend brought in from holes.
+func (m Map) ZeroHoles(p []byte, off int64) {
+	end := off + int64(len(p))
+	pos := off
+	for i := m.first(off); i < len(m.exts) && m.exts[i].Off < end && pos < end; i++ {
+		if e := m.exts[i]; e.Off > pos {
+			clear(p[pos-off : e.Off-off])
+		}
+		pos = min(m.exts[i].End(), end)
+	}
+	if pos < end {
+		clear(p[pos-off:])
+	}
+}
+
 // Format renders the map as the text used in xattrs and by `vmexportfs
 // extents`: one extent per line, "<offset> <length>\n", decimal bytes.
 func (m Map) Format() string {
 	var b strings.Builder
-	for _, e := range m.exts {
-		b.WriteString(strconv.FormatInt(e.Off, 10))
-		b.WriteByte(' ')
-		b.WriteString(strconv.FormatInt(e.Len, 10))
-		b.WriteByte('\n')
-	}
+	m.WriteTo(&b)
 	return b.String()
+}
+
+// WriteTo writes Format's text to w in pieces of at most 64 KiB, without
+// building it whole (a million extents are some 20 MB of text): hashing a
+// large map costs one small buffer.
+func (m Map) WriteTo(w io.Writer) (int64, error) {
+	const piece = 64 << 10
+	var total int64
+	buf := make([]byte, 0, min(piece, 42*len(m.exts))) // 42: the longest line
+	for i, e := range m.exts {
+		buf = strconv.AppendInt(buf, e.Off, 10)
+		buf = append(buf, ' ')
+		buf = strconv.AppendInt(buf, e.Len, 10)
+		buf = append(buf, '\n')
+		if len(buf) > piece-42 || i == len(m.exts)-1 {
+			n, err := w.Write(buf)
+			total += int64(n)
+			if err != nil {
+				return total, err
+			}
+			buf = buf[:0]
+		}
+	}
+	return total, nil
 }
 
 // Parse reads the Format text back and normalizes it against size.

@@ -1,6 +1,8 @@
 package extent
 
 import (
+	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -114,4 +116,119 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("round trip: %v %q %q", err, m.Format(), again.Format())
 		}
 	})
+}
+
+func TestNormalizeReport(t *testing.T) {
+	tests := []struct {
+		name       string
+		raw        []Extent
+		want       []Extent
+		rep        Repairs
+		suspicious bool
+	}{
+		{"clean", []Extent{{0, 10}, {20, 10}}, []Extent{{0, 10}, {20, 10}}, Repairs{}, false},
+		{"adjacent is routine", []Extent{{0, 10}, {10, 10}, {20, 5}}, []Extent{{0, 25}}, Repairs{Adjacent: 2}, false},
+		{"empty is harmless", []Extent{{0, 10}, {50, 0}}, []Extent{{0, 10}}, Repairs{Empty: 1}, false},
+		{"unsorted", []Extent{{20, 10}, {0, 10}, {40, 1}}, []Extent{{0, 10}, {20, 10}, {40, 1}}, Repairs{Unsorted: 1}, true},
+		{"overlapping", []Extent{{0, 15}, {10, 10}, {12, 2}}, []Extent{{0, 20}}, Repairs{Overlapping: 2}, true},
+		{"unsorted and adjacent", []Extent{{10, 10}, {0, 10}}, []Extent{{0, 20}}, Repairs{Unsorted: 1, Adjacent: 1}, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			raw := append([]Extent(nil), tt.raw...)
+			m, rep, err := NormalizeReport(raw, 100)
+			require.NoError(t, err)
+			assert.Equal(t, tt.want, m.Extents())
+			assert.Equal(t, tt.rep, rep)
+			assert.Equal(t, tt.suspicious, rep.Suspicious())
+			assert.Equal(t, tt.raw, raw, "input left alone")
+		})
+	}
+}
+
+func TestRunsAndZeroHoles(t *testing.T) {
+	m, err := Normalize([]Extent{{10, 2}, {20, 2}, {30, 2}, {100, 5}, {200, 50}}, 1000)
+	require.NoError(t, err)
+	tests := []struct {
+		name        string
+		off, n, gap int64
+		want        []Extent
+	}{
+		{"no merging", 0, 1000, 0, m.Clip(0, 1000)},
+		{"small gaps merged", 0, 1000, 8, []Extent{{10, 22}, {100, 5}, {200, 50}}},
+		{"gap bound is inclusive", 0, 1000, 68, []Extent{{10, 95}, {200, 50}}},
+		{"everything", 0, 1000, 1000, []Extent{{10, 240}}},
+		{"cut to the range", 21, 200, 8, []Extent{{21, 11}, {100, 5}, {200, 21}}},
+		{"hole only", 40, 50, 1000, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			runs := m.Runs(tt.off, tt.n, tt.gap)
+			assert.Equal(t, tt.want, runs)
+			// Runs then ZeroHoles leaves exactly the data, and every data
+			// byte lies in a run.
+			p := make([]byte, tt.n)
+			for i := range p {
+				p[i] = 0xEE
+			}
+			m.ZeroHoles(p, tt.off)
+			for i, b := range p {
+				pos := tt.off + int64(i)
+				assert.Equal(t, m.Contains(pos, 1), b == 0xEE, "byte %d", pos)
+				if m.Contains(pos, 1) {
+					in := false
+					for _, r := range runs {
+						in = in || (r.Off <= pos && pos < r.End())
+					}
+					assert.True(t, in, "data byte %d outside every run", pos)
+				}
+			}
+		})
+	}
+}
+
+func TestWriteToMatchesFormat(t *testing.T) {
+	var raw []Extent
+	for i := range int64(20000) { // many 64 KiB pieces
+		raw = append(raw, Extent{i * 1000003, 1 + i%977})
+	}
+	raw = append(raw, Extent{1<<62 - 1<<40, 1 << 40})
+	m, err := Normalize(raw, 1<<62)
+	require.NoError(t, err)
+	var b strings.Builder
+	n, err := m.WriteTo(&b)
+	require.NoError(t, err)
+	assert.Equal(t, int64(b.Len()), n)
+	var want strings.Builder
+	for _, e := range m.Extents() {
+		want.WriteString(strconv.FormatInt(e.Off, 10) + " " + strconv.FormatInt(e.Len, 10) + "\n")
+	}
+	assert.Equal(t, want.String(), b.String())
+	assert.Equal(t, want.String(), m.Format())
+	assert.Equal(t, "", Map{}.Format())
+}
+
+func TestNormalizeShared(t *testing.T) {
+	clean := []Extent{{0, 10}, {20, 10}}
+	m, rep, err := NormalizeShared(clean, 100)
+	require.NoError(t, err)
+	assert.Equal(t, Repairs{}, rep)
+	assert.Same(t, &clean[0], &m.Extents()[0], "a normalized list is shared, not copied")
+
+	for _, raw := range [][]Extent{{{20, 10}, {0, 10}}, {{0, 10}, {10, 10}}, {{0, 0}, {5, 1}}} {
+		in := append([]Extent(nil), raw...)
+		m, _, err := NormalizeShared(in, 100)
+		require.NoError(t, err)
+		assert.Equal(t, raw, in, "input left alone")
+		want, err := Normalize(raw, 100)
+		require.NoError(t, err)
+		assert.Equal(t, want, m)
+	}
+	_, _, err = NormalizeShared([]Extent{{90, 20}}, 100)
+	assert.ErrorIs(t, err, ErrInvalid)
+	_, _, err = NormalizeShared(nil, -1)
+	assert.ErrorIs(t, err, ErrInvalid)
+	m, _, err = NormalizeShared(nil, 0)
+	require.NoError(t, err)
+	assert.Zero(t, m.Len())
 }

@@ -1,11 +1,16 @@
 // Package faultproxy is an HTTPS reverse proxy that injects the faults a disk
-// export server or the network between can produce, in the manner of
-// net/http/httptest: tests put it in front of a platform simulator and point
-// the client at it. Faults hit disk data requests (GET with a Range header);
-// everything else passes through, except Restart, which drops everything.
+// export server or the network between can produce, and the answers a hostile
+// server gives, in the manner of net/http/httptest: tests put it in front of a
+// platform simulator and point the client at it. Faults hit disk data
+// requests (GET with a Range header); everything else passes through, except
+// Restart, which drops everything, Unauthorized, which hits any request, and
+// RedirectLogin, which hits POSTs.
 package faultproxy
 
 import (
+	"bufio"
+	"bytes"
+	"compress/gzip"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -25,6 +30,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -59,14 +65,56 @@ const (
 	// Restart makes the backend unreachable for RestartFor: every request
 	// and connection in that window is dropped.
 	Restart
+
+	// The hostile ones: answers built to pass a careless client's checks.
+
+	// GzipEncoding answers 206 with the right Content-Range and a body
+	// that is the range gzip-compressed (Content-Encoding: gzip), cut or
+	// padded to the length asked for, so that only the encoding gives it
+	// away.
+	GzipEncoding
+	// Multipart answers a single range with a multipart/byteranges body
+	// whose Content-Length and Content-Range claim the plain range: a
+	// client reading Content-Length bytes gets the framing.
+	Multipart
+	// WrongTotal answers the right bytes with a Content-Range total that
+	// differs from the disk's size (a disk replaced under its id).
+	WrongTotal
+	// Unsatisfiable answers 416 to a range inside the disk.
+	Unsatisfiable
+	// RedirectHTTP answers 302 to the same path on a plain-HTTP port of
+	// the same host (the proxy's own catcher).
+	RedirectHTTP
+	// RedirectOrigin answers 302 to the same path on another HTTPS port of
+	// the same host, with a certificate the client trusts.
+	RedirectOrigin
+	// RedirectLogin answers every POST (a login) with 307 to the plain-HTTP
+	// catcher, which would receive the body again.
+	RedirectLogin
+	// EchoSecrets answers 401, 500 or 502 (in turn) with a body quoting
+	// every credential the proxy has seen: Authorization and token
+	// headers, cookies, and login bodies.
+	EchoSecrets
 )
 
 // Faults lists every fault, for test matrices.
-var Faults = []Fault{Reset, Stall, ServerError, ShortBody, IgnoreRange, WrongRange, Unauthorized, Restart}
+var Faults = []Fault{Reset, Stall, ServerError, ShortBody, IgnoreRange, WrongRange, Unauthorized, Restart,
+	GzipEncoding, Multipart, WrongTotal, Unsatisfiable, RedirectHTTP, RedirectOrigin, EchoSecrets}
+
+// Hostile lists the faults of a hostile server that hit data requests.
+var Hostile = []Fault{GzipEncoding, Multipart, WrongTotal, Unsatisfiable, RedirectHTTP, RedirectOrigin, EchoSecrets}
 
 func (f Fault) String() string {
-	return [...]string{"none", "reset", "stall", "server-error", "short-body", "ignore-range", "wrong-range", "unauthorized", "restart"}[f]
+	return [...]string{"none", "reset", "stall", "server-error", "short-body", "ignore-range", "wrong-range", "unauthorized", "restart",
+		"gzip-encoding", "multipart", "wrong-total", "unsatisfiable", "redirect-http", "redirect-origin", "redirect-login", "echo-secrets"}[f]
 }
+
+// credentialHeaders are the request headers that carry credentials on the
+// platforms the proxy stands in front of.
+var credentialHeaders = []string{"Authorization", "X-Kubevirt-Export-Token", "Cookie"}
+
+// maxRecorded bounds what the proxy remembers of credentials it saw.
+const maxRecorded = 16
 
 // Options configure a Proxy.
 type Options struct {
@@ -95,7 +143,57 @@ type Proxy struct {
 	burst    int       // requests left in the current burst
 	downTill time.Time // Restart window
 
+	seen   []string // credentials seen, newest last, for EchoSecrets
+	echoes int
+
+	catchHTTP, catchTLS *catcher
+
 	injected, requests atomic.Int64
+}
+
+// catcher is a listener the proxy redirects to: whatever reaches it was sent
+// where it should not have gone.
+type catcher struct {
+	srv  *http.Server
+	ln   net.Listener
+	mu   sync.Mutex
+	reqs []string // method, path, credential headers and body of each request
+}
+
+func startCatcher(cert *tls.Certificate) (*catcher, error) {
+	c := &catcher{}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, fmt.Errorf("faultproxy: catcher: %w", err)
+	}
+	c.ln = ln
+	c.srv = &http.Server{ErrorLog: log.New(io.Discard, "", 0), Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(io.LimitReader(r.Body, 64<<10))
+		rec := r.Method + " " + r.URL.String()
+		for _, h := range credentialHeaders {
+			if v := r.Header.Get(h); v != "" {
+				rec += " " + h + ": " + v
+			}
+		}
+		c.mu.Lock()
+		c.reqs = append(c.reqs, rec+" "+string(body))
+		c.mu.Unlock()
+		// Bytes that are not the disk's, should anyone take them.
+		w.Write(bytes.Repeat([]byte{0xee}, 4096))
+	})}
+	if cert != nil {
+		c.srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{*cert}, NextProtos: []string{"http/1.1"}}
+		go c.srv.ServeTLS(ln, "", "")
+	} else {
+		go c.srv.Serve(ln)
+	}
+	return c, nil
+}
+
+func (c *catcher) requests() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]string(nil), c.reqs...)
 }
 
 // Start runs a proxy on loopback; it injects nothing until Set.
@@ -143,7 +241,19 @@ func Start(opts Options) (*Proxy, error) {
 		ErrorLog:  log.New(io.Discard, "", 0),
 	}
 	go p.srv.ServeTLS(p.ln, "", "")
+	if p.catchHTTP, err = startCatcher(nil); err != nil {
+		return nil, err
+	}
+	if p.catchTLS, err = startCatcher(&cert); err != nil {
+		return nil, err
+	}
 	return p, nil
+}
+
+// Caught lists the requests that followed a redirect to one of the proxy's
+// catchers, with the credentials and body they carried.
+func (p *Proxy) Caught() []string {
+	return append(p.catchHTTP.requests(), p.catchTLS.requests()...)
 }
 
 // URL is the proxy's base URL.
@@ -153,7 +263,11 @@ func (p *Proxy) URL() string { return "https://" + p.ln.Addr().String() }
 func (p *Proxy) CAFile() string { return p.caFile }
 
 // Close stops the proxy.
-func (p *Proxy) Close() error { return p.srv.Close() }
+func (p *Proxy) Close() error {
+	p.catchHTTP.srv.Close()
+	p.catchTLS.srv.Close()
+	return p.srv.Close()
+}
 
 // Set selects the fault and the chance that a data request triggers it; a
 // rate of 0 turns faults off (the backend has recovered).
@@ -184,7 +298,13 @@ func (p *Proxy) decide(r *http.Request) Fault {
 	if p.fault == None || p.rate <= 0 {
 		return None
 	}
-	if !data && p.fault != Unauthorized {
+	switch {
+	case p.fault == Unauthorized:
+	case p.fault == RedirectLogin:
+		if r.Method != http.MethodPost {
+			return None
+		}
+	case !data:
 		return None
 	}
 	if p.rng.Float64() >= p.rate {
@@ -202,6 +322,7 @@ func (p *Proxy) decide(r *http.Request) Fault {
 
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	p.requests.Add(1)
+	p.record(r)
 	switch p.decide(r) {
 	case None:
 		p.rp.ServeHTTP(w, r)
@@ -230,27 +351,156 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		p.rp.ServeHTTP(w, r)
 	case Restart:
 		reset(w)
+	case GzipEncoding:
+		p.rewrite(w, r, gzipBody)
+	case Multipart:
+		p.rewrite(w, r, multipartBody)
+	case WrongTotal:
+		p.rewrite(w, r, wrongTotal)
+	case Unsatisfiable:
+		w.Header().Set("Content-Range", "bytes */0")
+		http.Error(w, "injected: range not satisfiable", http.StatusRequestedRangeNotSatisfiable)
+	case RedirectHTTP:
+		http.Redirect(w, r, "http://"+p.catchHTTP.ln.Addr().String()+r.URL.RequestURI(), http.StatusFound)
+	case RedirectOrigin:
+		http.Redirect(w, r, "https://"+p.catchTLS.ln.Addr().String()+r.URL.RequestURI(), http.StatusFound)
+	case RedirectLogin:
+		http.Redirect(w, r, "http://"+p.catchHTTP.ln.Addr().String()+r.URL.RequestURI(), http.StatusTemporaryRedirect)
+	case EchoSecrets:
+		p.echo(w, r)
 	}
+}
+
+// record keeps the credentials a request carries (and a POST's body, which
+// is how logins send passwords), for EchoSecrets to quote back.
+func (p *Proxy) record(r *http.Request) {
+	var got []string
+	for _, h := range credentialHeaders {
+		if v := r.Header.Get(h); v != "" {
+			got = append(got, v)
+		}
+	}
+	if r.Method == http.MethodPost && r.Body != nil {
+		body, _ := io.ReadAll(io.LimitReader(r.Body, 64<<10))
+		r.Body.Close()
+		r.Body = io.NopCloser(bytes.NewReader(body))
+		got = append(got, string(body))
+	}
+	if len(got) == 0 {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, g := range got {
+		if !slices.Contains(p.seen, g) {
+			p.seen = append(p.seen, g)
+		}
+	}
+	if len(p.seen) > maxRecorded {
+		p.seen = p.seen[len(p.seen)-maxRecorded:]
+	}
+}
+
+// echo answers with an error whose body quotes every credential seen, as a
+// server that reflects its request (or a debug page) does.
+func (p *Proxy) echo(w http.ResponseWriter, r *http.Request) {
+	p.mu.Lock()
+	status := [...]int{http.StatusUnauthorized, http.StatusInternalServerError, http.StatusBadGateway}[p.echoes%3]
+	p.echoes++
+	seen := strings.Join(p.seen, "\n")
+	p.mu.Unlock()
+	w.Header().Set("Content-Type", "text/plain")
+	w.WriteHeader(status)
+	fmt.Fprintf(w, "error handling %s %s\nrequest headers: %v\ncredentials seen: %s\n", r.Method, r.URL.RequestURI(), r.Header, seen)
+}
+
+// rewrite forwards a data request and rewrites the answer with change,
+// which returns the status, headers and body to send instead. The connection
+// is closed after: a lying Content-Length leaves the rest of the body on it.
+func (p *Proxy) rewrite(w http.ResponseWriter, r *http.Request, change func(resp *http.Response, body []byte) (int, http.Header, []byte)) {
+	resp, err := p.upstream(r)
+	if err != nil {
+		reset(w)
+		return
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != http.StatusPartialContent {
+		reset(w)
+		return
+	}
+	status, header, newBody := change(resp, body)
+	conn, buf, ok := hijack(w)
+	if !ok {
+		return
+	}
+	defer conn.Close()
+	fmt.Fprintf(buf, "HTTP/1.1 %d %s\r\n", status, http.StatusText(status))
+	header.Set("Connection", "close")
+	header.Write(buf)
+	buf.WriteString("\r\n")
+	buf.Write(newBody)
+	buf.Flush()
+}
+
+// gzipBody compresses the range and cuts or pads the result to the range's
+// length, so that status, Content-Range and Content-Length are all right.
+func gzipBody(resp *http.Response, body []byte) (int, http.Header, []byte) {
+	var z bytes.Buffer
+	zw := gzip.NewWriter(&z)
+	zw.Write(body)
+	zw.Close()
+	enc := z.Bytes()
+	if len(enc) > len(body) {
+		enc = enc[:len(body)]
+	}
+	enc = append(enc, make([]byte, len(body)-len(enc))...)
+	h := http.Header{}
+	h.Set("Content-Range", resp.Header.Get("Content-Range"))
+	h.Set("Content-Encoding", "gzip")
+	h.Set("Content-Length", strconv.Itoa(len(enc)))
+	return http.StatusPartialContent, h, enc
+}
+
+// multipartBody frames the range as multipart/byteranges and claims the plain
+// range's length: the first Content-Length bytes are framing and data.
+func multipartBody(resp *http.Response, body []byte) (int, http.Header, []byte) {
+	const boundary = "3d6b6a416f9b5"
+	cr := resp.Header.Get("Content-Range")
+	framed := fmt.Appendf(nil, "--%s\r\nContent-Type: application/octet-stream\r\nContent-Range: %s\r\n\r\n%s\r\n--%s--\r\n", boundary, cr, body, boundary)
+	h := http.Header{}
+	h.Set("Content-Type", "multipart/byteranges; boundary="+boundary)
+	h.Set("Content-Range", cr)
+	h.Set("Content-Length", strconv.Itoa(len(body)))
+	return http.StatusPartialContent, h, framed
+}
+
+// wrongTotal passes the bytes on with a Content-Range total 1 MiB larger.
+func wrongTotal(resp *http.Response, body []byte) (int, http.Header, []byte) {
+	h := http.Header{}
+	cr := resp.Header.Get("Content-Range")
+	if i := strings.LastIndexByte(cr, '/'); i >= 0 {
+		if total, err := strconv.ParseInt(cr[i+1:], 10, 64); err == nil {
+			cr = cr[:i+1] + strconv.FormatInt(total+1<<20, 10)
+		}
+	}
+	h.Set("Content-Range", cr)
+	h.Set("Content-Length", strconv.Itoa(len(body)))
+	return http.StatusPartialContent, h, body
 }
 
 // partial forwards the request but delivers only part of the body: with
 // clean=true the connection then closes normally (a short body), else it is
 // reset.
 func (p *Proxy) partial(w http.ResponseWriter, r *http.Request, clean bool) {
-	out := r.Clone(r.Context())
-	out.URL.Scheme, out.URL.Host, out.Host, out.RequestURI = p.target.Scheme, p.target.Host, p.target.Host, ""
-	resp, err := p.rp.Transport.RoundTrip(out)
+	resp, err := p.upstream(r)
 	if err != nil {
 		reset(w)
 		return
 	}
 	defer resp.Body.Close()
-	hj, ok := w.(http.Hijacker)
+	conn, buf, ok := hijack(w)
 	if !ok {
-		return
-	}
-	conn, buf, err := hj.Hijack()
-	if err != nil {
 		return
 	}
 	defer conn.Close()
@@ -264,6 +514,24 @@ func (p *Proxy) partial(w http.ResponseWriter, r *http.Request, clean bool) {
 	if !clean {
 		abort(conn)
 	}
+}
+
+// upstream sends r to the simulator and returns its answer, for the faults
+// that write their own from it.
+func (p *Proxy) upstream(r *http.Request) (*http.Response, error) {
+	out := r.Clone(r.Context())
+	out.URL.Scheme, out.URL.Host, out.Host, out.RequestURI = p.target.Scheme, p.target.Host, p.target.Host, ""
+	return p.rp.Transport.RoundTrip(out)
+}
+
+// hijack takes the connection over, so that a fault can write raw HTTP.
+func hijack(w http.ResponseWriter) (net.Conn, *bufio.ReadWriter, bool) {
+	hj, ok := w.(http.Hijacker)
+	if !ok {
+		return nil, nil, false
+	}
+	conn, buf, err := hj.Hijack()
+	return conn, buf, err == nil
 }
 
 // reset drops the connection with a TCP RST.

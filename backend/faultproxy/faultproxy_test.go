@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -15,25 +16,31 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// TestFaults checks that each fault shows the client the symptom it is named
-// for, so the fault matrices built on the proxy test what they claim.
-func TestFaults(t *testing.T) {
-	content := bytes.Repeat([]byte("0123456789abcdef"), 4096)
+// startProxy runs a proxy with opts in front of a server of content and
+// returns it with a pool trusting its certificate.
+func startProxy(t *testing.T, content []byte, opts Options) (*Proxy, *x509.CertPool) {
 	upstream := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
 		http.ServeContent(w, r, "disk.img", time.Time{}, bytes.NewReader(content))
 	}))
 	t.Cleanup(upstream.Close)
-	upstreamCA := x509.NewCertPool()
-	upstreamCA.AddCert(upstream.Certificate())
-
-	p, err := Start(Options{Upstream: upstream.URL, UpstreamCA: upstreamCA, Dir: t.TempDir(),
-		StallFor: 2 * time.Second, RestartFor: 300 * time.Millisecond, BurstLen: 2})
+	opts.Upstream, opts.UpstreamCA, opts.Dir = upstream.URL, x509.NewCertPool(), t.TempDir()
+	opts.UpstreamCA.AddCert(upstream.Certificate())
+	p, err := Start(opts)
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = p.Close() })
 	caPEM, err := os.ReadFile(p.CAFile())
 	require.NoError(t, err)
 	pool := x509.NewCertPool()
 	require.True(t, pool.AppendCertsFromPEM(caPEM))
+	return p, pool
+}
+
+// TestFaults checks that each fault shows the client the symptom it is named
+// for, so the fault matrices built on the proxy test what they claim.
+func TestFaults(t *testing.T) {
+	content := bytes.Repeat([]byte("0123456789abcdef"), 4096)
+	p, pool := startProxy(t, content, Options{StallFor: 2 * time.Second, RestartFor: 300 * time.Millisecond, BurstLen: 2})
 	client := &http.Client{
 		Timeout:   500 * time.Millisecond,
 		Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, DisableKeepAlives: true},
@@ -155,4 +162,106 @@ func TestFaults(t *testing.T) {
 		time.Sleep(350 * time.Millisecond)
 		require.NoError(t, get("").err)
 	})
+}
+
+// TestHostileFaults checks that each hostile answer is what its name says,
+// and that the redirect targets catch what follows them.
+func TestHostileFaults(t *testing.T) {
+	content := bytes.Repeat([]byte("0123456789abcdef"), 4096)
+	p, pool := startProxy(t, content, Options{})
+	client := &http.Client{
+		Timeout:       2 * time.Second,
+		Transport:     &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, DisableKeepAlives: true},
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}
+	do := func(method, body string) (*http.Response, []byte) {
+		req, err := http.NewRequest(method, p.URL()+"/disk.img?q=1", strings.NewReader(body))
+		require.NoError(t, err)
+		if method == http.MethodGet {
+			req.Header.Set("Range", "bytes=4096-8191")
+		}
+		req.Header.Set("Authorization", "Bearer the-token")
+		resp, err := client.Do(req)
+		require.NoError(t, err)
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp, b
+	}
+	want := content[4096:8192]
+	do(http.MethodPost, `{"password":"the-password"}`) // a login the proxy sees
+
+	for _, tc := range []struct {
+		fault  Fault
+		method string
+		check  func(t *testing.T, resp *http.Response, body []byte)
+	}{
+		{GzipEncoding, http.MethodGet, func(t *testing.T, resp *http.Response, body []byte) {
+			assert.Equal(t, http.StatusPartialContent, resp.StatusCode)
+			assert.Equal(t, "gzip", resp.Header.Get("Content-Encoding"))
+			assert.Equal(t, "bytes 4096-8191/65536", resp.Header.Get("Content-Range"))
+			assert.Len(t, body, len(want), "the length gives nothing away")
+			assert.NotEqual(t, want, body)
+			assert.Equal(t, []byte{0x1f, 0x8b}, body[:2])
+		}},
+		{Multipart, http.MethodGet, func(t *testing.T, resp *http.Response, body []byte) {
+			assert.Equal(t, http.StatusPartialContent, resp.StatusCode)
+			assert.Contains(t, resp.Header.Get("Content-Type"), "multipart/byteranges")
+			assert.Equal(t, "bytes 4096-8191/65536", resp.Header.Get("Content-Range"))
+			assert.Len(t, body, len(want))
+			assert.True(t, bytes.HasPrefix(body, []byte("--")), "the framing is what a careless client reads")
+		}},
+		{WrongTotal, http.MethodGet, func(t *testing.T, resp *http.Response, body []byte) {
+			assert.Equal(t, "bytes 4096-8191/1114112", resp.Header.Get("Content-Range"))
+			assert.Equal(t, want, body)
+		}},
+		{Unsatisfiable, http.MethodGet, func(t *testing.T, resp *http.Response, body []byte) {
+			assert.Equal(t, http.StatusRequestedRangeNotSatisfiable, resp.StatusCode)
+		}},
+		{RedirectHTTP, http.MethodGet, func(t *testing.T, resp *http.Response, body []byte) {
+			assert.Equal(t, http.StatusFound, resp.StatusCode)
+			assert.True(t, strings.HasPrefix(resp.Header.Get("Location"), "http://127.0.0.1:"), resp.Header.Get("Location"))
+		}},
+		{RedirectOrigin, http.MethodGet, func(t *testing.T, resp *http.Response, body []byte) {
+			assert.Equal(t, http.StatusFound, resp.StatusCode)
+			loc := resp.Header.Get("Location")
+			assert.True(t, strings.HasPrefix(loc, "https://127.0.0.1:") && !strings.HasPrefix(loc, p.URL()), loc)
+		}},
+		{RedirectLogin, http.MethodPost, func(t *testing.T, resp *http.Response, body []byte) {
+			assert.Equal(t, http.StatusTemporaryRedirect, resp.StatusCode)
+			assert.True(t, strings.HasPrefix(resp.Header.Get("Location"), "http://127.0.0.1:"))
+		}},
+		{EchoSecrets, http.MethodGet, func(t *testing.T, resp *http.Response, body []byte) {
+			assert.Equal(t, http.StatusUnauthorized, resp.StatusCode)
+			assert.Contains(t, string(body), "the-token")
+			assert.Contains(t, string(body), "the-password")
+		}},
+	} {
+		t.Run(tc.fault.String(), func(t *testing.T) {
+			p.Set(tc.fault, 1)
+			resp, body := do(tc.method, "{}")
+			tc.check(t, resp, body)
+			p.Set(None, 0)
+			resp, body = do(http.MethodGet, "")
+			assert.Equal(t, want, body, "recovers once the fault is off")
+			assert.Equal(t, http.StatusPartialContent, resp.StatusCode)
+		})
+	}
+
+	// A client that follows the redirects hands the catchers its token.
+	follow := &http.Client{Transport: client.Transport}
+	for _, f := range []Fault{RedirectHTTP, RedirectOrigin} {
+		p.Set(f, 1)
+		req, _ := http.NewRequest(http.MethodGet, p.URL()+"/disk.img", nil)
+		req.Header.Set("Range", "bytes=0-9")
+		req.Header.Set("X-Kubevirt-Export-Token", "followed-token")
+		resp, err := follow.Do(req)
+		require.NoError(t, err)
+		resp.Body.Close()
+	}
+	p.Set(None, 0)
+	caught := p.Caught()
+	require.Len(t, caught, 2)
+	for _, c := range caught {
+		assert.Contains(t, c, "followed-token")
+	}
 }

@@ -10,6 +10,7 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -18,6 +19,7 @@ import (
 	"time"
 
 	"github.com/vmexportfs/vmexportfs/backend"
+	"github.com/vmexportfs/vmexportfs/backend/redact"
 )
 
 // Policy bounds the retries of one operation.
@@ -66,6 +68,13 @@ type Client struct {
 	Auth   Authorizer // nil: no auth
 	Policy Policy
 	Logger *slog.Logger
+	// Secrets masks what a server echoes back in the error text we keep.
+	Secrets *redact.Secrets
+	// TrustRedirect says whether a redirect from one origin to another may
+	// be followed (with the request's credentials: the header, the query, a
+	// login body). nil follows same-origin redirects only. https to http is
+	// refused whatever it says.
+	TrustRedirect func(from, to *url.URL) bool
 
 	// accepted records that the server has taken our credentials at least
 	// once: 401s that outlast the retries after that are an outage (EIO),
@@ -77,8 +86,13 @@ type Client struct {
 // (a login with them succeeded), as a successful request would.
 func (c *Client) CredentialsAccepted() { c.accepted.Store(true) }
 
-// errorBodyLimit bounds how much of a server's error answer goes into an error.
-const errorBodyLimit = 512
+// errorBodyRead bounds how much of a server's error answer is read; what goes
+// into an error is cut further by redact.Peer.
+const errorBodyRead = 4 << 10
+
+// ErrRedirectRefused marks a redirect that would have sent credentials where
+// they must not go.
+var ErrRedirectRefused = errors.New("redirect refused")
 
 // outcome classifies one attempt's failure.
 type outcome int
@@ -181,8 +195,19 @@ func (c *Client) send(ctx context.Context, req *http.Request) (*http.Response, *
 			return nil, &attemptError{kind: final, err: fmt.Errorf("authorize: %w", err)}
 		}
 	}
-	resp, err := c.httpClient().Do(req)
+	hc := *c.httpClient()
+	hc.CheckRedirect = c.checkRedirect
+	resp, err := hc.Do(req)
 	if err != nil {
+		if errors.Is(err, ErrRedirectRefused) {
+			// url.Error would quote the Location, query and all.
+			var ue *url.Error
+			if errors.As(err, &ue) {
+				err = ue.Err
+			}
+			c.logger().Warn("httprange: redirect refused", "op", req.Method+" "+redactURL(req.URL), "reason", err.Error())
+			return nil, &attemptError{kind: final, err: fmt.Errorf("%w: %w", backend.ErrUnavailable, err)}
+		}
 		kind := final
 		if idempotent(req) {
 			kind = retryable
@@ -193,6 +218,46 @@ func (c *Client) send(ctx context.Context, req *http.Request) (*http.Response, *
 		c.accepted.Store(true)
 	}
 	return resp, nil
+}
+
+// maxRedirects is net/http's own limit.
+const maxRedirects = 10
+
+// checkRedirect keeps credentials with the origin they were meant for. The
+// transport would copy every header (tokens in custom headers included) to
+// any host, and Authorization to any port of the same host, and resend a
+// login body on 307: a hostile or hijacked server could collect them all, in
+// cleartext if it redirects to http.
+func (c *Client) checkRedirect(req *http.Request, via []*http.Request) error {
+	if len(via) >= maxRedirects {
+		return fmt.Errorf("%w: more than %d redirects", ErrRedirectRefused, maxRedirects)
+	}
+	from, prev, to := via[0].URL, via[len(via)-1].URL, req.URL
+	if (from.Scheme == "https" || prev.Scheme == "https") && to.Scheme != "https" {
+		return fmt.Errorf("%w: from %s to %s: https to %s", ErrRedirectRefused, origin(prev), origin(to), to.Scheme)
+	}
+	if origin(from) == origin(to) {
+		return nil
+	}
+	if c.TrustRedirect != nil && c.TrustRedirect(from, to) {
+		return nil
+	}
+	return fmt.Errorf("%w: from %s to another origin, %s", ErrRedirectRefused, origin(from), origin(to))
+}
+
+// origin is scheme://host:port with the default port made explicit, the unit
+// a credential belongs to.
+func origin(u *url.URL) string {
+	port := u.Port()
+	if port == "" {
+		switch strings.ToLower(u.Scheme) {
+		case "https":
+			port = "443"
+		case "http":
+			port = "80"
+		}
+	}
+	return strings.ToLower(u.Scheme) + "://" + net.JoinHostPort(strings.ToLower(u.Hostname()), port)
 }
 
 // idempotent follows net/http's rule: safe methods, plus any request carrying
@@ -206,9 +271,10 @@ func idempotent(req *http.Request) bool {
 }
 
 // statusError turns a non-2xx answer into an error wrapping the matching
-// backend sentinel, with a bounded, printable excerpt of the server's body.
-func statusError(resp *http.Response) error {
-	b, _ := io.ReadAll(io.LimitReader(resp.Body, errorBodyLimit))
+// backend sentinel, with a bounded, printable, secret-free excerpt of the
+// server's body.
+func (c *Client) statusError(resp *http.Response) error {
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, errorBodyRead))
 	var sentinel error
 	switch resp.StatusCode {
 	case http.StatusNotFound:
@@ -222,8 +288,7 @@ func statusError(resp *http.Response) error {
 	default:
 		sentinel = backend.ErrUnavailable
 	}
-	msg := strings.TrimSpace(strings.ToValidUTF8(string(b), "?"))
-	return fmt.Errorf("%w: status %d: %q", sentinel, resp.StatusCode, msg)
+	return fmt.Errorf("%w: status %d: %q", sentinel, resp.StatusCode, c.Secrets.Peer(b))
 }
 
 func classify(status int, idem bool) outcome {
@@ -266,14 +331,14 @@ func (c *Client) Do(ctx context.Context, newReq func(ctx context.Context) (*http
 			cancel()
 			return &attemptError{kind: final, err: fmt.Errorf("build request: %w", err)}
 		}
-		op = req.Method + " " + redact(req.URL)
+		op = req.Method + " " + redactURL(req.URL)
 		resp, aerr := c.send(actx, req)
 		if aerr != nil {
 			cancel()
 			return aerr
 		}
 		if resp.StatusCode < 200 || resp.StatusCode > 299 {
-			err := statusError(resp)
+			err := c.statusError(resp)
 			resp.Body.Close()
 			cancel()
 			return &attemptError{kind: classify(resp.StatusCode, idempotent(req)), err: err}
@@ -291,24 +356,31 @@ func (c *Client) Do(ctx context.Context, newReq func(ctx context.Context) (*http
 // Size is the Content-Length of HEAD url.
 func (c *Client) Size(ctx context.Context, rawURL string) (int64, error) {
 	resp, err := c.Do(ctx, func(ctx context.Context) (*http.Request, error) {
-		return http.NewRequestWithContext(ctx, http.MethodHead, rawURL, nil)
+		req, err := http.NewRequestWithContext(ctx, http.MethodHead, rawURL, nil)
+		if err == nil {
+			req.Header.Set("Accept-Encoding", "identity")
+		}
+		return req, err
 	})
 	if err != nil {
 		return 0, fmt.Errorf("size: %w", err)
 	}
 	resp.Body.Close()
+	if ce := resp.Header.Get("Content-Encoding"); !identityEncoding(ce) {
+		return 0, fmt.Errorf("size of %s: %w: Content-Encoding %q: the length is not the disk's", redactString(rawURL), backend.ErrUnavailable, c.Secrets.Peer([]byte(ce)))
+	}
 	if resp.ContentLength < 0 {
 		return 0, fmt.Errorf("size of %s: %w: no Content-Length", redactString(rawURL), backend.ErrUnavailable)
 	}
 	return resp.ContentLength, nil
 }
 
-// ReadRange fills p with bytes [off, off+len(p)) of url, or returns an error.
-// p's contents are unspecified after an error.
-func (c *Client) ReadRange(ctx context.Context, rawURL string, p []byte, off int64) error {
+// ReadRange fills p with bytes [off, off+len(p)) of url, a resource of size
+// bytes, or returns an error. p's contents are unspecified after an error.
+func (c *Client) ReadRange(ctx context.Context, rawURL string, size int64, p []byte, off int64) error {
 	n := int64(len(p))
-	if off < 0 || off > (1<<63-1)-n {
-		return fmt.Errorf("read range: %w: offset %d length %d", backend.ErrInvalid, off, n)
+	if off < 0 || size < 0 || off > size || n > size-off {
+		return fmt.Errorf("read range: %w: offset %d length %d of a %d-byte resource", backend.ErrInvalid, off, n, size)
 	}
 	if n == 0 {
 		return nil
@@ -327,30 +399,41 @@ func (c *Client) ReadRange(ctx context.Context, rawURL string, p []byte, off int
 			return aerr
 		}
 		defer resp.Body.Close()
-		return checkRange(resp, p, off)
+		return c.checkRange(resp, size, p, off)
 	})
 }
 
 // checkRange reads a Range answer into p, detecting every way it can differ
-// from what was asked.
-func checkRange(resp *http.Response, p []byte, off int64) *attemptError {
+// from what was asked: nothing unchecked reaches p's caller (and so the
+// cache). Every failure is a fault to retry: the range is inside the
+// resource, so no answer but the right bytes is legitimate.
+func (c *Client) checkRange(resp *http.Response, size int64, p []byte, off int64) *attemptError {
 	n := int64(len(p))
 	switch resp.StatusCode {
 	case http.StatusPartialContent:
 	case http.StatusOK:
 		return fault(retryable, "server ignored Range: status 200")
 	case http.StatusRequestedRangeNotSatisfiable:
-		return &attemptError{kind: final, err: statusError(resp)}
+		// Not ErrInvalid: our range is valid, the answer is the fault.
+		return &attemptError{kind: retryable, err: fmt.Errorf("range %d-%d inside the %d-byte disk refused: %v", off, off+n-1, size, c.statusError(resp))}
 	default:
-		return &attemptError{kind: classify(resp.StatusCode, true), err: statusError(resp)}
+		return &attemptError{kind: classify(resp.StatusCode, true), err: c.statusError(resp)}
+	}
+	// Go's transport leaves an encoded body alone because we asked for
+	// identity; an encoding the server applied anyway is not disk bytes.
+	if ce := resp.Header.Get("Content-Encoding"); !identityEncoding(ce) || resp.Uncompressed {
+		return fault(retryable, "Content-Encoding %q on a Range answer", c.Secrets.Peer([]byte(ce)))
+	}
+	if ct := resp.Header.Get("Content-Type"); isMultipart(ct) {
+		return fault(retryable, "multipart answer (Content-Type %q) to a single-range request", c.Secrets.Peer([]byte(ct)))
 	}
 	cr := resp.Header.Get("Content-Range")
 	first, last, total, err := ParseContentRange(cr)
 	if err != nil {
-		return fault(retryable, "bad Content-Range %q: %w", cr, err)
+		return fault(retryable, "bad Content-Range %q: %w", c.Secrets.Peer([]byte(cr)), err)
 	}
-	if total >= 0 && off+n > total {
-		return fault(final, "%w: range %d-%d past end of %d-byte resource", backend.ErrInvalid, off, off+n-1, total)
+	if total != size {
+		return fault(retryable, "Content-Range total mismatch: %s, disk size %d", totalText(total), size)
 	}
 	if first != off || last != off+n-1 {
 		return fault(retryable, "Content-Range mismatch: got %d-%d, asked %d-%d", first, last, off, off+n-1)
@@ -370,6 +453,29 @@ func checkRange(resp *http.Response, p []byte, off int64) *attemptError {
 		return fault(retryable, "long body: more than %d bytes", n)
 	}
 	return nil
+}
+
+// identityEncoding reports whether a Content-Encoding leaves the body as is.
+func identityEncoding(ce string) bool {
+	for _, coding := range strings.Split(ce, ",") {
+		if c := strings.TrimSpace(coding); c != "" && !strings.EqualFold(c, "identity") {
+			return false
+		}
+	}
+	return true
+}
+
+// isMultipart reports a multipart/* media type: a multipart/byteranges body
+// carries framing between the bytes asked for.
+func isMultipart(ct string) bool {
+	return strings.HasPrefix(strings.ToLower(strings.TrimSpace(ct)), "multipart/")
+}
+
+func totalText(total int64) string {
+	if total < 0 {
+		return "total unknown (*)"
+	}
+	return strconv.FormatInt(total, 10)
 }
 
 // ParseContentRange parses "bytes first-last/total" (total may be "*",
@@ -417,7 +523,7 @@ func parseNonNeg(s string) (int64, error) {
 
 // redact drops userinfo and query from a URL before it goes into a message,
 // since either may carry a credential.
-func redact(u *url.URL) string {
+func redactURL(u *url.URL) string {
 	if u == nil {
 		return ""
 	}
@@ -435,5 +541,5 @@ func redactString(s string) string {
 	if err != nil {
 		return "(unparseable URL)"
 	}
-	return redact(u)
+	return redactURL(u)
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/extent"
 	"github.com/vmexportfs/vmexportfs/backend/httprange"
+	"github.com/vmexportfs/vmexportfs/backend/redact"
 )
 
 const tokenHeader = "x-kubevirt-export-token"
@@ -29,6 +30,7 @@ type exportConn struct {
 	token    func(ctx context.Context) (string, error)       // re-reads the token
 	logger   *slog.Logger
 	policy   httprange.Policy
+	secrets  *redact.Secrets
 
 	mu       sync.Mutex
 	tok      string
@@ -81,6 +83,7 @@ func (c *exportConn) Renew(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("export %s: read token: %w", c.name, err)
 	}
+	c.secrets.AddRenewed(tok)
 	c.mu.Lock()
 	c.tok = tok
 	c.mu.Unlock()
@@ -136,7 +139,7 @@ func isCertError(err error) bool {
 // server ever accepted the token (a 401 storm after that is an outage).
 func (c *exportConn) client() *httprange.Client {
 	c.httpOnce.Do(func() {
-		c.http = &httprange.Client{HTTP: &http.Client{Transport: c}, Auth: c, Policy: c.policy, Logger: c.logger}
+		c.http = &httprange.Client{HTTP: &http.Client{Transport: c}, Auth: c, Policy: c.policy, Logger: c.logger, Secrets: c.secrets}
 	})
 	return c.http
 }
@@ -200,7 +203,7 @@ func (d *disk) ReadAt(ctx context.Context, p []byte, off int64) error {
 		clear(p)
 		return nil
 	}
-	if err := d.conn.client().ReadRange(ctx, d.rawURL, p, off); err != nil {
+	if err := d.conn.client().ReadRange(ctx, d.rawURL, d.size, p, off); err != nil {
 		return d.conn.explain(fmt.Errorf("read export %s: %w", d.conn.name, err))
 	}
 	return nil
@@ -265,9 +268,13 @@ func (c *exportConn) readMap(ctx context.Context, mapURL string, size int64) (ex
 		}
 		off = int64(*p.NextOffset)
 	}
-	m, err := extent.Normalize(raw, size)
+	m, rep, err := extent.NormalizeReport(raw, size)
 	if err != nil {
 		return extent.Map{}, fmt.Errorf("backup map: %w: %w", backend.ErrInvalid, err)
+	}
+	if rep.Suspicious() { // adjacent extents across pages are routine
+		c.logger.Warn(fmt.Sprintf("kubevirt: chunk map normalized: %d unsorted/overlapping extents", rep.Unsorted+rep.Overlapping),
+			"export", c.name, "unsorted", rep.Unsorted, "overlapping", rep.Overlapping, "extents", m.Len())
 	}
 	return m, nil
 }

@@ -80,10 +80,12 @@ func (s *Source) CreateSnapshot(ctx context.Context, vmID, name string) (snap ba
 	if err != nil {
 		return backend.Snapshot{}, fmt.Errorf("create snapshot %s/%s: %w", vmID, name, err)
 	}
+	token := rand.Text()
+	s.cfg.Secrets.AddRenewed(token)
 	secret := map[string]any{
 		"apiVersion": "v1", "kind": "Secret",
 		"metadata":   map[string]any{"name": tokenSecretName(name), "ownerReferences": owner},
-		"stringData": map[string]any{"token": rand.Text()},
+		"stringData": map[string]any{"token": token},
 	}
 	if err := s.kube(ctx, http.MethodPost, "", "secrets", "", secret, nil); err != nil {
 		return backend.Snapshot{}, fmt.Errorf("create export token secret for %s: %w", name, err)

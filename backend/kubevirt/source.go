@@ -20,6 +20,7 @@ import (
 
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/httprange"
+	"github.com/vmexportfs/vmexportfs/backend/redact"
 )
 
 // LiveSnapshot is the snapshot id of an export of the VM itself.
@@ -38,7 +39,8 @@ type Config struct {
 	PollInterval time.Duration // default 1 s
 	Policy       httprange.Policy
 	Logger       *slog.Logger
-	HTTP         *http.Client // API server client override
+	HTTP         *http.Client    // API server client override
+	Secrets      *redact.Secrets // API and export tokens are added to it
 }
 
 // Source implements backend.Source, SnapshotCreator and SnapshotDeleter.
@@ -97,6 +99,10 @@ func New(cfg Config) (*Source, error) {
 		logger = slog.New(slog.DiscardHandler)
 	}
 	cfg.Logger = logger
+	if cfg.Secrets == nil {
+		cfg.Secrets = &redact.Secrets{}
+	}
+	cfg.Secrets.Add(cred.Token)
 	hc := cfg.HTTP
 	if hc == nil {
 		tlsCfg := &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: cred.Insecure} //nolint:gosec // the user's kubeconfig asked for it
@@ -120,7 +126,7 @@ func New(cfg Config) (*Source, error) {
 		cfg:      cfg,
 		server:   server,
 		logger:   logger,
-		api:      &httprange.Client{HTTP: hc, Auth: bearer{cred.Token}, Policy: cfg.Policy, Logger: logger},
+		api:      &httprange.Client{HTTP: hc, Auth: bearer{cred.Token}, Policy: cfg.Policy, Logger: logger, Secrets: cfg.Secrets},
 		versions: map[string]string{},
 	}, nil
 }
@@ -374,7 +380,7 @@ func (s *Source) OpenDisk(ctx context.Context, ref backend.DiskRef) (backend.Dis
 	}
 	name := e.Metadata.Name
 	conn := &exportConn{
-		name: name, internal: s.cfg.Internal, logger: s.logger, policy: s.cfg.Policy,
+		name: name, internal: s.cfg.Internal, logger: s.logger, policy: s.cfg.Policy, secrets: s.cfg.Secrets,
 		status: func(ctx context.Context) (ExportStatus, error) {
 			var cur exportObject
 			if err := s.kube(ctx, http.MethodGet, "export.kubevirt.io", "virtualmachineexports", name, nil, &cur); err != nil {

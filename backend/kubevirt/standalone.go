@@ -10,6 +10,7 @@ import (
 
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/httprange"
+	"github.com/vmexportfs/vmexportfs/backend/redact"
 )
 
 // StandaloneConfig configures a Source for one export, for users without API
@@ -25,6 +26,7 @@ type StandaloneConfig struct {
 	Internal         bool
 	Policy           httprange.Policy
 	Logger           *slog.Logger
+	Secrets          *redact.Secrets // the token is added to it
 }
 
 // Standalone is a read-only Source over one export: one VM (the export's VM,
@@ -55,6 +57,9 @@ func NewStandalone(cfg StandaloneConfig) (*Standalone, error) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Secrets == nil {
+		cfg.Secrets = &redact.Secrets{}
 	}
 	s := &Standalone{cfg: cfg, export: u.Export, logger: cfg.Logger}
 	if _, err := s.status(context.Background()); err != nil {
@@ -159,7 +164,7 @@ func (s *Standalone) connection(ctx context.Context, st ExportStatus) (*exportCo
 	if s.conn != nil {
 		return s.conn, nil
 	}
-	conn := &exportConn{name: s.export, internal: s.cfg.Internal, status: s.status, token: s.token, logger: s.logger, policy: s.cfg.Policy}
+	conn := &exportConn{name: s.export, internal: s.cfg.Internal, status: s.status, token: s.token, logger: s.logger, policy: s.cfg.Policy, secrets: s.cfg.Secrets}
 	if err := newExportConn(ctx, conn, st); err != nil {
 		return nil, err
 	}

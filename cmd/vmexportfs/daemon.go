@@ -9,6 +9,8 @@ import (
 	"os/exec"
 	"strings"
 	"syscall"
+
+	"github.com/vmexportfs/vmexportfs/backend/redact"
 )
 
 // readyFDEnv tells a re-executed daemon which descriptor reports "mounted" (or
@@ -74,13 +76,14 @@ func signalReady() {
 	}
 }
 
-// notifyReady passes a startup error to a waiting parent and returns it.
-func notifyReady(err error) error {
+// notifyReady passes a startup error, its secrets masked, to a waiting parent
+// and returns it.
+func notifyReady(secrets *redact.Secrets, err error) error {
 	if err == nil {
 		return nil
 	}
 	if f := readyPipe(); f != nil {
-		f.WriteString(err.Error())
+		f.WriteString(secrets.String(err.Error()))
 		f.Close()
 		os.Unsetenv(readyFDEnv)
 	}

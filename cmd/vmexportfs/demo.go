@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 
 	"github.com/vmexportfs/vmexportfs/backend/coriolis/coriolistest"
+	"github.com/vmexportfs/vmexportfs/backend/redact"
 )
 
 const (
@@ -19,8 +20,8 @@ const (
 // runDemo starts the Coriolis simulator on loopback with sample VMs and
 // mounts it through the same code path as a real platform: login, TLS
 // verified against the simulator's own CA, password from a file.
-func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	var cfg mountConfig
+func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secrets *redact.Secrets) error {
+	cfg := mountConfig{secrets: secrets}
 	var cacheSize, dataset, dataDir, envFile string
 	var serveOnly bool
 	var opts []string
@@ -82,26 +83,26 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 
 	if dataDir == "" {
 		if dataDir, err = os.MkdirTemp("", "vmexportfs-demo-"); err != nil {
-			return notifyReady(fmt.Errorf("demo: %w", err))
+			return notifyReady(cfg.secrets, fmt.Errorf("demo: %w", err))
 		}
 		defer os.RemoveAll(dataDir)
 	} else if err := os.MkdirAll(dataDir, 0o700); err != nil {
-		return notifyReady(fmt.Errorf("demo: %w", err))
+		return notifyReady(cfg.secrets, fmt.Errorf("demo: %w", err))
 	}
 	sim, err := coriolistest.Start(coriolistest.Options{
 		Dir: filepath.Join(dataDir, "simulator"), Username: demoUser, Password: demoPassword,
 		Logger: logger.With("component", "simulator"),
 	})
 	if err != nil {
-		return notifyReady(fmt.Errorf("demo: start simulator: %w", err))
+		return notifyReady(cfg.secrets, fmt.Errorf("demo: start simulator: %w", err))
 	}
 	defer sim.Close()
 	if err := populate(sim); err != nil {
-		return notifyReady(fmt.Errorf("demo: sample data: %w", err))
+		return notifyReady(cfg.secrets, fmt.Errorf("demo: sample data: %w", err))
 	}
 	passwordFile := filepath.Join(dataDir, "password")
 	if err := os.WriteFile(passwordFile, []byte(demoPassword+"\n"), 0o600); err != nil {
-		return notifyReady(fmt.Errorf("demo: %w", err))
+		return notifyReady(cfg.secrets, fmt.Errorf("demo: %w", err))
 	}
 	if envFile != "" {
 		env := fmt.Sprintf("VMEXPORTFS_DEMO_URL=%s\nVMEXPORTFS_DEMO_CA=%s\nVMEXPORTFS_DEMO_USER=%s\nVMEXPORTFS_DEMO_PASSWORD_FILE=%s\n",
@@ -127,7 +128,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	src, err := openSource(ctx, cfg, logger)
 	if err != nil {
-		return notifyReady(err)
+		return notifyReady(cfg.secrets, err)
 	}
 	ready := func() {
 		fmt.Fprintf(stderr, "vmexportfs demo: simulated Coriolis OVM exporter at %s mounted on %s\n"+
@@ -137,7 +138,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			"  stop: fusermount3 -u %[2]s\n", sim.URL(), cfg.mountpoint)
 		signalReady()
 	}
-	return notifyReady(serve(ctx, src, cfg, logger, ready))
+	return notifyReady(cfg.secrets, serve(ctx, src, cfg, logger, ready))
 }
 
 // demoDatasets are the sample histories the demo can serve.

@@ -1,9 +1,6 @@
 package main
 
 import (
-	"crypto/x509"
-	"net/url"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -11,9 +8,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/vmexportfs/vmexportfs/backend/coriolis/coriolistest"
 	"github.com/vmexportfs/vmexportfs/backend/faultproxy"
-	"github.com/vmexportfs/vmexportfs/backend/kubevirt/kubevirttest"
 )
 
 // faultCopiesEnv sets the faulted copies per view (default 50).
@@ -29,6 +24,14 @@ var faultWords = map[faultproxy.Fault][]string{
 	faultproxy.WrongRange:   {"Content-Range mismatch"},
 	faultproxy.Unauthorized: {"401"},
 	faultproxy.Restart:      {"connection reset", "EOF", "refused"},
+	// A hostile server's tricks.
+	faultproxy.GzipEncoding:   {"on a Range answer"}, // Content-Encoding "gzip" on a Range answer
+	faultproxy.Multipart:      {"multipart answer"},
+	faultproxy.WrongTotal:     {"Content-Range total mismatch"},
+	faultproxy.Unsatisfiable:  {"status 416"},
+	faultproxy.RedirectHTTP:   {"redirect refused"},
+	faultproxy.RedirectOrigin: {"redirect refused"},
+	faultproxy.EchoSecrets:    {"status 401", "status 500", "status 502", "401 storm"},
 }
 
 // TestFaultMatrix copies every view through a proxy injecting each fault in
@@ -37,42 +40,22 @@ var faultWords = map[faultproxy.Fault][]string{
 // mount reads correctly. A wrong byte fails the test.
 func TestFaultMatrix(t *testing.T) {
 	copies := envInt(t, faultCopiesEnv, 50)
-	f := newFixture(t, coriolistest.Options{})
-	f.addVM("vm-f", "faults", coriolistest.DiskSpec{Name: "f.img", Device: "xvda", Size: 9*mib + 64*kib})
-	f.write("vm-f", "f.img", 0, 2*mib)
-	f.write("vm-f", "f.img", 5*mib, 3*mib)
-	base := f.snapshot("vm-f")
-	f.write("vm-f", "f.img", 1*mib, 3*mib)
-	target := f.snapshot("vm-f")
-
-	proxy, err := faultproxy.Start(faultproxy.Options{Upstream: f.sim.URL(), UpstreamCA: f.sim.CAPool(), Dir: t.TempDir(), Seed: 7})
-	require.NoError(t, err)
-	t.Cleanup(func() { proxy.Close() })
-	mount := func() *mounted {
-		dir := filepath.Join(t.TempDir(), "mnt")
-		require.NoError(t, os.Mkdir(dir, 0o755))
-		m := startCommand(t, "-f", "--username", "admin", "--password-file", f.passwordFile, "--ca-file", proxy.CAFile(),
-			"--state-dir", f.stateDir, "--cache-dir", t.TempDir(), "--read-timeout", "1s", "--retries", "4",
-			"coriolis+"+proxy.URL(), dir)
-		m.dir = dir
-		return m
-	}
-
+	p, _, base := coriolisBehindProxy(t, 7)
 	views := []string{"disk.img", "disk.img.gz", "delta-from-" + base + ".vhd"}
 	// The expected bytes: disk.img is the source; the derived views come
 	// from a clean copy (their own tests check them against the source).
 	want := map[string]string{}
-	clean := mount()
+	clean := p.mount()
 	for _, v := range views {
-		want[v] = sha256File(t, clean.path("vms", "vm-f", "snapshots", target, v))
+		want[v] = sha256File(t, p.path(clean, v))
 	}
-	require.Equal(t, sha256File(t, f.source("vm-f", target, "f.img")), want["disk.img"])
+	require.Equal(t, p.want, want["disk.img"])
 	clean.stop(t)
 
 	for _, view := range views {
 		t.Run(view, func(t *testing.T) {
-			faultedCopies(t, proxy, copies, view, want[view], mount, func(m *mounted) string {
-				return m.path("vms", "vm-f", "snapshots", target, view)
+			faultedCopies(t, p.proxy, copies, view, want[view], func() *mounted { return p.mount() }, func(m *mounted) string {
+				return p.path(m, view)
 			})
 		})
 	}
@@ -122,53 +105,20 @@ func faultedCopies(t *testing.T, proxy *faultproxy.Proxy, copies int, label, wan
 // standalone mode (export URL, token file, the proxy's CA).
 func TestFaultMatrixKubeVirt(t *testing.T) {
 	copies := envInt(t, faultCopiesEnv, 24)
-	f := newKVFixture(t)
-	f.addVM("vm-kf", kubevirttest.VolumeSpec{Name: "rootdisk", Size: 9*mib + 64*kib})
-	f.write("vm-kf", "rootdisk", 0, 2*mib)
-	f.write("vm-kf", "rootdisk", 5*mib, 3*mib)
-	setup := f.mount()
-	tool(t, "mkdir", setup.path("vms", "vm-kf", "snapshots", "s1"))
-	source := f.freeze("vm-kf", "rootdisk")
-	setup.stop(t)
-
-	_, exportURL, cert := f.externalExport("s1")
-	export, err := url.Parse(exportURL)
-	require.NoError(t, err)
-	pool := x509.NewCertPool()
-	require.True(t, pool.AppendCertsFromPEM([]byte(cert)))
-	proxy, err := faultproxy.Start(faultproxy.Options{Upstream: export.Scheme + "://" + export.Host, UpstreamCA: pool, Dir: t.TempDir(), Seed: 11})
-	require.NoError(t, err)
-	t.Cleanup(func() { proxy.Close() })
-	tokenFile := f.tokenFile("s1")
-	mount := func() *mounted {
-		dir := filepath.Join(t.TempDir(), "mnt")
-		require.NoError(t, os.Mkdir(dir, 0o755))
-		m := startCommand(t, "-f", "--token-file", tokenFile, "--ca-file", proxy.CAFile(), "--kubevirt-volume", "rootdisk",
-			"--state-dir", f.stateDir, "--cache-dir", t.TempDir(), "--read-timeout", "1s", "--retries", "4",
-			"kubevirt+"+proxy.URL()+export.Path, dir)
-		m.dir = dir
-		return m
-	}
-	// Paths come from a clean mount: walking a faulted mount would stat
-	// disk.img.gz, whose first stat reads the whole disk before the fault.
+	p := kubevirtBehindProxy(t, 11)
 	views := []string{"disk.img", "disk.img.gz"}
-	want := map[string]string{"disk.img": sha256File(t, source)}
-	rel := map[string]string{}
-	clean := mount()
+	want := map[string]string{}
+	clean := p.mount()
 	for _, view := range views {
-		found := findAll(t, clean.dir, view)
-		require.Len(t, found, 1, view)
-		p := found[0]
-		rel[view] = strings.TrimPrefix(p, clean.dir)
-		want[view] = sha256File(t, p)
+		want[view] = sha256File(t, p.path(clean, view))
 	}
-	require.Equal(t, sha256File(t, source), want["disk.img"])
+	require.Equal(t, p.want, want["disk.img"])
 	clean.stop(t)
 
 	for _, view := range views {
 		t.Run(view, func(t *testing.T) {
-			faultedCopies(t, proxy, copies, "kubevirt "+view, want[view], mount, func(m *mounted) string { return m.dir + rel[view] })
-			assert.Positive(t, proxy.Injected())
+			faultedCopies(t, p.proxy, copies, "kubevirt "+view, want[view], func() *mounted { return p.mount() }, func(m *mounted) string { return p.path(m, view) })
+			assert.Positive(t, p.proxy.Injected())
 		})
 	}
 }

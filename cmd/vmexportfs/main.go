@@ -14,6 +14,8 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/vmexportfs/vmexportfs/backend/redact"
 )
 
 func main() {
@@ -26,23 +28,26 @@ func main() {
 // run dispatches a subcommand and turns its error into a one-line message and
 // an exit code.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	// Every secret the process learns is added here, and every line it
+	// prints or logs passes through it.
+	secrets := &redact.Secrets{}
 	var err error
 	switch {
 	case len(args) > 0 && args[0] == "demo":
-		err = runDemo(ctx, args[1:], stdout, stderr)
+		err = runDemo(ctx, args[1:], stdout, stderr, secrets)
 	case len(args) > 0 && args[0] == "extents":
 		err = runExtents(args[1:], stdout)
 	default:
-		err = runMount(ctx, args, stdout, stderr)
+		err = runMount(ctx, args, stdout, stderr, secrets)
 	}
 	switch {
 	case err == nil:
 		return 0
 	case errors.Is(err, errUsage):
-		fmt.Fprintln(stderr, "vmexportfs:", err)
+		fmt.Fprintln(stderr, "vmexportfs:", secrets.String(err.Error()))
 		return 2
 	default:
-		fmt.Fprintln(stderr, "vmexportfs:", err)
+		fmt.Fprintln(stderr, "vmexportfs:", secrets.String(err.Error()))
 		return 1
 	}
 }

@@ -66,6 +66,7 @@ func openCoriolis(ctx context.Context, cfg mountConfig, u *url.URL, logger *slog
 	if err != nil {
 		return nil, err
 	}
+	cfg.secrets.Add(password)
 	pool, err := cfg.rootCAs()
 	if err != nil {
 		return nil, err
@@ -78,6 +79,7 @@ func openCoriolis(ctx context.Context, cfg mountConfig, u *url.URL, logger *slog
 		InsecureSkipVerify: cfg.insecureSkipVerify,
 		Policy:             cfg.policy(),
 		Logger:             logger,
+		Secrets:            cfg.secrets,
 	})
 }
 
@@ -102,6 +104,7 @@ func openKubevirt(ctx context.Context, cfg mountConfig, u *url.URL, logger *slog
 			Internal:         cfg.kubevirtInternal,
 			Policy:           cfg.policy(),
 			Logger:           logger,
+			Secrets:          cfg.secrets,
 		})
 		if err != nil {
 			return nil, err
@@ -121,6 +124,7 @@ func openKubevirt(ctx context.Context, cfg mountConfig, u *url.URL, logger *slog
 		ReadyTimeout: cfg.readyTimeout,
 		Policy:       cfg.policy(),
 		Logger:       logger,
+		Secrets:      cfg.secrets,
 	})
 	if err != nil {
 		return nil, err

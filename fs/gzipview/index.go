@@ -57,7 +57,7 @@ func compressModuleVersion() string {
 func hashExtents(m extent.Map, size int64) [sha256.Size]byte {
 	h := sha256.New()
 	h.Write([]byte(strconv.FormatInt(size, 10) + "\n"))
-	h.Write([]byte(m.Format()))
+	m.WriteTo(h) // the text of m.Format(), streamed: a large map is never held as text
 	var out [sha256.Size]byte
 	copy(out[:], h.Sum(nil))
 	return out

@@ -34,12 +34,32 @@ type Options struct {
 	Workers   int   // parallel compressors; default runtime.NumCPU()
 	IndexPath string
 	Logger    *slog.Logger
+	Name      string // the file served, for logs
+
+	// OnLayoutChange, when set, is called when the member layout, and with
+	// it the stream's size and bytes, changes: when a stale index is
+	// dropped and again when its replacement is ready. It runs on the
+	// goroutine of the read or stat that caused it, outside the view's
+	// locks, and must not block (invalidate the kernel's caches from a
+	// goroutine of its own).
+	OnLayoutChange func()
 }
 
 const defaultChunkSize = 4 << 20
 
 // ErrOutOfRange reports a read outside [0, Size).
 var ErrOutOfRange = errors.New("gzipview: read out of range")
+
+// ErrStaleIndex reports a member that compresses to another length than the
+// index says: the data under an unchanged snapshot identity changed since
+// the index was built. The first time, the view drops the index (file
+// included) and rebuilds it on next use; after that rebuild it is final.
+var ErrStaleIndex = errors.New("gzipview: index does not match the data")
+
+// ErrLayoutChanged reports a read planned against a member layout that has
+// been replaced since (see ReadAtGeneration): its bytes would be placed by
+// one layout and sized by another. Reopen the file.
+var ErrLayoutChanged = errors.New("gzipview: member layout changed since the file was opened")
 
 // View is the gzip view of one disk. It is safe for concurrent use.
 type View struct {
@@ -59,8 +79,14 @@ type View struct {
 	bgCancel context.CancelFunc
 	bgWG     sync.WaitGroup
 
-	indexMu sync.Mutex
-	offsets []int64 // offsets[i] = start of member i in the .gz; len = members+1
+	// build serializes loading and building the index (a one-slot
+	// semaphore, so waiting for someone else's build honours the context);
+	// layoutMu guards the layout, so dropping one never waits for a build.
+	build    chan struct{}
+	layoutMu sync.Mutex
+	offsets  []int64 // offsets[i] = start of member i in the .gz; len = members+1; nil until loaded or built
+	gen      uint64  // layout generation, bumped when a stale index is dropped
+	healed   bool    // a stale index was dropped: its rebuild is final
 
 	zeroMu      sync.Mutex
 	zeroMembers map[int64][]byte // keyed by raw length
@@ -119,6 +145,7 @@ func New(raw Reader, size int64, data extent.Map, opts Options) *View {
 			extentHash:      hashExtents(data, size),
 		},
 		sem:         make(chan struct{}, opts.Workers),
+		build:       make(chan struct{}, 1),
 		bgCtx:       ctx,
 		bgCancel:    cancel,
 		zeroMembers: map[int64][]byte{},
@@ -151,26 +178,112 @@ func (v *View) chunkRange(i int64) (off, n int64) {
 }
 
 func (v *View) index(ctx context.Context) ([]int64, error) {
-	v.indexMu.Lock()
-	defer v.indexMu.Unlock()
-	if v.offsets != nil {
-		return v.offsets, nil
+	offs, _, err := v.layout(ctx)
+	return offs, err
+}
+
+// Generation is the current member layout's generation: 0 for the first
+// index of the view (loaded or built), one more after a stale index was
+// dropped. It does no I/O.
+func (v *View) Generation() uint64 {
+	v.layoutMu.Lock()
+	defer v.layoutMu.Unlock()
+	return v.gen
+}
+
+func (v *View) current() ([]int64, uint64, bool) {
+	v.layoutMu.Lock()
+	defer v.layoutMu.Unlock()
+	return v.offsets, v.gen, v.healed
+}
+
+// layout returns the member offsets and their generation, loading or
+// building the index as needed.
+func (v *View) layout(ctx context.Context) ([]int64, uint64, error) {
+	if offs, gen, _ := v.current(); offs != nil {
+		return offs, gen, nil
 	}
-	lengths := v.loadIndex()
+	select {
+	case v.build <- struct{}{}:
+	case <-ctx.Done():
+		return nil, 0, fmt.Errorf("gzip index: %w", ctx.Err())
+	}
+	defer func() { <-v.build }()
+	offs, gen, healed := v.current()
+	if offs != nil {
+		return offs, gen, nil
+	}
+	// After a stale index was dropped, never trust a file again (its
+	// removal may have failed): the rebuild is what the data says now.
+	var lengths []int64
+	if !healed {
+		lengths = v.loadIndex()
+	}
 	if lengths == nil {
 		var err error
 		lengths, err = v.buildIndex(ctx)
 		if err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 		v.saveIndex(lengths)
 	}
-	offs := make([]int64, len(lengths)+1)
+	offs = make([]int64, len(lengths)+1)
 	for i, n := range lengths {
 		offs[i+1] = offs[i] + n
 	}
+	// Only a published layout can be dropped, and publishing happens here
+	// under v.build: gen cannot have moved since current().
+	v.layoutMu.Lock()
 	v.offsets = offs
-	return offs, nil
+	v.layoutMu.Unlock()
+	if healed {
+		v.log.Warn("gzipview: index rebuilt after a stale one was dropped", "file", v.opts.Name, "index", v.opts.IndexPath, "size", offs[len(offs)-1], "generation", gen)
+		v.layoutChanged()
+	}
+	return offs, gen, nil
+}
+
+// stale handles member i of layout gen compressing to got bytes where the
+// index says want: the first time, the layout and its index file are
+// dropped (the next use rebuilds them); after that rebuild, and for a read
+// of an already replaced layout, it only fails the read.
+func (v *View) stale(gen uint64, i, got, want int64) error {
+	v.layoutMu.Lock()
+	switch {
+	case v.gen != gen:
+		v.layoutMu.Unlock()
+		return fmt.Errorf("%w (member %d)", ErrLayoutChanged, i)
+	case v.healed:
+		v.layoutMu.Unlock()
+		v.log.Error("gzipview: member disagrees with the rebuilt index too: the data under this snapshot keeps changing; failing the read",
+			"file", v.opts.Name, "index", v.opts.IndexPath, "member", i, "index_length", want, "compressed_length", got)
+		return fmt.Errorf("%w: member %d compresses to %d bytes, the rebuilt index says %d", ErrStaleIndex, i, got, want)
+	}
+	v.gen++
+	v.healed = true
+	v.offsets = nil
+	// Removed before anyone can rebuild (that needs this lock to see the
+	// layout gone), so the removal never hits the fresh index.
+	var rmErr error
+	if v.opts.IndexPath != "" {
+		if err := os.Remove(v.opts.IndexPath); err != nil && !errors.Is(err, os.ErrNotExist) {
+			rmErr = err
+		}
+	}
+	v.layoutMu.Unlock()
+	v.log.Warn("gzipview: stale index: the data under this snapshot changed since the index was built; dropped it, rebuilding once",
+		"file", v.opts.Name, "index", v.opts.IndexPath, "member", i, "index_length", want, "compressed_length", got)
+	if rmErr != nil {
+		v.log.Warn("gzipview: cannot remove stale index", "index", v.opts.IndexPath, "err", rmErr)
+	}
+	v.layoutChanged()
+	return fmt.Errorf("%w: member %d compresses to %d bytes, the index says %d (index dropped; reopen the file)", ErrStaleIndex, i, got, want)
+}
+
+func (v *View) layoutChanged() {
+	if v.opts.OnLayoutChange != nil {
+		v.opts.OnLayoutChange()
+	}
 }
 
 func (v *View) loadIndex() []int64 {
@@ -254,11 +367,30 @@ feed:
 	return lengths, nil
 }
 
-// ReadAt fills p with the gzip stream at off. off+len(p) must not exceed Size.
+// ReadAt fills p with the gzip stream at off, in the current layout.
+// off+len(p) must not exceed Size.
 func (v *View) ReadAt(ctx context.Context, p []byte, off int64) error {
-	offs, err := v.index(ctx)
+	return v.readAt(ctx, p, off, false, 0)
+}
+
+// ReadAtGeneration is ReadAt for a reader that learned the size in layout
+// gen (an open file): once that layout is replaced it fails with
+// ErrLayoutChanged, never returning bytes placed by another layout.
+func (v *View) ReadAtGeneration(ctx context.Context, gen uint64, p []byte, off int64) error {
+	return v.readAt(ctx, p, off, true, gen)
+}
+
+func (v *View) readAt(ctx context.Context, p []byte, off int64, pinned bool, want uint64) error {
+	if pinned && v.Generation() != want {
+		// Checked first: a gone layout must not make this read rebuild.
+		return fmt.Errorf("read gzip at %d: %w", off, ErrLayoutChanged)
+	}
+	offs, gen, err := v.layout(ctx)
 	if err != nil {
 		return err
+	}
+	if pinned && gen != want {
+		return fmt.Errorf("read gzip at %d: %w", off, ErrLayoutChanged)
 	}
 	total := offs[len(offs)-1]
 	if off < 0 || int64(len(p)) > total-off {
@@ -280,11 +412,16 @@ func (v *View) ReadAt(ctx context.Context, p []byte, off int64) error {
 		if int64(len(m)) != offs[i+1]-offs[i] {
 			// The index disagrees with what we produce now (different
 			// data behind the same identity): never serve mixed bytes.
-			return fmt.Errorf("read gzip member %d: compressed length %d, index says %d", i, len(m), offs[i+1]-offs[i])
+			return fmt.Errorf("read gzip member %d: %w", i, v.stale(gen, i, int64(len(m)), offs[i+1]-offs[i]))
 		}
 		lo := max(off, offs[i])
 		hi := min(end, offs[i+1])
 		copy(p[lo-off:hi-off], m[lo-offs[i]:hi-offs[i]])
+	}
+	if v.Generation() != gen {
+		// Dropped while we copied: these bytes were placed by a layout
+		// known to be wrong.
+		return fmt.Errorf("read gzip at %d: %w", off, ErrLayoutChanged)
 	}
 	return nil
 }
@@ -406,15 +543,22 @@ func (v *View) zeroMember(ctx context.Context, n int64) ([]byte, error) {
 	return m, nil
 }
 
-// compressChunk reads only the data extents of the chunk from raw (holes
-// stay zero without a fetch) and compresses it as one gzip member.
+// readGap is the longest hole compressChunk reads through: extents closer
+// than this are read with one call and the holes zeroed after, so a member
+// of many small extents (4096 of them per MiB on a fragmented disk) costs a
+// few reads, not one each. The block cache coalesces its fetches the same way.
+const readGap = 64 << 10
+
+// compressChunk reads only the data of the chunk from raw (long holes stay
+// zero without a fetch) and compresses it as one gzip member.
 func (v *View) compressChunk(ctx context.Context, off, n int64) ([]byte, error) {
 	buf := make([]byte, n)
-	for _, e := range v.data.Clip(off, n) {
+	for _, e := range v.data.Runs(off, n, readGap) {
 		if err := v.raw.ReadAt(ctx, buf[e.Off-off:e.End()-off], e.Off); err != nil {
 			return nil, fmt.Errorf("read raw [%d,+%d): %w", e.Off, e.Len, err)
 		}
 	}
+	v.data.ZeroHoles(buf, off) // the map's holes are zeros, whatever raw said
 	m, err := v.compress(ctx, bytes.NewReader(buf))
 	if err != nil {
 		return nil, fmt.Errorf("compress chunk at %d: %w", off, err)

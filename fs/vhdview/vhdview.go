@@ -359,9 +359,13 @@ func (v *View) bitmap(p []byte, b, in int64) {
 
 // readData fills p with the virtual disk bytes at vlo: raw data for marked
 // ranges, zeros elsewhere and past the raw end.
+//
+// Extents closer than readGap are read with one call and the holes between
+// zeroed after, so a block of many small extents is a few reads, not one per
+// extent (the block cache coalesces its fetches the same way).
 func (v *View) readData(ctx context.Context, p []byte, vlo int64) error {
 	clear(p)
-	for _, e := range v.marked.Clip(vlo, int64(len(p))) {
+	for _, e := range v.marked.Runs(vlo, int64(len(p)), readGap) {
 		hi := min(e.End(), v.rawSize)
 		if hi <= e.Off {
 			continue
@@ -370,5 +374,9 @@ func (v *View) readData(ctx context.Context, p []byte, vlo int64) error {
 			return fmt.Errorf("vhd read disk at %d len %d: %w", e.Off, hi-e.Off, err)
 		}
 	}
+	v.marked.ZeroHoles(p, vlo)
 	return nil
 }
+
+// readGap is the longest hole readData reads through.
+const readGap = 64 << 10

@@ -332,7 +332,7 @@ func (v *vm) snapshotAPI(snap, base *snapshot, squash bool) apiSnapshot {
 				chunks = diffChunks(d.chunks, bd.chunks)
 			}
 		}
-		if squash {
+		if squash && !d.verbatim {
 			chunks = squashChunks(chunks)
 		}
 		out.Disks = append(out.Disks, apiDiskSnapshot{

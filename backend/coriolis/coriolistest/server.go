@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -393,6 +394,29 @@ func (s *Server) deleteSnapshots(vmID, id string) error {
 		}
 	}
 	v.snapshots = kept
+	return nil
+}
+
+// OverrideChunks makes the server report chunks for a snapshot disk instead
+// of the extents it recorded, in every answer about that snapshot from now on
+// and exactly as given: squashChunks does not merge them, and compareTo
+// compares them (with their PhysicalStart) as the recorded extents. It models
+// an exporter on a badly fragmented filesystem (a million tiny FIEMAP
+// extents) or one that does not squash. The disk's data is not changed: the
+// caller writes the data the chunks describe before the snapshot, and bytes
+// outside the chunks must be zero, since clients read them as holes.
+func (s *Server) OverrideChunks(vmID, snapID, diskName string, chunks []Chunk) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	sd, err := s.snapDisk(vmID, snapID, diskName)
+	if err != nil {
+		return fmt.Errorf("coriolistest override chunks %s/%s/%s: %w", vmID, snapID, diskName, err)
+	}
+	sd.chunks = slices.Clone(chunks)
+	if sd.chunks == nil {
+		sd.chunks = []Chunk{}
+	}
+	sd.verbatim = true
 	return nil
 }
 

@@ -62,6 +62,9 @@ type snapDisk struct {
 	spec   DiskSpec
 	path   string
 	chunks []Chunk // unsquashed extents, recorded at creation like the server's database
+	// verbatim: chunks were set by OverrideChunks and are answered as they
+	// are, squashChunks or not.
+	verbatim bool
 }
 
 type vm struct {
