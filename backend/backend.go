@@ -2,7 +2,13 @@
 // platform. A platform package (coriolis, kubevirt, ...) implements Source; the
 // filesystem uses nothing else. Platforms differ in what they can do, and that
 // is expressed by optional interfaces (SnapshotCreator, SnapshotDeleter,
-// ChangeTracker), never by platform names in the filesystem.
+// DeltaOpener), never by platform names in the filesystem.
+//
+// Lifetimes: a Source lives as long as its mount and is closed once. A Disk
+// may hold server resources (an image transfer, an NBD connection, a backup
+// export), so the filesystem opens disks when it needs them, closes them when
+// idle and keeps their number bounded; a platform may not assume a disk stays
+// open, nor that it is opened only once.
 package backend
 
 import (
@@ -34,6 +40,21 @@ type VM struct {
 type DiskInfo struct {
 	ID     string // the platform's id for reads (DiskRef.Disk)
 	Device string // short device name such as "xvda"; directory name when a VM has several disks
+	// Key is the disk's identity across the snapshots of its VM: two
+	// snapshots' disks with the same Key are the same virtual disk at two
+	// times, so one is the other's delta base. Platforms that keep a disk's
+	// id across snapshots leave it empty (the ID is the identity); those
+	// that give each snapshot's copy a new id (XenServer VDIs) set it, from
+	// something that stays (the VBD's device position).
+	Key string
+}
+
+// Identity is Key, or ID when the platform keeps ids across snapshots.
+func (d DiskInfo) Identity() string {
+	if d.Key != "" {
+		return d.Key
+	}
+	return d.ID
 }
 
 // Snapshot is an immutable point-in-time view of a VM's disks.
@@ -55,24 +76,44 @@ type Source interface {
 	VMs(ctx context.Context) ([]VM, error)
 	Snapshots(ctx context.Context, vmID string) ([]Snapshot, error)
 	OpenDisk(ctx context.Context, ref DiskRef) (Disk, error)
+	// Close ends the source's sessions and connections. Disks still open
+	// are not closed by it; the filesystem closes them first.
+	Close() error
 }
 
-// Disk is one snapshot disk, opened. Snapshot data is immutable, so Size and
-// Allocated never change for the life of a Disk.
-type Disk interface {
+// Blob is an immutable run of bytes that can be read anywhere: a platform's
+// disk, or an object (a QCOW2 image in a bucket) that a format decoder turns
+// into a Disk.
+type Blob interface {
 	Size() int64
-	// Allocated is the map of extents that may hold data; everything else
-	// reads as zeros. A platform that cannot tell returns extent.Full(Size()).
-	Allocated() extent.Map
 	// ReadAt fills p entirely from offset off, or returns an error; it never
 	// returns partial data. off+len(p) <= Size().
 	ReadAt(ctx context.Context, p []byte, off int64) error
 }
 
-// ChangeTracker is implemented by a Disk whose platform reports the extents
-// changed since an older snapshot of the same VM.
-type ChangeTracker interface {
-	ChangedSince(ctx context.Context, baseSnapshotID string) (extent.Map, error)
+// Disk is one snapshot disk, opened. Snapshot data is immutable, so Size and
+// Allocated never change for the life of a Disk, nor between two openings.
+type Disk interface {
+	Blob
+	// Allocated is the map of extents that may hold data; everything else
+	// reads as zeros. A platform that cannot tell returns extent.Full(Size()).
+	Allocated() extent.Map
+	// Close releases what the disk holds on the platform (connections,
+	// transfers, attachments); reads after Close fail.
+	Close() error
+}
+
+// DeltaOpener is implemented by a Source whose platform can say which extents
+// of a disk changed between two snapshots. Platforms fix that set when the
+// pair is opened, not later: a backup from a checkpoint, a changed-block
+// list that must be read before the target is attached, a compare query.
+type DeltaOpener interface {
+	// OpenDelta opens the disk ref together with the extents changed since
+	// base, the same disk (same DiskInfo.Identity) in an older snapshot of
+	// the VM; rewritten and discarded ranges both count. It wraps
+	// ErrUnsupported when this pair cannot be compared (the filesystem then
+	// makes a larger, still exact, delta) and ErrNotFound when base is gone.
+	OpenDelta(ctx context.Context, ref, base DiskRef) (Disk, extent.Map, error)
 }
 
 // SnapshotCreator is implemented by a Source that can take snapshots. name is

@@ -27,7 +27,7 @@ type lazyView[V any] struct {
 	v     V
 	built bool
 	s     stream
-	build func(ctx context.Context, d backend.Disk) (V, stream, error)
+	build func(ctx context.Context, d *diskHandle) (V, stream, error)
 	raw   *rawView
 }
 
@@ -85,7 +85,7 @@ type gzipView struct {
 
 func newGzipView(raw *rawView, cacheDir, name string) *gzipView {
 	v := &gzipView{}
-	v.lazy = lazyView[*gzipview.View]{raw: raw, build: func(ctx context.Context, d backend.Disk) (*gzipview.View, stream, error) {
+	v.lazy = lazyView[*gzipview.View]{raw: raw, build: func(ctx context.Context, d *diskHandle) (*gzipview.View, stream, error) {
 		s := raw.st.open(cacheKey(raw.ref), d.Size(), d.Allocated(), d)
 		opts := gzipview.Options{Logger: raw.st.log, Name: name, OnLayoutChange: v.layoutChanged}
 		if cacheDir != "" {
@@ -175,7 +175,7 @@ func vhdID(ref backend.DiskRef) [16]byte {
 
 func newDynamicVHDView(raw *rawView) *vhdView {
 	v := &vhdView{}
-	v.lazy = lazyView[*vhdview.View]{raw: raw, build: func(ctx context.Context, d backend.Disk) (*vhdview.View, stream, error) {
+	v.lazy = lazyView[*vhdview.View]{raw: raw, build: func(ctx context.Context, d *diskHandle) (*vhdview.View, stream, error) {
 		s := raw.st.open(cacheKey(raw.ref), d.Size(), d.Allocated(), d)
 		h, err := vhdview.NewDynamic(s, vhdview.Dynamic{Size: d.Size(), Data: d.Allocated(), ID: vhdID(raw.ref)})
 		return h, s, err
@@ -183,12 +183,16 @@ func newDynamicVHDView(raw *rawView) *vhdView {
 	return v
 }
 
-// newDeltaVHDView holds the changes of raw's snapshot since baseID.
-// parentName is the file name the user gives the base's disk.vhd beside it.
-func newDeltaVHDView(raw *rawView, baseID, parentName string) *vhdView {
+// newDeltaVHDView holds the changes of raw's disk since base, the same disk
+// in an older snapshot. parentName is the file name the user gives the
+// base's disk.vhd beside it.
+func newDeltaVHDView(raw *rawView, base backend.DiskRef, parentName string) *vhdView {
 	v := &vhdView{}
-	v.lazy = lazyView[*vhdview.View]{raw: raw, build: func(ctx context.Context, d backend.Disk) (*vhdview.View, stream, error) {
-		changed, err := raw.deltaMap(ctx, baseID)
+	baseID := base.Snapshot
+	v.lazy = lazyView[*vhdview.View]{raw: raw, build: func(ctx context.Context, _ *diskHandle) (*vhdview.View, stream, error) {
+		// Reads go through the platform's opening against base where it
+		// has one: the pair may hold resources of its own (a backup).
+		d, changed, err := raw.deltaSource(ctx, base)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -200,8 +204,6 @@ func newDeltaVHDView(raw *rawView, baseID, parentName string) *vhdView {
 			return nil, nil, fmt.Errorf("delta map: %w", err)
 		}
 		s := raw.st.open(cacheKey(raw.ref)+"/changed-since/"+url.PathEscape(baseID), d.Size(), marked, d)
-		base := raw.ref
-		base.Snapshot = baseID
 		h, err := vhdview.NewDifferencing(s, vhdview.Differencing{
 			Size:       d.Size(),
 			Changed:    changed,

@@ -76,7 +76,8 @@ func (d *diskFiles) names(ctx context.Context) ([]string, error) {
 	return names, nil
 }
 
-// bases are the shown snapshots older than this one that hold the same disk.
+// bases are the shown snapshots older than this one that hold the same disk
+// (the same identity: the id may differ between snapshots).
 func (d *diskFiles) bases(ctx context.Context) ([]*snapEntry, error) {
 	l, err := d.st.listSnapshots(ctx, d.vm)
 	if err != nil {
@@ -88,7 +89,7 @@ func (d *diskFiles) bases(ctx context.Context) ([]*snapEntry, error) {
 			return out, nil
 		}
 		for _, info := range e.snap.Disks {
-			if info.ID == d.disk.info.ID {
+			if info.Identity() == d.disk.info.Identity() {
 				out = append(out, e)
 				break
 			}
@@ -138,11 +139,15 @@ func (d *diskFiles) lookup(ctx context.Context, parent *gofs.Inode, name string,
 		if baseID == "" {
 			return nil, syscall.ENOENT
 		}
+		base, err := d.st.baseRef(ctx, raw.ref, baseID)
+		if err != nil {
+			return nil, d.st.toErrno(ctx, "lookup", path.Join(d.dir, name), err)
+		}
 		if errno := d.vhdPossible(ctx, raw); errno != 0 {
 			return nil, errno
 		}
-		v = newDeltaVHDView(raw, baseID, parentName)
-		identity = deltaPrefix + "\x00" + baseID + "\x00" + parentName
+		v = newDeltaVHDView(raw, base, parentName)
+		identity = deltaPrefix + "\x00" + baseID + "\x00" + base.Disk + "\x00" + parentName
 	default:
 		return nil, syscall.ENOENT
 	}

@@ -2,6 +2,7 @@ package fs
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"syscall"
@@ -100,50 +101,77 @@ func (v *rawView) OpenStream(ctx context.Context) (stream, error) {
 	return v.st.open(cacheKey(v.ref), d.Size(), d.Allocated(), d), nil
 }
 
-func (v *rawView) TracksChanges(ctx context.Context) bool {
-	d, err := v.st.disk(ctx, v.ref)
-	if err != nil {
-		return false
-	}
-	_, ok := d.(backend.ChangeTracker)
+func (v *rawView) TracksChanges(context.Context) bool {
+	_, ok := v.st.src.(backend.DeltaOpener)
 	return ok
 }
 
 func (v *rawView) ChangedSince(ctx context.Context, base string) (extent.Map, error) {
-	d, err := v.st.disk(ctx, v.ref)
+	b, err := v.st.baseRef(ctx, v.ref, base)
 	if err != nil {
 		return extent.Map{}, err
 	}
-	ct, ok := d.(backend.ChangeTracker)
-	if !ok {
-		return extent.Map{}, fmt.Errorf("changed since: %w", backend.ErrUnsupported)
+	h, err := v.st.delta(ctx, v.ref, b)
+	if err != nil {
+		return extent.Map{}, err
 	}
-	return ct.ChangedSince(ctx, base)
+	return h.changed, nil
 }
 
-// deltaMap is what a delta from base must hold: the platform's changed
-// extents where it tracks changes, else every extent written in either
-// snapshot (where both are holes they agree; anywhere else they may not), a
-// larger delta but a correct one.
-func (v *rawView) deltaMap(ctx context.Context, base string) (extent.Map, error) {
+// deltaSource is what a delta from base reads and must hold: the platform's
+// opening against base and its changed extents where it can compare the two,
+// else the disk itself and every extent written in either snapshot (where
+// both are holes they agree; anywhere else they may not), a larger delta but
+// a correct one.
+func (v *rawView) deltaSource(ctx context.Context, base backend.DiskRef) (*diskHandle, extent.Map, error) {
+	h, err := v.st.delta(ctx, v.ref, base)
+	if err == nil {
+		return h, h.changed, nil
+	}
+	if !errors.Is(err, backend.ErrUnsupported) {
+		return nil, extent.Map{}, err
+	}
 	d, err := v.st.disk(ctx, v.ref)
 	if err != nil {
-		return extent.Map{}, err
+		return nil, extent.Map{}, err
 	}
-	if ct, ok := d.(backend.ChangeTracker); ok {
-		return ct.ChangedSince(ctx, base)
-	}
-	ref := v.ref
-	ref.Snapshot = base
-	b, err := v.st.disk(ctx, ref)
+	b, err := v.st.disk(ctx, base)
 	if err != nil {
-		return extent.Map{}, fmt.Errorf("delta from %s: %w", base, err)
+		return nil, extent.Map{}, fmt.Errorf("delta from %s: %w", base.Snapshot, err)
 	}
 	m, err := extent.Normalize(d.Allocated().Union(b.Allocated()).Clip(0, d.Size()), d.Size())
 	if err != nil {
-		return extent.Map{}, fmt.Errorf("delta from %s: %w", base, err)
+		return nil, extent.Map{}, fmt.Errorf("delta from %s: %w", base.Snapshot, err)
 	}
-	return m, nil
+	return d, m, nil
+}
+
+// baseRef is the disk of snapshot base that is ref's disk at an older time:
+// the one of the same identity. A base the listing does not show keeps ref's
+// disk id, for the platform to judge.
+func (st *state) baseRef(ctx context.Context, ref backend.DiskRef, base string) (backend.DiskRef, error) {
+	out := backend.DiskRef{VM: ref.VM, Snapshot: base, Disk: ref.Disk}
+	l, err := st.listSnapshots(ctx, ref.VM)
+	if err != nil {
+		return out, err
+	}
+	cur, old := l.byID[ref.Snapshot], l.byID[base]
+	if cur == nil || old == nil {
+		return out, nil
+	}
+	for _, d := range cur.snap.Disks {
+		if d.ID != ref.Disk {
+			continue
+		}
+		for _, b := range old.snap.Disks {
+			if b.Identity() == d.Identity() {
+				out.Disk = b.ID
+				return out, nil
+			}
+		}
+		return out, fmt.Errorf("snapshot %s has no disk %s: %w", base, d.Identity(), backend.ErrNotFound)
+	}
+	return out, nil
 }
 
 // diskFile is a read-only file over a view.

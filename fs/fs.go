@@ -19,8 +19,10 @@ import (
 	"time"
 
 	gofs "github.com/hanwen/go-fuse/v2/fs"
+	"golang.org/x/sync/singleflight"
 
 	"github.com/vmexportfs/vmexportfs/backend"
+	"github.com/vmexportfs/vmexportfs/backend/extent"
 	"github.com/vmexportfs/vmexportfs/cache"
 	"github.com/vmexportfs/vmexportfs/fs/statedir"
 )
@@ -32,6 +34,10 @@ type Options struct {
 	CacheDir string       // for derived-view indexes; created 0700
 	ListTTL  time.Duration
 	Logger   *slog.Logger
+	// DiskIdle is how long an unused disk stays open (DefaultDiskIdle);
+	// MaxIdleDisks how many unused ones may (DefaultMaxIdleDisks).
+	DiskIdle     time.Duration
+	MaxIdleDisks int
 }
 
 // DefaultListTTL is how long a VM or snapshot listing is reused.
@@ -59,10 +65,12 @@ type state struct {
 	// running (reads, stats): what a shutdown would cut short.
 	openFiles, inflight atomic.Int64
 
-	mu     sync.Mutex
-	snaps  map[string]*cachedList[*snapListing]
-	disks  map[backend.DiskRef]*onceDisk
-	warned map[string]bool
+	pool *diskPool
+
+	mu      sync.Mutex
+	snaps   map[string]*cachedList[*snapListing]
+	handles map[diskKey]*diskHandle
+	warned  map[string]bool
 }
 
 // NewRoot builds the tree over src.
@@ -98,11 +106,19 @@ func NewRoot(src backend.Source, opts Options) (*Root, error) {
 		gid:      uint32(os.Getgid()),
 		epoch:    time.Unix(0, 0),
 		snaps:    map[string]*cachedList[*snapListing]{},
-		disks:    map[backend.DiskRef]*onceDisk{},
+		handles:  map[diskKey]*diskHandle{},
 		warned:   map[string]bool{},
 	}
+	st.pool = newDiskPool(src, opts.DiskIdle, opts.MaxIdleDisks, log.Warn)
 	return &Root{dirNode{st: st, mode: 0o555}}, nil
 }
+
+// Close closes every disk the tree has open; call it once the filesystem is
+// unmounted, before closing the source.
+func (r *Root) Close() { r.st.pool.close() }
+
+// OpenDisks is how many backend disks the tree has open now.
+func (r *Root) OpenDisks() int { return r.st.pool.count() }
 
 // Activity reports the file handles open on the tree (in any mount
 // namespace) and the file operations (reads, stats) running now.
@@ -215,62 +231,81 @@ func cacheKey(ref backend.DiskRef) string {
 	return url.PathEscape(ref.VM) + "/" + url.PathEscape(ref.Snapshot) + "/" + url.PathEscape(ref.Disk)
 }
 
-// onceDisk shares one OpenDisk call between concurrent users; a failure is
-// not remembered so a later access retries.
-type onceDisk struct {
-	done chan struct{}
-	disk backend.Disk
-	err  error
+// diskHandle is what the tree knows of a disk, open or not: its immutable
+// size and maps, and reads that borrow the pooled disk while they run.
+type diskHandle struct {
+	pool    *diskPool
+	key     diskKey
+	size    int64
+	alloc   extent.Map
+	changed extent.Map // of a delta opening
 }
 
-// disk opens ref once per mount: snapshot disks are immutable.
-func (st *state) disk(ctx context.Context, ref backend.DiskRef) (backend.Disk, error) {
+func (h *diskHandle) Size() int64           { return h.size }
+func (h *diskHandle) Allocated() extent.Map { return h.alloc }
+
+func (h *diskHandle) ReadAt(ctx context.Context, p []byte, off int64) error {
+	o, err := h.pool.acquire(ctx, h.key)
+	if err != nil {
+		return err
+	}
+	defer h.pool.release(h.key, o)
+	if o.disk.Size() != h.size {
+		return fmt.Errorf("read: %w: disk reopened with size %d, was %d", backend.ErrUnavailable, o.disk.Size(), h.size)
+	}
+	return o.disk.ReadAt(ctx, p, off)
+}
+
+// disk returns the handle of ref, opening the disk the first time.
+func (st *state) disk(ctx context.Context, ref backend.DiskRef) (*diskHandle, error) {
+	return st.handle(ctx, diskKey{ref: ref})
+}
+
+// delta returns the handle of ref opened against base: its changed map and
+// reads through that opening. It wraps ErrUnsupported when the platform
+// cannot compare the two.
+func (st *state) delta(ctx context.Context, ref, base backend.DiskRef) (*diskHandle, error) {
+	if _, ok := st.src.(backend.DeltaOpener); !ok {
+		return nil, fmt.Errorf("changes since %s: %w", base.Snapshot, backend.ErrUnsupported)
+	}
+	return st.handle(ctx, diskKey{ref: ref, base: base})
+}
+
+func (st *state) handle(ctx context.Context, k diskKey) (*diskHandle, error) {
 	st.mu.Lock()
-	o, ok := st.disks[ref]
-	if !ok {
-		o = &onceDisk{done: make(chan struct{})}
-		st.disks[ref] = o
-		go func() {
-			// Detached so one interrupted caller does not fail the others.
-			o.disk, o.err = st.src.OpenDisk(context.WithoutCancel(ctx), ref)
-			if o.err == nil && o.disk == nil {
-				o.err = fmt.Errorf("open disk: backend returned nil disk: %w", backend.ErrUnavailable)
-			}
-			if o.err == nil && (o.disk.Size() < 0 || o.disk.Size() > MaxDiskSize) {
-				st.warnOnce("disk-size:"+cacheKey(ref), "fs: refusing disk with implausible size", "vm", ref.VM, "snapshot", ref.Snapshot, "disk", quoteShort(ref.Disk), "size", o.disk.Size())
-				o.disk, o.err = nil, fmt.Errorf("open disk: %w: size %d is not plausible (0 to %d bytes)", backend.ErrInvalid, o.disk.Size(), int64(MaxDiskSize))
-			}
-			if o.err != nil {
-				st.mu.Lock()
-				delete(st.disks, ref)
-				st.mu.Unlock()
-			}
-			close(o.done)
-		}()
-	}
+	h := st.handles[k]
 	st.mu.Unlock()
-	select {
-	case <-o.done:
-		return o.disk, o.err
-	case <-ctx.Done():
-		return nil, ctx.Err()
+	if h != nil {
+		return h, nil
 	}
+	o, err := st.pool.acquire(ctx, k)
+	if err != nil {
+		return nil, err
+	}
+	defer st.pool.release(k, o)
+	ref := k.ref
+	if size := o.disk.Size(); size < 0 || size > MaxDiskSize {
+		st.warnOnce("disk-size:"+cacheKey(ref), "fs: refusing disk with implausible size", "vm", ref.VM, "snapshot", ref.Snapshot, "disk", quoteShort(ref.Disk), "size", size)
+		return nil, fmt.Errorf("open disk: %w: size %d is not plausible (0 to %d bytes)", backend.ErrInvalid, size, int64(MaxDiskSize))
+	}
+	h = &diskHandle{pool: st.pool, key: k, size: o.disk.Size(), alloc: o.disk.Allocated(), changed: o.changed}
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if prev := st.handles[k]; prev != nil {
+		return prev, nil
+	}
+	st.handles[k] = h
+	return h, nil
 }
 
 // cachedList is a listing reused for a TTL; concurrent callers share one
 // fetch. Errors are not remembered, so the next call retries.
 type cachedList[T any] struct {
-	mu       sync.Mutex
-	val      T
-	at       time.Time
-	valid    bool
-	inflight *flight[T]
-}
-
-type flight[T any] struct {
-	done chan struct{}
-	val  T
-	err  error
+	mu    sync.Mutex
+	val   T
+	at    time.Time
+	valid bool
+	fetch singleflight.Group
 }
 
 func (c *cachedList[T]) get(ctx context.Context, ttl time.Duration, fetch func(context.Context) (T, error)) (T, error) {
@@ -280,28 +315,25 @@ func (c *cachedList[T]) get(ctx context.Context, ttl time.Duration, fetch func(c
 		c.mu.Unlock()
 		return v, nil
 	}
-	f := c.inflight
-	if f == nil {
-		f = &flight[T]{done: make(chan struct{})}
-		c.inflight = f
-		go func() {
-			// Detached so one interrupted caller does not fail the others.
-			f.val, f.err = fetch(context.WithoutCancel(ctx))
-			c.mu.Lock()
-			if f.err == nil {
-				c.val, c.at, c.valid = f.val, time.Now(), true
-			}
-			c.inflight = nil
-			c.mu.Unlock()
-			close(f.done)
-		}()
-	}
 	c.mu.Unlock()
+	done := c.fetch.DoChan("", func() (any, error) {
+		// Detached so one interrupted caller does not fail the others.
+		v, err := fetch(context.WithoutCancel(ctx))
+		if err == nil {
+			c.mu.Lock()
+			c.val, c.at, c.valid = v, time.Now(), true
+			c.mu.Unlock()
+		}
+		return v, err
+	})
+	var zero T
 	select {
-	case <-f.done:
-		return f.val, f.err
+	case r := <-done:
+		if r.Err != nil {
+			return zero, r.Err
+		}
+		return r.Val.(T), nil
 	case <-ctx.Done():
-		var zero T
 		return zero, ctx.Err()
 	}
 }

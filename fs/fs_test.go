@@ -336,6 +336,7 @@ type sizedDisk struct{ size int64 }
 
 func (d sizedDisk) Size() int64           { return d.size }
 func (d sizedDisk) Allocated() extent.Map { return extent.Map{} }
+func (d sizedDisk) Close() error          { return nil }
 func (d sizedDisk) ReadAt(_ context.Context, p []byte, _ int64) error {
 	clear(p)
 	return nil

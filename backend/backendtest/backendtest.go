@@ -40,11 +40,12 @@ type VM struct {
 
 // Counters are what the filesystem asked for.
 type Counters struct {
-	VMs, Snapshots, OpenDisk, Reads, BytesRead, Creates, Deletes atomic.Int64
+	VMs, Snapshots, OpenDisk, OpenDelta, CloseDisk, Reads, BytesRead, Creates, Deletes atomic.Int64
 }
 
 // Source is an in-memory backend.Source; it also implements the
-// SnapshotCreator and SnapshotDeleter capabilities unless disabled.
+// SnapshotCreator, SnapshotDeleter and DeltaOpener capabilities (ReadOnly
+// hides the first two, NoChangeTracking disables the third).
 type Source struct {
 	mu  sync.Mutex
 	vms []*VM
@@ -54,8 +55,12 @@ type Source struct {
 	readErr error
 	// ListErr, when set, is returned by VMs and Snapshots.
 	ListErr error
-	// NoChangeTracking hides ChangedSince on disks.
+	// NoChangeTracking makes OpenDelta say it cannot compare snapshots.
 	NoChangeTracking bool
+	// Closed is set by Close.
+	Closed atomic.Bool
+	// open counts the disks opened (plain or as a delta) and not closed.
+	open atomic.Int64
 	// Created is the Created time given to new snapshots.
 	Created time.Time
 	nextID  int
@@ -140,9 +145,42 @@ func (s *Source) OpenDisk(ctx context.Context, ref backend.DiskRef) (backend.Dis
 	s.Calls.OpenDisk.Add(1)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	d, err := s.findDisk(ref)
+	if err != nil {
+		return nil, fmt.Errorf("open disk: %w", err)
+	}
+	s.open.Add(1)
+	return &openDisk{src: s, d: d}, nil
+}
+
+// OpenNow is how many disks are open: opened, plain or as a delta, and not
+// closed yet.
+func (s *Source) OpenNow() int64 { return s.open.Load() }
+
+// OpenDelta implements backend.DeltaOpener from the disk's Changed maps.
+func (s *Source) OpenDelta(ctx context.Context, ref, base backend.DiskRef) (backend.Disk, extent.Map, error) {
+	s.Calls.OpenDelta.Add(1)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.NoChangeTracking {
+		return nil, extent.Map{}, fmt.Errorf("open delta: %w", backend.ErrUnsupported)
+	}
+	d, err := s.findDisk(ref)
+	if err != nil {
+		return nil, extent.Map{}, fmt.Errorf("open delta: %w", err)
+	}
+	m, ok := d.Changed[base.Snapshot]
+	if !ok {
+		return nil, extent.Map{}, fmt.Errorf("open delta since %q: %w", base.Snapshot, backend.ErrNotFound)
+	}
+	s.open.Add(1)
+	return &openDisk{src: s, d: d}, m, nil
+}
+
+func (s *Source) findDisk(ref backend.DiskRef) (*Disk, error) {
 	vm := s.findVM(ref.VM)
 	if vm == nil {
-		return nil, fmt.Errorf("open disk %v: vm: %w", ref, backend.ErrNotFound)
+		return nil, fmt.Errorf("%v: vm: %w", ref, backend.ErrNotFound)
 	}
 	for _, sn := range vm.Snapshots {
 		if sn.ID != ref.Snapshot {
@@ -150,15 +188,17 @@ func (s *Source) OpenDisk(ctx context.Context, ref backend.DiskRef) (backend.Dis
 		}
 		for _, d := range sn.Disks {
 			if d.Info.ID == ref.Disk {
-				od := &openDisk{src: s, d: d}
-				if s.NoChangeTracking {
-					return plainDisk{od}, nil
-				}
-				return od, nil
+				return d, nil
 			}
 		}
 	}
-	return nil, fmt.Errorf("open disk %v: %w", ref, backend.ErrNotFound)
+	return nil, fmt.Errorf("%v: %w", ref, backend.ErrNotFound)
+}
+
+// Close implements backend.Source.
+func (s *Source) Close() error {
+	s.Closed.Store(true)
+	return nil
 }
 
 // CreateSnapshot implements backend.SnapshotCreator: the new snapshot shares
@@ -202,8 +242,18 @@ func (s *Source) DeleteSnapshot(ctx context.Context, vmID, snapshotID string) er
 }
 
 type openDisk struct {
-	src *Source
-	d   *Disk
+	src    *Source
+	d      *Disk
+	closed atomic.Bool
+}
+
+func (o *openDisk) Close() error {
+	if o.closed.Swap(true) {
+		return fmt.Errorf("close disk %s: already closed", o.d.Info.ID)
+	}
+	o.src.Calls.CloseDisk.Add(1)
+	o.src.open.Add(-1)
+	return nil
 }
 
 func (o *openDisk) Size() int64           { return int64(len(o.d.Data)) }
@@ -218,28 +268,14 @@ func (o *openDisk) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if err != nil {
 		return err
 	}
+	if o.closed.Load() {
+		return fmt.Errorf("read %s: disk closed: %w", o.d.Info.ID, backend.ErrInvalid)
+	}
 	if off < 0 || off+int64(len(p)) > int64(len(o.d.Data)) {
 		return fmt.Errorf("read %d@%d: %w", len(p), off, backend.ErrInvalid)
 	}
 	copy(p, o.d.Data[off:])
 	return nil
-}
-
-func (o *openDisk) ChangedSince(ctx context.Context, base string) (extent.Map, error) {
-	m, ok := o.d.Changed[base]
-	if !ok {
-		return extent.Map{}, fmt.Errorf("changed since %q: %w", base, backend.ErrNotFound)
-	}
-	return m, nil
-}
-
-// plainDisk hides ChangedSince.
-type plainDisk struct{ o *openDisk }
-
-func (p plainDisk) Size() int64           { return p.o.Size() }
-func (p plainDisk) Allocated() extent.Map { return p.o.Allocated() }
-func (p plainDisk) ReadAt(ctx context.Context, b []byte, off int64) error {
-	return p.o.ReadAt(ctx, b, off)
 }
 
 // SetReadErr sets the error returned by every read (nil clears it).
@@ -259,3 +295,7 @@ func (r ReadOnly) Snapshots(ctx context.Context, vm string) ([]backend.Snapshot,
 func (r ReadOnly) OpenDisk(ctx context.Context, ref backend.DiskRef) (backend.Disk, error) {
 	return r.S.OpenDisk(ctx, ref)
 }
+func (r ReadOnly) OpenDelta(ctx context.Context, ref, base backend.DiskRef) (backend.Disk, extent.Map, error) {
+	return r.S.OpenDelta(ctx, ref, base)
+}
+func (r ReadOnly) Close() error { return r.S.Close() }

@@ -68,8 +68,7 @@ var (
 	_ backend.Source          = (*Client)(nil)
 	_ backend.SnapshotCreator = (*Client)(nil)
 	_ backend.SnapshotDeleter = (*Client)(nil)
-	_ backend.Disk            = (*Disk)(nil)
-	_ backend.ChangeTracker   = (*Disk)(nil)
+	_ backend.DeltaOpener     = (*Client)(nil)
 )
 
 // New builds a client and logs in once, so bad credentials fail here.
@@ -114,12 +113,14 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 	return c, nil
 }
 
-// CloseIdleConnections lets an unmounted client go without leaving kept-alive
-// connections (and their goroutines) behind.
-func (c *Client) CloseIdleConnections() {
+// Close lets an unmounted client go without leaving kept-alive connections
+// (and their goroutines) behind. The exporter has no logout: a JWT simply
+// expires.
+func (c *Client) Close() error {
 	if c.http.HTTP != nil {
 		c.http.HTTP.CloseIdleConnections()
 	}
+	return nil
 }
 
 // route builds /api/v1/<segments...>, escaping each segment so hostile ids
@@ -338,78 +339,73 @@ func (c *Client) OpenDisk(ctx context.Context, ref backend.DiskRef) (backend.Dis
 	if !ok {
 		return nil, fmt.Errorf("coriolis: open disk: %w: snapshot has no disk %q", backend.ErrNotFound, ref.Disk)
 	}
-	d := &Disk{c: c, ref: ref, url: c.route("vms", ref.VM, "snapshots", ref.Snapshot, "disks", ref.Disk)}
-	if d.size, err = c.http.Size(ctx, d.url); err != nil {
+	u := c.route("vms", ref.VM, "snapshots", ref.Snapshot, "disks", ref.Disk)
+	size, err := c.http.Size(ctx, u)
+	if err != nil {
 		return nil, fmt.Errorf("coriolis: open disk: %w", err)
 	}
-	var rep extent.Repairs
-	if d.alloc, rep, err = chunkMapReport(ds.Chunks, d.size); err != nil {
+	alloc, rep, err := chunkMapReport(ds.Chunks, size)
+	if err != nil {
 		// Reading everything is always correct; a wrong map is not.
 		c.logger.Warn("coriolis: untrusted chunk map, reading the whole disk", "vm", ref.VM, "snapshot", ref.Snapshot, "disk", ref.Disk, "reason", err.Error())
-		d.alloc = extent.Full(d.size)
+		alloc = extent.Full(size)
 	} else if rep.Suspicious() {
 		// Adjacent chunks (FIEMAP splits) are merged silently: routine.
 		c.logger.Warn(fmt.Sprintf("coriolis: chunk map normalized: %d unsorted/overlapping extents", rep.Unsorted+rep.Overlapping),
-			"vm", ref.VM, "snapshot", ref.Snapshot, "disk", ref.Disk, "unsorted", rep.Unsorted, "overlapping", rep.Overlapping, "extents", d.alloc.Len())
+			"vm", ref.VM, "snapshot", ref.Snapshot, "disk", ref.Disk, "unsorted", rep.Unsorted, "overlapping", rep.Overlapping, "extents", alloc.Len())
 	}
-	return d, nil
+	// Reads are independent Range requests: the disk holds nothing on the
+	// server.
+	return c.http.Disk(u, size, alloc, httprange.DiskOptions{Name: "coriolis: disk " + ref.Disk}), nil
 }
 
-// Disk is one opened snapshot disk.
-type Disk struct {
-	c     *Client
-	ref   backend.DiskRef
-	url   string
-	size  int64
-	alloc extent.Map
+// OpenDelta opens ref's disk with the extents changed since base (the same
+// disk name in an older snapshot): compareTo's rewritten extents plus what
+// was discarded since.
+func (c *Client) OpenDelta(ctx context.Context, ref, base backend.DiskRef) (backend.Disk, extent.Map, error) {
+	d, err := c.OpenDisk(ctx, ref)
+	if err != nil {
+		return nil, extent.Map{}, err
+	}
+	changed, err := c.changedSince(ctx, ref, base, d.Size(), d.Allocated())
+	if err != nil {
+		d.Close()
+		return nil, extent.Map{}, err
+	}
+	return d, changed, nil
 }
 
-// Size is the disk's size in bytes.
-func (d *Disk) Size() int64 { return d.size }
-
-// Allocated is the snapshot's chunk map.
-func (d *Disk) Allocated() extent.Map { return d.alloc }
-
-// ReadAt fills p from off with a checked Range read.
-func (d *Disk) ReadAt(ctx context.Context, p []byte, off int64) error {
-	if off < 0 || off > d.size || int64(len(p)) > d.size-off {
-		return fmt.Errorf("coriolis: read: %w: %d bytes at %d past disk size %d", backend.ErrInvalid, len(p), off, d.size)
-	}
-	if err := d.c.http.ReadRange(ctx, d.url, d.size, p, off); err != nil {
-		return fmt.Errorf("coriolis: read: %w", err)
-	}
-	return nil
-}
-
-// ChangedSince is the map of extents rewritten since base. A hostile map is an
-// error here: guessing would make an incremental backup silently wrong.
-func (d *Disk) ChangedSince(ctx context.Context, baseSnapshotID string) (extent.Map, error) {
+// changedSince is the map of extents of ref (size bytes, alloc allocated)
+// rewritten or discarded since base. A hostile map is an error here: guessing
+// would make an incremental backup silently wrong.
+func (c *Client) changedSince(ctx context.Context, ref, base backend.DiskRef, size int64, alloc extent.Map) (extent.Map, error) {
+	baseSnapshotID := base.Snapshot
 	var s apiSnapshot
-	if err := d.c.call(ctx, http.MethodGet, d.c.snapshotURL(d.ref.VM, d.ref.Snapshot, baseSnapshotID), &s); err != nil {
+	if err := c.call(ctx, http.MethodGet, c.snapshotURL(ref.VM, ref.Snapshot, baseSnapshotID), &s); err != nil {
 		return extent.Map{}, fmt.Errorf("coriolis: changes since %q: %w", baseSnapshotID, err)
 	}
-	ds, ok := s.disk(d.ref.Disk)
+	ds, ok := s.disk(ref.Disk)
 	if !ok {
-		return extent.Map{}, fmt.Errorf("coriolis: changes since %q: %w: answer has no disk %q", baseSnapshotID, backend.ErrUnavailable, d.ref.Disk)
+		return extent.Map{}, fmt.Errorf("coriolis: changes since %q: %w: answer has no disk %q", baseSnapshotID, backend.ErrUnavailable, ref.Disk)
 	}
-	rewritten, err := chunkMap(ds.Chunks, d.size)
+	rewritten, err := chunkMap(ds.Chunks, size)
 	if err != nil {
 		return extent.Map{}, fmt.Errorf("coriolis: changes since %q: %w: %w", baseSnapshotID, backend.ErrUnavailable, err)
 	}
 	// compareTo lists only extents that hold data now; a range discarded
 	// since base is a change too (it reads as zeros now), and a delta that
 	// left it out would restore stale data.
-	base, err := d.c.snapshot(ctx, d.ref.VM, baseSnapshotID)
+	baseSnap, err := c.snapshot(ctx, ref.VM, baseSnapshotID)
 	if err != nil {
 		return extent.Map{}, fmt.Errorf("coriolis: changes since %q: %w", baseSnapshotID, err)
 	}
 	baseAlloc := extent.Map{}
-	if bd, ok := base.disk(d.ref.Disk); ok {
-		if baseAlloc, err = chunkMap(bd.Chunks, d.size); err != nil {
+	if bd, ok := baseSnap.disk(base.Disk); ok {
+		if baseAlloc, err = chunkMap(bd.Chunks, size); err != nil {
 			return extent.Map{}, fmt.Errorf("coriolis: changes since %q: base map: %w: %w", baseSnapshotID, backend.ErrUnavailable, err)
 		}
 	}
-	return rewritten.Union(baseAlloc.Subtract(d.alloc)), nil
+	return rewritten.Union(baseAlloc.Subtract(alloc)), nil
 }
 
 // errHostile marks chunk values that cannot be byte offsets.

@@ -211,9 +211,11 @@ func TestOpenDiskReadAndChanges(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, before, f.snapGets.Load())
 
-	changed, err := d.(backend.ChangeTracker).ChangedSince(context.Background(), "s-old")
+	delta, changed, err := c.OpenDelta(context.Background(), ref, backend.DiskRef{VM: "vm1", Snapshot: "s-old", Disk: ref.Disk})
 	require.NoError(t, err)
 	assert.Equal(t, "8192 4096\n", changed.Format())
+	require.NoError(t, delta.Close())
+	require.ErrorIs(t, delta.ReadAt(context.Background(), p, 0), backend.ErrInvalid, "reads after Close fail")
 	f.mu.Lock()
 	assert.Contains(t, f.queries, "compareTo=s-old&squashChunks=true")
 	f.mu.Unlock()
@@ -240,7 +242,7 @@ func TestHostileChunkMaps(t *testing.T) {
 			d, err := c.OpenDisk(context.Background(), backend.DiskRef{VM: "vm1", Snapshot: "s-new", Disk: "disk0.img"})
 			require.NoError(t, err)
 			assert.Equal(t, extent.Full(diskSize), d.Allocated())
-			_, err = d.(backend.ChangeTracker).ChangedSince(context.Background(), "s-old")
+			_, _, err = c.OpenDelta(context.Background(), backend.DiskRef{VM: "vm1", Snapshot: "s-new", Disk: "disk0.img"}, backend.DiskRef{VM: "vm1", Snapshot: "s-old", Disk: "disk0.img"})
 			require.ErrorIs(t, err, backend.ErrUnavailable)
 		})
 	}

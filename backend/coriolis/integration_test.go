@@ -54,8 +54,9 @@ func TestAgainstSimulator(t *testing.T) {
 	require.NoError(t, d.ReadAt(ctx, got, 1<<20))
 	assert.Equal(t, first, got)
 
-	changed, err := d.(backend.ChangeTracker).ChangedSince(ctx, base)
+	delta, changed, err := c.OpenDelta(ctx, backend.DiskRef{VM: "vm-a", Snapshot: created.ID, Disk: "a0.img"}, backend.DiskRef{VM: "vm-a", Snapshot: base, Disk: "a0.img"})
 	require.NoError(t, err)
+	require.NoError(t, delta.Close())
 	assert.True(t, changed.Contains(3<<20, int64(len(second))))
 	assert.False(t, changed.Overlaps(1<<20, int64(len(first))))
 

@@ -11,18 +11,11 @@ import (
 	"bufio"
 	"bytes"
 	"compress/gzip"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
-	"errors"
 	"fmt"
 	"io"
 	"log"
-	"math/big"
 	mrand "math/rand/v2"
 	"net"
 	"net/http"
@@ -36,6 +29,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/vmexportfs/vmexportfs/backend/internal/testpki"
 )
 
 // Fault is one kind of misbehaviour.
@@ -211,13 +206,17 @@ func Start(opts Options) (*Proxy, error) {
 	if opts.BurstLen <= 0 {
 		opts.BurstLen = 3
 	}
-	cert, caPEM, err := selfSigned()
+	ca, err := testpki.NewCA("faultproxy CA")
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("faultproxy: %w", err)
+	}
+	cert, err := ca.Issue(testpki.Loopback())
+	if err != nil {
+		return nil, fmt.Errorf("faultproxy: %w", err)
 	}
 	p := &Proxy{opts: opts, target: target, rng: mrand.New(mrand.NewPCG(opts.Seed, 0x5eed))}
 	p.caFile = filepath.Join(opts.Dir, "faultproxy-ca.pem")
-	if err := os.WriteFile(p.caFile, caPEM, 0o600); err != nil {
+	if err := os.WriteFile(p.caFile, ca.PEM(), 0o600); err != nil {
 		return nil, fmt.Errorf("faultproxy: %w", err)
 	}
 	tr := http.DefaultTransport.(*http.Transport).Clone()
@@ -576,37 +575,4 @@ func shiftRange(h string, delta int64) (string, bool) {
 		delta = -delta
 	}
 	return fmt.Sprintf("bytes=%d-%d", start+delta, end+delta), true
-}
-
-// selfSigned makes a throwaway CA-signed-by-itself certificate for 127.0.0.1.
-func selfSigned() (tls.Certificate, []byte, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return tls.Certificate{}, nil, fmt.Errorf("faultproxy: key: %w", err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "faultproxy"},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		IPAddresses:           []net.IP{net.ParseIP("127.0.0.1")},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		return tls.Certificate{}, nil, fmt.Errorf("faultproxy: certificate: %w", err)
-	}
-	pemCert := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
-	keyDER, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		return tls.Certificate{}, nil, errors.Join(errors.New("faultproxy: key"), err)
-	}
-	cert, err := tls.X509KeyPair(pemCert, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}))
-	if err != nil {
-		return tls.Certificate{}, nil, fmt.Errorf("faultproxy: key pair: %w", err)
-	}
-	return cert, pemCert, nil
 }

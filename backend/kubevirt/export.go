@@ -144,15 +144,19 @@ func (c *exportConn) client() *httprange.Client {
 	return c.http
 }
 
-// disk is one volume of one export.
-type disk struct {
-	conn   *exportConn
-	rawURL string
-	size   int64
-	alloc  extent.Map
+// closeIdle drops the connection's kept-alive sockets.
+func (c *exportConn) closeIdle() {
+	c.mu.Lock()
+	tr := c.tr
+	c.mu.Unlock()
+	if tr != nil {
+		tr.CloseIdleConnections()
+	}
 }
 
-func openExportDisk(ctx context.Context, conn *exportConn, st ExportStatus, vol string) (*disk, error) {
+// openExportDisk opens one volume of an export; with owned, closing the disk
+// closes the connection's sockets too (it is the disk's alone).
+func openExportDisk(ctx context.Context, conn *exportConn, st ExportStatus, vol string, owned bool) (*httprange.Disk, error) {
 	link, err := st.link(conn.internal)
 	if err != nil {
 		return nil, fmt.Errorf("open disk %s/%s: %w", conn.name, vol, err)
@@ -161,26 +165,28 @@ func openExportDisk(ctx context.Context, conn *exportConn, st ExportStatus, vol 
 	if raw == "" {
 		return nil, fmt.Errorf("open disk %s/%s: %w: no raw link", conn.name, vol, backend.ErrNotFound)
 	}
-	d := &disk{conn: conn, rawURL: raw}
 	size, err := conn.client().Size(ctx, raw)
 	if err != nil {
 		return nil, conn.explain(fmt.Errorf("open disk %s/%s: %w", conn.name, vol, err))
 	}
-	d.size = size
-	d.alloc = extent.Full(size)
-	if m := link.mapURL(vol); m != "" {
-		alloc, err := conn.readMap(ctx, m, size)
-		if errors.Is(err, backend.ErrInvalid) {
+	alloc := extent.Full(size)
+	if mapURL := link.mapURL(vol); mapURL != "" {
+		m, err := conn.readMap(ctx, mapURL, size)
+		switch {
+		case errors.Is(err, backend.ErrInvalid):
 			// A hostile map must not hide data: read everything instead.
 			conn.logger.Warn("kubevirt: backup map rejected, treating the disk as fully allocated", "export", conn.name, "err", err)
-			alloc, err = extent.Full(size), nil
-		}
-		if err != nil {
+		case err != nil:
 			return nil, conn.explain(fmt.Errorf("open disk %s/%s: %w", conn.name, vol, err))
+		default:
+			alloc = m
 		}
-		d.alloc = alloc
 	}
-	return d, nil
+	opts := httprange.DiskOptions{Name: "kubevirt: export " + conn.name, Explain: conn.explain}
+	if owned {
+		opts.OnClose = conn.closeIdle
+	}
+	return conn.client().Disk(raw, size, alloc, opts), nil
 }
 
 // explain logs a rejected token by export name (never the token itself).
@@ -189,24 +195,6 @@ func (c *exportConn) explain(err error) error {
 		c.logger.Warn("kubevirt: export server rejected the token", "export", c.name)
 	}
 	return err
-}
-
-func (d *disk) Size() int64           { return d.size }
-func (d *disk) Allocated() extent.Map { return d.alloc }
-
-func (d *disk) ReadAt(ctx context.Context, p []byte, off int64) error {
-	if off < 0 || off > d.size || int64(len(p)) > d.size-off {
-		return fmt.Errorf("read %s: %w: range %d+%d beyond size %d", d.conn.name, backend.ErrInvalid, off, len(p), d.size)
-	}
-	// Holes read as zeros without a request.
-	if !d.alloc.Overlaps(off, int64(len(p))) {
-		clear(p)
-		return nil
-	}
-	if err := d.conn.client().ReadRange(ctx, d.rawURL, d.size, p, off); err != nil {
-		return d.conn.explain(fmt.Errorf("read export %s: %w", d.conn.name, err))
-	}
-	return nil
 }
 
 const (

@@ -79,7 +79,7 @@ func TestHostileMap(t *testing.T) {
 				token = "tok"
 				require.NoError(t, conn.Renew(ctx))
 			}
-			d, err := openExportDisk(ctx, conn, st, "v")
+			d, err := openExportDisk(ctx, conn, st, "v", true)
 			if tc.err != nil {
 				require.ErrorIs(t, err, tc.err)
 				return

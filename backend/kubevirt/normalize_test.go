@@ -50,7 +50,7 @@ func TestMapNormalizedLog(t *testing.T) {
 				token:  func(context.Context) (string, error) { return "tok", nil }}
 			ctx := context.Background()
 			require.NoError(t, newExportConn(ctx, conn, st))
-			d, err := openExportDisk(ctx, conn, st, "v")
+			d, err := openExportDisk(ctx, conn, st, "v", true)
 			require.NoError(t, err)
 			assert.Equal(t, tc.want, d.Allocated().Format())
 			if tc.line == "" {

@@ -410,9 +410,19 @@ func (s *Source) OpenDisk(ctx context.Context, ref backend.DiskRef) (backend.Dis
 	if err := newExportConn(ctx, conn, *e.Status); err != nil {
 		return nil, fmt.Errorf("open disk: %w", err)
 	}
-	d, err := openExportDisk(ctx, conn, *e.Status, ref.Disk)
+	d, err := openExportDisk(ctx, conn, *e.Status, ref.Disk, true)
 	if err != nil {
+		conn.closeIdle()
 		return nil, err
 	}
 	return d, nil
+}
+
+// Close drops the API client's kept-alive connections; each disk closes its
+// export's.
+func (s *Source) Close() error {
+	if s.api.HTTP != nil {
+		s.api.HTTP.CloseIdleConnections()
+	}
+	return nil
 }

@@ -155,7 +155,19 @@ func (s *Standalone) OpenDisk(ctx context.Context, ref backend.DiskRef) (backend
 	if err != nil {
 		return nil, fmt.Errorf("open disk: %w", err)
 	}
-	return openExportDisk(ctx, conn, st, ref.Disk)
+	// The connection is the mount's: it outlives the disk.
+	return openExportDisk(ctx, conn, st, ref.Disk, false)
+}
+
+// Close drops the export connection's kept-alive sockets.
+func (s *Standalone) Close() error {
+	s.mu.Lock()
+	conn := s.conn
+	s.mu.Unlock()
+	if conn != nil {
+		conn.closeIdle()
+	}
+	return nil
 }
 
 func (s *Standalone) connection(ctx context.Context, st ExportStatus) (*exportConn, error) {

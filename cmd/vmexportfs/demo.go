@@ -8,7 +8,9 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/vmexportfs/vmexportfs/backend/coriolis"
 	"github.com/vmexportfs/vmexportfs/backend/coriolis/coriolistest"
+	"github.com/vmexportfs/vmexportfs/backend/platform"
 	"github.com/vmexportfs/vmexportfs/backend/redact"
 )
 
@@ -25,7 +27,8 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secre
 	var cacheSize, dataset, dataDir, envFile string
 	var serveOnly bool
 	var opts []string
-	f := newMountFlags(&cfg, &cacheSize, &opts)
+	// The demo is a Coriolis mount: only its platform is registered.
+	f := newMountFlags(&cfg, &cacheSize, &opts, []platform.Platform{coriolis.Platform()})
 	f.Init("vmexportfs demo", 0)
 	f.StringVar(&dataset, "dataset", "demo", "sample data: demo (two VMs, snapshots with changes) or bench (2 GiB with 512 MiB in 64 extents, and 1 GiB fully written)")
 	f.StringVar(&dataDir, "data-dir", "", "where the simulator keeps its disk files (default: a temporary directory removed on exit)")

@@ -84,8 +84,7 @@ func faultedCopies(t *testing.T, proxy *faultproxy.Proxy, copies int, label, wan
 			t.Errorf("copy %d (%s): WRONG BYTES", i, fault)
 		case strings.Contains(err.Error(), "Input/output error"):
 			eio++
-			logs := m.logs.String()
-			assert.True(t, containsAny(logs, faultWords[fault]), "copy %d (%s) failed with EIO but the log does not name the fault:\n%s", i, fault, logs)
+			assert.True(t, m.logged(faultWords[fault]...), "copy %d (%s) failed with EIO but the log does not name the fault:\n%s", i, fault, m.logs.String())
 			// The backend is back: the same mount reads correctly.
 			out, err := toolErr("cp", src, dst)
 			assert.NoError(t, err, "copy %d (%s) after recovery: %s", i, fault, out)

@@ -185,6 +185,22 @@ func (m *mounted) stop(t *testing.T) {
 	}
 }
 
+// logged waits up to 2 s for the log to hold one of words: the child's
+// stderr reaches the buffer through a pipe, so a line written just before a
+// failed read may arrive just after the reader sees the failure.
+func (m *mounted) logged(words ...string) bool {
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		if containsAny(m.logs.String(), words) {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 func (m *mounted) path(parts ...string) string {
 	return filepath.Join(append([]string{m.dir}, parts...)...)
 }

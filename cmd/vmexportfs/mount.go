@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"crypto/sha256"
-	"crypto/x509"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -14,8 +13,10 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"syscall"
+	"text/tabwriter"
 	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -23,25 +24,24 @@ import (
 
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/httprange"
+	"github.com/vmexportfs/vmexportfs/backend/platform"
 	"github.com/vmexportfs/vmexportfs/backend/redact"
 	"github.com/vmexportfs/vmexportfs/cache"
 	"github.com/vmexportfs/vmexportfs/fs"
 )
 
-const passwordEnv = "VMEXPORTFS_PASSWORD"
+const passwordEnv = platform.PasswordEnv
 
 // mountConfig is everything the mount command was told.
 type mountConfig struct {
 	source, mountpoint string
 
+	// Common to every platform (see platform.Common for why); a platform's
+	// own flags live in its opener in platforms.
 	username, passwordFile, caFile string
 	insecureSkipVerify             bool
 
-	// KubeVirt.
-	kubeconfig, tokenFile, exportStatus string
-	kubevirtInternal                    bool
-	readyTimeout                        time.Duration
-	kubevirtVolumes                     []string
+	platforms []registered // the registry, each platform's flags defined
 
 	cacheSize         int64
 	cacheDir          string
@@ -56,19 +56,23 @@ type mountConfig struct {
 	secrets *redact.Secrets // what the process knows and must never print
 }
 
-func newMountFlags(cfg *mountConfig, cacheSize *string, opts *[]string) *pflag.FlagSet {
+// newMountFlags builds the mount command line from the registry: the common
+// flags, then every platform's own (cfg.platforms, their values kept by
+// each platform's opener).
+func newMountFlags(cfg *mountConfig, cacheSize *string, opts *[]string, registry []platform.Platform) *pflag.FlagSet {
+	f := commonMountFlags(cfg, cacheSize, opts)
+	cfg.platforms = registerPlatforms(f, registry)
+	return f
+}
+
+// commonMountFlags are the flags of every mount, whatever the platform.
+func commonMountFlags(cfg *mountConfig, cacheSize *string, opts *[]string) *pflag.FlagSet {
 	f := pflag.NewFlagSet("vmexportfs", pflag.ContinueOnError)
 	f.SetOutput(io.Discard)
 	f.StringVar(&cfg.username, "username", "", "platform user name (Coriolis)")
 	f.StringVar(&cfg.passwordFile, "password-file", "", "file holding the password (else $"+passwordEnv+"); never pass it in argv")
 	f.StringVar(&cfg.caFile, "ca-file", "", "PEM CA bundle to verify the platform's TLS certificate (default: system roots)")
 	f.BoolVar(&cfg.insecureSkipVerify, "insecure-skip-tls-verify", false, "DANGEROUS: do not verify the platform's TLS certificate")
-	f.StringVar(&cfg.kubeconfig, "kubeconfig", "", "KubeVirt: kubeconfig for the API server's token and CA (default $KUBECONFIG, then ~/.kube/config)")
-	f.BoolVar(&cfg.kubevirtInternal, "kubevirt-internal", false, "KubeVirt: use the exports' in-cluster links instead of the external ones")
-	f.DurationVar(&cfg.readyTimeout, "ready-timeout", 2*time.Minute, "KubeVirt: how long mkdir waits for the snapshot and its export to be Ready")
-	f.StringVar(&cfg.tokenFile, "token-file", "", "KubeVirt standalone: file holding the export token")
-	f.StringVar(&cfg.exportStatus, "export-status", "", "KubeVirt standalone: file with the export's status (kubectl get vmexport NAME -o yaml); re-read on certificate errors")
-	f.StringArrayVar(&cfg.kubevirtVolumes, "kubevirt-volume", nil, "KubeVirt standalone without --export-status: a volume name of the export (repeatable)")
 	f.StringVar(cacheSize, "cache-size", "64M", "memory for cached disk blocks (more is not faster for copies: fresh pages cost more than refetching)")
 	f.StringVar(&cfg.cacheDir, "cache-dir", "", "directory for derived-file indexes (default ~/.cache/vmexportfs)")
 	f.StringVar(&cfg.stateDir, "state-dir", "", "directory for the snapshot name map (default ~/.local/state/vmexportfs)")
@@ -86,15 +90,15 @@ func newMountFlags(cfg *mountConfig, cacheSize *string, opts *[]string) *pflag.F
 
 // parseMountArgs parses and validates everything that can be checked without
 // touching the network, so that a bad invocation fails before anything starts.
-func parseMountArgs(args []string) (mountConfig, error) {
+func parseMountArgs(args []string, registry []platform.Platform) (mountConfig, error) {
 	var cfg mountConfig
 	var cacheSize string
 	var opts []string
-	f := newMountFlags(&cfg, &cacheSize, &opts)
+	f := newMountFlags(&cfg, &cacheSize, &opts, registry)
 	if err := f.Parse(args); err != nil {
 		return cfg, fmt.Errorf("%w: %v (see vmexportfs --help)", errUsage, err)
 	}
-	mo, err := parseMountOptions(opts)
+	mo, err := newOptionTable(cfg.platforms).parse(opts)
 	if err != nil {
 		return cfg, fmt.Errorf("%w: %v", errUsage, err)
 	}
@@ -118,37 +122,39 @@ func parseMountArgs(args []string) (mountConfig, error) {
 	if cfg.retries < 1 || cfg.retries > 100 {
 		return cfg, fmt.Errorf("%w: --retries %d: want 1 to 100", errUsage, cfg.retries)
 	}
-	if cfg.readTimeout <= 0 || cfg.listTTL < 0 || cfg.readyTimeout <= 0 {
-		return cfg, fmt.Errorf("%w: --read-timeout and --ready-timeout must be positive and --list-ttl not negative", errUsage)
+	if cfg.readTimeout <= 0 || cfg.listTTL < 0 {
+		return cfg, fmt.Errorf("%w: --read-timeout must be positive and --list-ttl not negative", errUsage)
 	}
 	if _, err := parseLogLevel(cfg.logLevel); err != nil {
 		return cfg, fmt.Errorf("%w: %v", errUsage, err)
 	}
-	if _, _, err := splitSource(cfg.source); err != nil {
+	p, _, err := splitSource(cfg.source, cfg.platforms)
+	if err != nil {
 		return cfg, fmt.Errorf("%w: %v", errUsage, err)
 	}
-	return cfg, nil
+	return cfg, checkForeignFlags(f, cfg.platforms, p)
 }
 
 // splitSource separates "coriolis+https://host:5544" into the platform and
 // the URL the platform client is given.
-func splitSource(source string) (platform string, u *url.URL, err error) {
-	u, err = url.Parse(source)
+func splitSource(source string, ps []registered) (registered, *url.URL, error) {
+	u, err := url.Parse(source)
 	if err != nil {
-		return "", nil, fmt.Errorf("source %q: not a URL", truncate(source, 80))
+		return registered{}, nil, fmt.Errorf("source %q: not a URL", truncate(source, 80))
 	}
-	platform, scheme, ok := strings.Cut(u.Scheme, "+")
+	name, scheme, ok := strings.Cut(u.Scheme, "+")
 	if !ok || (scheme != "https" && scheme != "http") || u.Host == "" {
-		return "", nil, fmt.Errorf("source %q: want PLATFORM+https://HOST[:PORT][/PATH], e.g. coriolis+https://ovm:5544", truncate(source, 80))
+		return registered{}, nil, fmt.Errorf("source %q: want PLATFORM+https://HOST[:PORT][/PATH], e.g. coriolis+https://ovm:5544", truncate(source, 80))
 	}
 	if u.User != nil {
-		return "", nil, fmt.Errorf("source: credentials in the URL are not accepted; use --username and --password-file")
+		return registered{}, nil, fmt.Errorf("source: credentials in the URL are not accepted; use --username and --password-file")
 	}
-	if _, known := lookupPlatform(platform); !known {
-		return "", nil, fmt.Errorf("source %q: unknown platform %q (known: %s)", truncate(source, 80), platform, strings.Join(platformNames(), ", "))
+	i := slices.IndexFunc(ps, func(p registered) bool { return p.Scheme == name })
+	if i < 0 {
+		return registered{}, nil, fmt.Errorf("source %q: unknown platform %q (known: %s)", truncate(source, 80), name, strings.Join(schemes(ps), ", "))
 	}
 	u.Scheme = scheme
-	return platform, u, nil
+	return ps[i], u, nil
 }
 
 // checkMountpoint fails early on a mountpoint that cannot be used.
@@ -180,14 +186,19 @@ func checkMountpoint(dir string) error {
 
 func runMount(ctx context.Context, args []string, stdout, stderr io.Writer, secrets *redact.Secrets) error {
 	if len(args) == 1 && (args[0] == "-h" || args[0] == "--help") {
-		return printMountHelp(stdout)
+		return printMountHelp(stdout, platforms())
 	}
-	cfg, err := parseMountArgs(args)
+	cfg, err := parseMountArgs(args, platforms())
 	if err != nil {
 		return err
 	}
 	cfg.secrets = secrets
 	if err := checkMountpoint(cfg.mountpoint); err != nil {
+		return err
+	}
+	// The platform's own checks, before a daemon would report them as a
+	// mere failure to mount.
+	if _, _, err := checkSource(cfg, slog.New(slog.DiscardHandler)); err != nil {
 		return err
 	}
 	if cfg.passwordFile != "" {
@@ -236,16 +247,21 @@ func serve(ctx context.Context, src backend.Source, cfg mountConfig, logger *slo
 		debug.SetMemoryLimit(cfg.cacheSize + memoryOverhead)
 	}
 	blocks := cache.New(cache.Options{Capacity: cfg.cacheSize, Logger: logger})
-	// Closing the cache cancels every backend fetch. Once, and a second
-	// call does not wait for the first (shutdown bounds that one).
+	// Closing the cache cancels every backend fetch; then the tree closes
+	// its disks and the source its sessions. Once, and a second call does
+	// not wait for the first (shutdown bounds that one).
+	var root *fs.Root
 	closeAll := firstCall(func() {
 		blocks.Close()
-		if c, ok := src.(interface{ CloseIdleConnections() }); ok {
-			c.CloseIdleConnections()
+		if root != nil {
+			root.Close()
+		}
+		if err := src.Close(); err != nil {
+			logger.Warn("closing the platform source failed", "err", err)
 		}
 	})
 	defer closeAll()
-	root, err := fs.NewRoot(src, fs.Options{
+	root, err = fs.NewRoot(src, fs.Options{
 		Cache: blocks, StateDir: stateDir, CacheDir: cacheDir, ListTTL: cfg.listTTL, Logger: logger,
 	})
 	if err != nil {
@@ -404,21 +420,6 @@ func (cfg mountConfig) password() (string, error) {
 	return "", fmt.Errorf("no password: give --password-file FILE or set %s", passwordEnv)
 }
 
-func (cfg mountConfig) rootCAs() (*x509.CertPool, error) {
-	if cfg.caFile == "" {
-		return nil, nil
-	}
-	pem, err := os.ReadFile(cfg.caFile)
-	if err != nil {
-		return nil, fmt.Errorf("--ca-file: %w", err)
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(pem) {
-		return nil, fmt.Errorf("--ca-file %s: no PEM certificate in it", cfg.caFile)
-	}
-	return pool, nil
-}
-
 func (cfg mountConfig) policy() httprange.Policy {
 	return httprange.Policy{Attempts: cfg.retries, AttemptTimeout: cfg.readTimeout}
 }
@@ -447,16 +448,35 @@ func newLogger(cfg mountConfig, stderr io.Writer) (*slog.Logger, func(), error) 
 	return slog.New(cfg.secrets.Handler(slog.NewTextHandler(out, &slog.HandlerOptions{Level: level}))), closeOut, nil
 }
 
-func printMountHelp(w io.Writer) error {
+// printMountHelp derives the help from the registry: each platform's source
+// forms and flags, and every -o spelling.
+func printMountHelp(w io.Writer, registry []platform.Platform) error {
 	var cfg mountConfig
-	var cacheSize string
-	var opts []string
-	f := newMountFlags(&cfg, &cacheSize, &opts)
+	newMountFlags(&cfg, new(string), new([]string), registry)
+	common := commonMountFlags(&mountConfig{}, new(string), new([]string))
 	fmt.Fprintf(w, "Usage:\n  vmexportfs [flags] SOURCE MOUNTPOINT\n  vmexportfs demo [flags] MOUNTPOINT\n  vmexportfs extents [--since BASE] PATH\n\nSources:\n")
-	for _, name := range platformNames() {
-		p, _ := lookupPlatform(name)
-		fmt.Fprintf(w, "  %s\n", p.usage)
+	tw := tabwriter.NewWriter(w, 0, 0, 3, ' ', 0)
+	for _, p := range cfg.platforms {
+		for _, u := range p.Usage {
+			fmt.Fprintf(tw, "  %s\t%s\n", u.Source, u.Text)
+		}
 	}
-	fmt.Fprintf(w, "\nFlags:\n%s", f.FlagUsages())
+	tw.Flush()
+	fmt.Fprintf(w, "\nFlags:\n%s", common.FlagUsages())
+	for _, p := range cfg.platforms {
+		if p.flags.HasFlags() {
+			fmt.Fprintf(w, "\nFlags of %s+ sources:\n%s", p.Scheme, p.flags.FlagUsages())
+		}
+	}
+	fmt.Fprintf(w, "\nMount options (-o a=b,c or fstab; generic ones such as rw, nodev, _netdev are ignored):\n")
+	line := " "
+	for _, key := range newOptionTable(cfg.platforms).spellings() {
+		if len(line)+1+len(key) > 100 {
+			fmt.Fprintln(w, line)
+			line = " "
+		}
+		line += " " + key
+	}
+	fmt.Fprintln(w, line)
 	return nil
 }

@@ -1,11 +1,16 @@
 package main
 
 import (
-	"errors"
 	"fmt"
+	"maps"
 	"math"
+	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/spf13/pflag"
+
+	"github.com/vmexportfs/vmexportfs/backend/platform"
 )
 
 // mountOptions is what `-o a=b,c` may say. mount(8) and mount.fuse3 pass the
@@ -26,23 +31,65 @@ var ignoredMountOptions = map[string]bool{
 	"noatime": true, "relatime": true, "diratime": true, "nodiratime": true, "async": true,
 }
 
-// flagOptions are the -o keys that map onto long flags.
-var flagOptions = map[string]bool{
-	"username": true, "password-file": true, "ca-file": true, "cache-size": true,
-	"state-dir": true, "cache-dir": true, "list-ttl": true, "log-level": true, "log-file": true,
-	"read-timeout": true, "retries": true,
-	"kubeconfig": true, "token-file": true, "export-status": true, "kubevirt-internal": true, "kubevirt-volume": true, "ready-timeout": true,
+// commonOptions are the common long flags that have an -o spelling; every
+// platform flag has one too (see optionTable).
+var commonOptions = []string{
+	"username", "password-file", "ca-file", "cache-size", "state-dir", "cache-dir", "list-ttl",
+	"log-level", "log-file", "read-timeout", "retries",
 }
 
-// secretOptions must never be given on a command line: argv is world-readable
-// in /proc/<pid>/cmdline.
-var secretOptions = map[string]string{
-	"password": "use password_file=FILE or the VMEXPORTFS_PASSWORD environment variable",
-	"token":    "use token_file=FILE",
+// commonRefused are the secrets of the common flags, which must never be
+// given on a command line: argv is world-readable in /proc/<pid>/cmdline.
+var commonRefused = map[string]string{
+	"password": "use password_file=FILE or the " + passwordEnv + " environment variable",
 }
 
-// parseMountOptions parses the comma-separated lists given with -o.
+// optionTable is what -o accepts, derived from the common flags and the
+// registry: flag names (with '-') that -o sets, and refused keys with the
+// advice given instead.
+type optionTable struct {
+	flags   map[string]bool
+	refused map[string]string
+}
+
+func newOptionTable(ps []registered) optionTable {
+	t := optionTable{flags: map[string]bool{}, refused: map[string]string{}}
+	for _, name := range commonOptions {
+		t.flags[name] = true
+	}
+	maps.Copy(t.refused, commonRefused)
+	for _, p := range ps {
+		p.flags.VisitAll(func(fl *pflag.Flag) { t.flags[fl.Name] = true })
+		for key, advice := range p.RefusedOptions {
+			t.refused[strings.ReplaceAll(key, "_", "-")] = advice
+		}
+	}
+	for key := range t.refused {
+		if t.flags[key] {
+			panic(fmt.Sprintf("-o %s is both a flag and refused", key))
+		}
+	}
+	return t
+}
+
+// defaultOptions is the option table of the registry.
+var defaultOptions = func() optionTable {
+	var cfg mountConfig
+	newMountFlags(&cfg, new(string), new([]string), platforms())
+	return newOptionTable(cfg.platforms)
+}()
+
+// flagOptions are the -o keys that map onto long flags, for the registry.
+var flagOptions = defaultOptions.flags
+
+// parseMountOptions parses the comma-separated lists given with -o, for the
+// registry.
 func parseMountOptions(lists []string) (mountOptions, error) {
+	return defaultOptions.parse(lists)
+}
+
+// parse parses the comma-separated lists given with -o.
+func (t optionTable) parse(lists []string) (mountOptions, error) {
 	mo := mountOptions{set: map[string]string{}}
 	for _, list := range lists {
 		for _, item := range strings.Split(list, ",") {
@@ -55,14 +102,14 @@ func parseMountOptions(lists []string) (mountOptions, error) {
 				name = key
 			}
 			switch {
-			case secretOptions[name] != "":
-				return mountOptions{}, fmt.Errorf("-o %s: secrets are not accepted as options; %s", key, secretOptions[name])
+			case t.refused[name] != "":
+				return mountOptions{}, fmt.Errorf("-o %s: secrets are not accepted as options; %s", key, t.refused[name])
 			case name == "allow-other" && !hasValue:
 				mo.allowOther = true
 			case name == "debug" && !hasValue:
 				mo.debug = true
 			case ignoredMountOptions[name] && !hasValue:
-			case flagOptions[name]:
+			case t.flags[name]:
 				if !hasValue || value == "" {
 					return mountOptions{}, fmt.Errorf("-o %s: needs a value (%s=...)", key, key)
 				}
@@ -73,6 +120,17 @@ func parseMountOptions(lists []string) (mountOptions, error) {
 		}
 	}
 	return mo, nil
+}
+
+// spellings are the -o keys, sorted, for --help.
+func (t optionTable) spellings() []string {
+	var keys []string
+	for name := range t.flags {
+		keys = append(keys, strings.ReplaceAll(name, "-", "_")+"=")
+	}
+	keys = append(keys, "allow_other", "debug")
+	slices.Sort(keys)
+	return keys
 }
 
 // parseSize reads a byte count such as 256M, 1.5GiB or 4096.
@@ -106,7 +164,9 @@ func parseSize(s string) (int64, error) {
 	return int64(bytes), nil
 }
 
-var errUsage = errors.New("usage")
+// errUsage marks a bad invocation (exit status 2); platforms' checks wrap
+// the same error.
+var errUsage = platform.ErrUsage
 
 func truncate(s string, n int) string {
 	if len(s) <= n {

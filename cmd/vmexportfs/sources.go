@@ -3,157 +3,134 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/url"
-	"sort"
+	"slices"
+	"strings"
+
+	"github.com/spf13/pflag"
 
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/coriolis"
 	"github.com/vmexportfs/vmexportfs/backend/kubevirt"
+	"github.com/vmexportfs/vmexportfs/backend/platform"
 )
 
-// platform is one kind of SOURCE: how it is written and how it is opened.
-type platform struct {
-	usage string
-	open  func(ctx context.Context, cfg mountConfig, u *url.URL, logger *slog.Logger) (backend.Source, error)
-}
-
-// lookupPlatform is the registry of platforms, keyed by the prefix of the
-// source URL's scheme ("coriolis" in coriolis+https://...).
-func lookupPlatform(name string) (platform, bool) {
-	switch name {
-	case "coriolis":
-		return platform{
-			usage: "coriolis+https://HOST:5544   Coriolis OVM exporter (--username, --password-file or $" + passwordEnv + ", --ca-file)",
-			open:  openCoriolis,
-		}, true
-	case "kubevirt":
-		return platform{
-			usage: "kubevirt+https://API-SERVER/namespaces/NS        KubeVirt VirtualMachineExports (--kubeconfig, --kubevirt-internal)\n" +
-				"  kubevirt+https://.../virtualmachineexports/NAME   one export, no API access (--token-file, --export-status or --ca-file and --kubevirt-volume)",
-			open: openKubevirt,
-		}, true
+// platforms is the registry: one line per platform. Everything the command
+// knows of a platform (its scheme, its flags and their -o spellings, its
+// usage in --help, how to open it) comes from there.
+func platforms() []platform.Platform {
+	return []platform.Platform{
+		coriolis.Platform(),
+		kubevirt.Platform(),
 	}
-	return platform{}, false
 }
 
-func platformNames() []string {
-	names := []string{"coriolis", "kubevirt"}
-	sort.Strings(names)
+// registered is a platform of one command line, its flags defined.
+type registered struct {
+	platform.Platform
+	opener platform.Opener // holds the values of the platform's flags
+	flags  *pflag.FlagSet  // the platform's own flags, also defined on the command line
+}
+
+// registerPlatforms defines every platform's flags on f, sorted by scheme. A
+// registry that contradicts itself or the common flags (a duplicate scheme,
+// a flag defined twice) is a programming error, and panics.
+func registerPlatforms(f *pflag.FlagSet, registry []platform.Platform) []registered {
+	var out []registered
+	for _, p := range registry {
+		if p.Scheme == "" || p.Scheme != strings.ToLower(p.Scheme) || strings.ContainsAny(p.Scheme, "+:/ ") || p.Flags == nil {
+			panic(fmt.Sprintf("platform %q: want a lower-case scheme without '+', ':' or '/', and Flags", p.Scheme))
+		}
+		if slices.ContainsFunc(out, func(r registered) bool { return r.Scheme == p.Scheme }) {
+			panic(fmt.Sprintf("platform %q registered twice", p.Scheme))
+		}
+		own := pflag.NewFlagSet(p.Scheme, pflag.ContinueOnError)
+		own.SetOutput(io.Discard)
+		opener := p.Flags(own)
+		if opener.Open == nil {
+			panic(fmt.Sprintf("platform %q: Flags returned no Open", p.Scheme))
+		}
+		own.VisitAll(func(fl *pflag.Flag) {
+			if f.Lookup(fl.Name) != nil || fl.Shorthand != "" || ignoredMountOptions[fl.Name] || commonRefused[fl.Name] != "" {
+				panic(fmt.Sprintf("platform %q: flag --%s clashes with a common flag, another platform's or a mount option", p.Scheme, fl.Name))
+			}
+		})
+		f.AddFlagSet(own)
+		out = append(out, registered{Platform: p, opener: opener, flags: own})
+	}
+	slices.SortFunc(out, func(a, b registered) int { return strings.Compare(a.Scheme, b.Scheme) })
+	return out
+}
+
+func schemes(ps []registered) []string {
+	var names []string
+	for _, p := range ps {
+		names = append(names, p.Scheme)
+	}
 	return names
+}
+
+// checkForeignFlags refuses a flag of another platform than the source's:
+// it would be ignored, which is never what the user meant.
+func checkForeignFlags(f *pflag.FlagSet, ps []registered, source registered) error {
+	for _, p := range ps {
+		if p.Scheme == source.Scheme {
+			continue
+		}
+		var err error
+		p.flags.VisitAll(func(fl *pflag.Flag) {
+			if err == nil && f.Changed(fl.Name) {
+				err = fmt.Errorf("%w: --%s (-o %s=) is for %s+ sources, not %s+", errUsage,
+					fl.Name, strings.ReplaceAll(fl.Name, "-", "_"), p.Scheme, source.Scheme)
+			}
+		})
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// common is what every platform gets from the common flags.
+func (cfg mountConfig) common(logger *slog.Logger) platform.Common {
+	return platform.Common{
+		Username:           cfg.username,
+		Password:           cfg.password,
+		CAFile:             cfg.caFile,
+		InsecureSkipVerify: cfg.insecureSkipVerify,
+		Policy:             cfg.policy(),
+		Logger:             logger,
+		Secrets:            cfg.secrets,
+	}
+}
+
+// checkSource runs the source platform's checks of its URL and flags, which
+// touch neither the network nor the filesystem.
+func checkSource(cfg mountConfig, logger *slog.Logger) (registered, *url.URL, error) {
+	p, u, err := splitSource(cfg.source, cfg.platforms)
+	if err != nil {
+		return registered{}, nil, err
+	}
+	if p.opener.Check != nil {
+		if err := p.opener.Check(u, cfg.common(logger)); err != nil {
+			return registered{}, nil, err
+		}
+	}
+	return p, u, nil
 }
 
 // openSource connects to the platform named by cfg.source; bad credentials or
 // an untrusted certificate fail here, before anything is mounted.
 func openSource(ctx context.Context, cfg mountConfig, logger *slog.Logger) (backend.Source, error) {
-	name, u, err := splitSource(cfg.source)
+	p, u, err := checkSource(cfg, logger)
 	if err != nil {
 		return nil, err
 	}
-	p, _ := lookupPlatform(name)
-	src, err := p.open(ctx, cfg, u, logger)
+	src, err := p.opener.Open(ctx, u, cfg.common(logger))
 	if err != nil {
-		return nil, fmt.Errorf("connect to %s source %s: %w", name, u.Redacted(), err)
+		return nil, fmt.Errorf("connect to %s source %s: %w", p.Scheme, u.Redacted(), err)
 	}
 	return src, nil
-}
-
-func openCoriolis(ctx context.Context, cfg mountConfig, u *url.URL, logger *slog.Logger) (backend.Source, error) {
-	if cfg.username == "" {
-		return nil, fmt.Errorf("%w: coriolis needs --username", errUsage)
-	}
-	password, err := cfg.password()
-	if err != nil {
-		return nil, err
-	}
-	cfg.secrets.Add(password)
-	pool, err := cfg.rootCAs()
-	if err != nil {
-		return nil, err
-	}
-	return coriolis.New(ctx, coriolis.Config{
-		URL:                u.String(),
-		Username:           cfg.username,
-		Password:           password,
-		RootCAs:            pool,
-		InsecureSkipVerify: cfg.insecureSkipVerify,
-		Policy:             cfg.policy(),
-		Logger:             logger,
-		Secrets:            cfg.secrets,
-	})
-}
-
-func openKubevirt(ctx context.Context, cfg mountConfig, u *url.URL, logger *slog.Logger) (backend.Source, error) {
-	su, err := kubevirt.ParseSourceURL(u.String())
-	if err != nil {
-		return nil, fmt.Errorf("%w: %v", errUsage, err)
-	}
-	if cfg.insecureSkipVerify {
-		return nil, fmt.Errorf("%w: kubevirt: --insecure-skip-tls-verify is not supported; export servers are verified against their status certificate", errUsage)
-	}
-	if su.Standalone() {
-		if cfg.tokenFile == "" {
-			return nil, fmt.Errorf("%w: kubevirt standalone mode needs --token-file", errUsage)
-		}
-		src, err := kubevirt.NewStandalone(kubevirt.StandaloneConfig{
-			ExportURL:        su.ExportURL,
-			TokenFile:        cfg.tokenFile,
-			CAFile:           cfg.caFile,
-			ExportStatusFile: cfg.exportStatus,
-			Volumes:          cfg.kubevirtVolumes,
-			Internal:         cfg.kubevirtInternal,
-			Policy:           cfg.policy(),
-			Logger:           logger,
-			Secrets:          cfg.secrets,
-		})
-		if err != nil {
-			return nil, err
-		}
-		// Fail the mount, not the first read, on a token or CA the export
-		// server refuses.
-		if err := probeFirstDisk(ctx, src); err != nil {
-			return nil, err
-		}
-		return src, nil
-	}
-	src, err := kubevirt.New(kubevirt.Config{
-		APIServer:    su.APIServer,
-		Namespace:    su.Namespace,
-		Kubeconfig:   cfg.kubeconfig,
-		Internal:     cfg.kubevirtInternal,
-		ReadyTimeout: cfg.readyTimeout,
-		Policy:       cfg.policy(),
-		Logger:       logger,
-		Secrets:      cfg.secrets,
-	})
-	if err != nil {
-		return nil, err
-	}
-	// Fail the mount, not the first ls, on a wrong token or CA.
-	if _, err := src.VMs(ctx); err != nil {
-		return nil, err
-	}
-	return src, nil
-}
-
-// probeFirstDisk opens the first disk the source lists, which makes the
-// platform check our credentials on its data server.
-func probeFirstDisk(ctx context.Context, src backend.Source) error {
-	vms, err := src.VMs(ctx)
-	if err != nil {
-		return err
-	}
-	for _, vm := range vms {
-		snaps, err := src.Snapshots(ctx, vm.ID)
-		if err != nil {
-			return err
-		}
-		for _, sn := range snaps {
-			for _, d := range sn.Disks {
-				_, err := src.OpenDisk(ctx, backend.DiskRef{VM: vm.ID, Snapshot: sn.ID, Disk: d.ID})
-				return err
-			}
-		}
-	}
-	return nil
 }

@@ -21,6 +21,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/vmexportfs/vmexportfs/backend/internal/testpki"
 )
 
 // Options configure a simulator. Dir is required.
@@ -96,13 +98,17 @@ func Start(opts Options) (*Server, error) {
 	s.tokenTTL.Store(int64(opts.TokenTTL))
 	s.handler = s.routes()
 
-	pki, err := newPKI()
+	ca, err := testpki.NewCA("coriolistest CA")
 	if err != nil {
 		return nil, fmt.Errorf("coriolistest start: %w", err)
 	}
-	s.caPool = pki.pool
+	leaf, err := ca.Issue(testpki.Loopback())
+	if err != nil {
+		return nil, fmt.Errorf("coriolistest start: %w", err)
+	}
+	s.caPool = ca.Pool()
 	s.caFile = filepath.Join(opts.Dir, "ca.pem")
-	if err := os.WriteFile(s.caFile, pki.caPEM, 0o644); err != nil {
+	if err := os.WriteFile(s.caFile, ca.PEM(), 0o644); err != nil {
 		return nil, fmt.Errorf("coriolistest start: write CA: %w", err)
 	}
 
@@ -113,7 +119,7 @@ func Start(opts Options) (*Server, error) {
 	s.ln = ln
 	s.srv = &http.Server{
 		Handler:           s.handler,
-		TLSConfig:         &tls.Config{Certificates: []tls.Certificate{pki.leaf}, MinVersion: tls.VersionTLS12},
+		TLSConfig:         &tls.Config{Certificates: []tls.Certificate{leaf}, MinVersion: tls.VersionTLS12},
 		ReadHeaderTimeout: 10 * time.Second,
 		// Handshake failures from clients that do not trust the CA are
 		// expected in tests; keep them out of stderr.

@@ -11,6 +11,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/vmexportfs/vmexportfs/backend/internal/testpki"
 )
 
 func TestTLSAndLifecycle(t *testing.T) {
@@ -62,9 +64,9 @@ func TestTLSAndLifecycle(t *testing.T) {
 
 func otherCA(t *testing.T) *x509.CertPool {
 	t.Helper()
-	p, err := newPKI()
+	ca, err := testpki.NewCA("other CA")
 	require.NoError(t, err)
-	return p.pool
+	return ca.Pool()
 }
 
 func TestStartValidation(t *testing.T) {

@@ -35,7 +35,7 @@ type exportServer struct {
 }
 
 func startExportServer(sim *Server, name string, files map[string]string, token func() (string, bool)) (*exportServer, error) {
-	cert, pemBytes, err := selfSigned("virt-export-" + name)
+	cert, pemBytes, err := newCert("virt-export-" + name + " CA")
 	if err != nil {
 		return nil, err
 	}
@@ -65,7 +65,7 @@ func (e *exportServer) certPEM() []byte {
 }
 
 func (e *exportServer) rotate() error {
-	cert, pemBytes, err := selfSigned("virt-export-" + e.name)
+	cert, pemBytes, err := newCert("virt-export-" + e.name + " CA")
 	if err != nil {
 		return err
 	}

@@ -103,7 +103,7 @@ func Start(opts Options) (*Server, error) {
 	if opts.ExportVersion == "" {
 		opts.ExportVersion = "v1beta1"
 	}
-	cert, caPEM, err := selfSigned("kube-apiserver")
+	cert, caPEM, err := newCert("kube-apiserver CA")
 	if err != nil {
 		return nil, err
 	}

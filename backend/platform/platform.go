@@ -1,0 +1,143 @@
+// Package platform is the seam between the command and the platform
+// packages. Each platform package describes itself with a Platform: the
+// scheme of its sources, its usage lines, its own flags and how to open a
+// source from their values. The command keeps one registry line per platform
+// and derives from the registry its flags, its -o mount options, the Sources
+// of --help and the lookup of a source's scheme, so adding a platform touches
+// its own package and that line, never the filesystem, the cache or the
+// command's common code.
+package platform
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"os"
+
+	"github.com/spf13/pflag"
+
+	"github.com/vmexportfs/vmexportfs/backend"
+	"github.com/vmexportfs/vmexportfs/backend/httprange"
+	"github.com/vmexportfs/vmexportfs/backend/redact"
+)
+
+// ErrUsage marks an error of the invocation (the command exits with status
+// 2): a missing or conflicting flag, a malformed source URL.
+var ErrUsage = errors.New("usage")
+
+// PasswordEnv is the environment variable holding the password when no
+// --password-file is given.
+const PasswordEnv = "VMEXPORTFS_PASSWORD"
+
+// Platform describes one kind of source. It is a value built afresh by the
+// platform package's Platform function: no package state, no init.
+type Platform struct {
+	// Scheme is the prefix of the source URL's scheme: "coriolis" for
+	// coriolis+https://HOST:5544. Lower case, unique in the registry.
+	Scheme string
+	// Usage are the source forms shown under "Sources:" in --help.
+	Usage []Usage
+	// Flags registers the platform's own flags on f, with their help text,
+	// and returns the Opener that reads their values once f is parsed. The
+	// values live in the Opener (a closure), never in the command. Every
+	// flag also has an -o spelling, its name with '_' for '-'
+	// (kubevirt_internal=true for --kubevirt-internal), so a platform
+	// registers only flags that make sense in fstab. A flag's name must not
+	// clash with a common flag or another platform's (the command panics at
+	// start, and its tests check the registry); shorthands are for common
+	// flags only.
+	Flags func(f *pflag.FlagSet) Opener
+	// RefusedOptions are -o keys refused whatever the source, with the
+	// advice given instead: secrets, which would be world-readable in
+	// /proc/<pid>/cmdline ("token": "use token_file=FILE").
+	RefusedOptions map[string]string
+}
+
+// Usage is one source form in --help: the source as written and what it is.
+type Usage struct {
+	Source string // kubevirt+https://API-SERVER/namespaces/NS
+	Text   string // what it mounts, and the flags it takes
+}
+
+// Opener opens the sources of a platform from the values of its flags.
+type Opener struct {
+	// Check validates the source URL and the flags' values without touching
+	// the network or the filesystem, so that a bad invocation fails before
+	// the command daemonizes; nil when there is nothing to check. Its
+	// errors wrap ErrUsage. c.Logger discards at that point.
+	Check func(u *url.URL, c Common) error
+	// Open connects to the source at u (the scheme's platform prefix
+	// removed: https://HOST:5544), once Check passed, and checks the
+	// credentials, so that they fail the mount rather than the first ls.
+	// Every secret it learns is added to c.Secrets before it can reach an
+	// error or a log line.
+	Open func(ctx context.Context, u *url.URL, c Common) (backend.Source, error)
+}
+
+// Common is what every platform gets from the command's common flags. They
+// are common because every platform has a use for them, or will: any
+// platform speaks TLS (--ca-file, --insecure-skip-tls-verify), most log in
+// with a user and a password (Coriolis, XenServer, oVirt), the user is part
+// of the key of the state directory (two users of one platform never share a
+// snapshot name map), and the password's file is checked before the command
+// daemonizes. A platform that cannot honour one refuses it in Check.
+type Common struct {
+	Username string // --username; "" when not given
+	// Password returns the password of --password-file, else of
+	// $VMEXPORTFS_PASSWORD; the caller adds it to Secrets. Only platforms
+	// that log in with a password call it.
+	Password func() (string, error)
+	// CAFile is --ca-file, a PEM bundle of the CAs that sign the platform's
+	// certificates; "" means the system roots (see RootCAs).
+	CAFile             string
+	InsecureSkipVerify bool             // --insecure-skip-tls-verify, already logged loudly
+	Policy             httprange.Policy // --retries, --read-timeout
+	Logger             *slog.Logger     // never nil; its lines are redacted
+	Secrets            *redact.Secrets  // what the process knows and must never print
+}
+
+// RootCAs reads CAFile; nil (the system roots) when it is not given.
+func (c Common) RootCAs() (*x509.CertPool, error) {
+	if c.CAFile == "" {
+		return nil, nil
+	}
+	pem, err := os.ReadFile(c.CAFile)
+	if err != nil {
+		return nil, fmt.Errorf("--ca-file: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("--ca-file %s: no PEM certificate in it", c.CAFile)
+	}
+	return pool, nil
+}
+
+// ProbeFirstDisk opens (and closes) the first disk src lists, which makes a
+// platform whose data server is not the one that lists check the
+// credentials there.
+func ProbeFirstDisk(ctx context.Context, src backend.Source) error {
+	vms, err := src.VMs(ctx)
+	if err != nil {
+		return err
+	}
+	for _, vm := range vms {
+		snaps, err := src.Snapshots(ctx, vm.ID)
+		if err != nil {
+			return err
+		}
+		for _, sn := range snaps {
+			for _, d := range sn.Disks {
+				disk, err := src.OpenDisk(ctx, backend.DiskRef{VM: vm.ID, Snapshot: sn.ID, Disk: d.ID})
+				if err != nil {
+					return err
+				}
+				_ = disk.Close() // the probe is done; a failed release is not the credentials' fault
+				return nil
+			}
+		}
+	}
+	return nil
+}
