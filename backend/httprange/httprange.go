@@ -1,6 +1,8 @@
-// Package httprange is the one place where HTTP reads are made safe: every
-// answer to a Range request is checked against what was asked, and faults are
-// retried with backoff, so callers never see wrong bytes.
+// Package httprange is the HTTP transport of every HTTP platform and the one
+// place where HTTP reads are made safe: every answer to a Range request is
+// checked against what was asked, redirects never carry credentials to
+// another origin, and faults are retried through package retry, so callers
+// never see wrong bytes.
 package httprange
 
 import (
@@ -9,52 +11,20 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/url"
 	"strconv"
 	"strings"
 	"sync/atomic"
-	"time"
 
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/redact"
+	"github.com/vmexportfs/vmexportfs/backend/retry"
 )
 
 // Policy bounds the retries of one operation.
-type Policy struct {
-	Attempts       int           // total tries; default 5
-	BaseDelay      time.Duration // first backoff; default 100ms (exponential, full jitter)
-	MaxDelay       time.Duration // backoff cap; default 5s
-	AttemptTimeout time.Duration // deadline of one attempt including its body; default 30s
-}
-
-func (p Policy) withDefaults() Policy {
-	if p.Attempts <= 0 {
-		p.Attempts = 5
-	}
-	if p.BaseDelay <= 0 {
-		p.BaseDelay = 100 * time.Millisecond
-	}
-	if p.MaxDelay <= 0 {
-		p.MaxDelay = 5 * time.Second
-	}
-	if p.AttemptTimeout <= 0 {
-		p.AttemptTimeout = 30 * time.Second
-	}
-	return p
-}
-
-// backoff is full jitter: uniform in [0, min(MaxDelay, BaseDelay<<retry)], so
-// many clients hitting one failing server spread out.
-func (p Policy) backoff(retry int) time.Duration {
-	d := p.MaxDelay
-	if retry < 30 && p.BaseDelay<<retry > 0 && p.BaseDelay<<retry < d {
-		d = p.BaseDelay << retry
-	}
-	return rand.N(d + 1)
-}
+type Policy = retry.Policy
 
 // Authorizer adds credentials to a request, and renews them after a 401.
 type Authorizer interface {
@@ -94,25 +64,17 @@ const errorBodyRead = 4 << 10
 // they must not go.
 var ErrRedirectRefused = errors.New("redirect refused")
 
-// outcome classifies one attempt's failure.
-type outcome int
-
+// An attempt's failure is a retry.Fault: these are its kinds, in HTTP terms.
 const (
-	retryable    outcome = iota // transient: back off and try again
-	unauthorized                // 401: renew credentials once, then retry
-	final                       // no point retrying
+	retryable    = retry.Again // transient: back off and try again
+	unauthorized = retry.Renew // 401: renew credentials once, then retry
+	final        = retry.Stop  // no point retrying
 )
 
-type attemptError struct {
-	kind outcome
-	err  error
-}
+type attemptError = retry.Fault
 
-func (e *attemptError) Error() string { return e.err.Error() }
-func (e *attemptError) Unwrap() error { return e.err }
-
-func fault(kind outcome, format string, args ...any) *attemptError {
-	return &attemptError{kind: kind, err: fmt.Errorf(format, args...)}
+func fault(kind retry.Kind, format string, args ...any) *attemptError {
+	return retry.Faultf(kind, format, args...)
 }
 
 func (c *Client) logger() *slog.Logger {
@@ -129,62 +91,23 @@ func (c *Client) httpClient() *http.Client {
 	return c.HTTP
 }
 
-// retry runs attempt until it succeeds, fails finally, or the policy's
-// attempts are used up. A 401 is renewed once and does not use up an attempt.
+// retry runs attempt through the one retry runner. A 401 renews the
+// credentials once for free; one that outlasts the retries after the server
+// has taken our credentials is an outage (EIO), before that a refusal.
 func (c *Client) retry(ctx context.Context, opName func() string, attempt func(ctx context.Context) *attemptError) error {
-	pol := c.Policy.withDefaults()
-	op := opName()
-	renewed := false
-	var last *attemptError
-	for try := 0; try < pol.Attempts; try++ {
-		if try > 0 {
-			t := time.NewTimer(pol.backoff(try - 1))
-			select {
-			case <-ctx.Done():
-				t.Stop()
-				return fmt.Errorf("%s: %w (last fault: %w)", op, ctx.Err(), last)
-			case <-t.C:
-			}
-		}
-		actx, cancel := context.WithTimeout(ctx, pol.AttemptTimeout)
-		last = attempt(actx)
-		cancel()
-		op = opName()
-		if last == nil {
-			return nil
-		}
-		if err := ctx.Err(); err != nil {
-			return fmt.Errorf("%s: %w", op, err)
-		}
-		switch last.kind {
-		case final:
-			return fmt.Errorf("%s: %w", op, last)
-		case unauthorized:
-			if c.Auth == nil {
-				return fmt.Errorf("%s: %w", op, last)
-			}
-			c.logger().Warn("httprange: renewing credentials after 401", "op", op)
-			if err := c.Auth.Renew(ctx); err != nil {
-				// Credentials that worked a moment ago being refused is
-				// more often a passing storm than a revocation: retry
-				// within the budget, then fail as a permission error.
-				last = &attemptError{kind: unauthorized, err: fmt.Errorf("renew credentials: %w", err)}
-				break
-			}
-			if !renewed {
-				renewed = true
-				try-- // the first renewal is expected (a token expired), not a fault
-				continue
-			}
-		}
-		if try+1 < pol.Attempts {
-			c.logger().Warn("httprange: retrying", "op", op, "attempt", try+1, "of", pol.Attempts, "fault", last.Error())
-		}
+	r := retry.Runner{Policy: c.Policy, Logger: c.logger()}
+	if c.Auth != nil {
+		r.Renew = c.Auth.Renew
 	}
-	if last.kind == unauthorized && c.accepted.Load() {
-		return fmt.Errorf("%s: %w after %d attempts: credentials that worked before refused (401 storm): %v", op, backend.ErrUnavailable, pol.Attempts, last)
+	last, err := r.Do(ctx, opName, attempt)
+	if err == nil || !errors.Is(err, retry.ErrExhausted) {
+		return err
 	}
-	return fmt.Errorf("%s: %w after %d attempts: %w", op, backend.ErrUnavailable, pol.Attempts, last)
+	attempts := c.Policy.WithDefaults().Attempts
+	if last.Kind == unauthorized && c.accepted.Load() {
+		return fmt.Errorf("%s: %w after %d attempts: credentials that worked before refused (401 storm): %v", opName(), backend.ErrUnavailable, attempts, last)
+	}
+	return fmt.Errorf("%s: %w after %d attempts: %w", opName(), backend.ErrUnavailable, attempts, last)
 }
 
 // send makes one request, with credentials. Transport errors are retryable
@@ -192,7 +115,7 @@ func (c *Client) retry(ctx context.Context, opName func() string, attempt func(c
 func (c *Client) send(ctx context.Context, req *http.Request) (*http.Response, *attemptError) {
 	if c.Auth != nil {
 		if err := c.Auth.Authorize(ctx, req); err != nil {
-			return nil, &attemptError{kind: final, err: fmt.Errorf("authorize: %w", err)}
+			return nil, &attemptError{Kind: final, Err: fmt.Errorf("authorize: %w", err)}
 		}
 	}
 	hc := *c.httpClient()
@@ -206,13 +129,13 @@ func (c *Client) send(ctx context.Context, req *http.Request) (*http.Response, *
 				err = ue.Err
 			}
 			c.logger().Warn("httprange: redirect refused", "op", req.Method+" "+redactURL(req.URL), "reason", err.Error())
-			return nil, &attemptError{kind: final, err: fmt.Errorf("%w: %w", backend.ErrUnavailable, err)}
+			return nil, &attemptError{Kind: final, Err: fmt.Errorf("%w: %w", backend.ErrUnavailable, err)}
 		}
 		kind := final
 		if idempotent(req) {
 			kind = retryable
 		}
-		return nil, &attemptError{kind: kind, err: fmt.Errorf("%w: %w", backend.ErrUnavailable, err)}
+		return nil, &attemptError{Kind: kind, Err: fmt.Errorf("%w: %w", backend.ErrUnavailable, err)}
 	}
 	if c.Auth != nil && resp.StatusCode != http.StatusUnauthorized && resp.StatusCode != http.StatusForbidden {
 		c.accepted.Store(true)
@@ -291,7 +214,7 @@ func (c *Client) statusError(resp *http.Response) error {
 	return fmt.Errorf("%w: status %d: %q", sentinel, resp.StatusCode, c.Secrets.Peer(b))
 }
 
-func classify(status int, idem bool) outcome {
+func classify(status int, idem bool) retry.Kind {
 	switch {
 	case status == http.StatusUnauthorized:
 		return unauthorized
@@ -319,7 +242,7 @@ func (b cancelBody) Close() error {
 // ErrPermission, 400 ErrInvalid, 409 ErrExists, else ErrUnavailable), with the server's error
 // body (truncated, 512 bytes) in the message. The attempt deadline covers reading the body.
 func (c *Client) Do(ctx context.Context, newReq func(ctx context.Context) (*http.Request, error)) (*http.Response, error) {
-	pol := c.Policy.withDefaults()
+	pol := c.Policy.WithDefaults()
 	var out *http.Response
 	op := "http request"
 	err := c.retry(ctx, func() string { return op }, func(_ context.Context) *attemptError {
@@ -329,7 +252,7 @@ func (c *Client) Do(ctx context.Context, newReq func(ctx context.Context) (*http
 		req, err := newReq(actx)
 		if err != nil {
 			cancel()
-			return &attemptError{kind: final, err: fmt.Errorf("build request: %w", err)}
+			return &attemptError{Kind: final, Err: fmt.Errorf("build request: %w", err)}
 		}
 		op = req.Method + " " + redactURL(req.URL)
 		resp, aerr := c.send(actx, req)
@@ -341,7 +264,7 @@ func (c *Client) Do(ctx context.Context, newReq func(ctx context.Context) (*http
 			err := c.statusError(resp)
 			resp.Body.Close()
 			cancel()
-			return &attemptError{kind: classify(resp.StatusCode, idempotent(req)), err: err}
+			return &attemptError{Kind: classify(resp.StatusCode, idempotent(req)), Err: err}
 		}
 		resp.Body = cancelBody{resp.Body, cancel}
 		out = resp
@@ -389,7 +312,7 @@ func (c *Client) ReadRange(ctx context.Context, rawURL string, size int64, p []b
 	return c.retry(ctx, func() string { return op }, func(actx context.Context) *attemptError {
 		req, err := http.NewRequestWithContext(actx, http.MethodGet, rawURL, nil)
 		if err != nil {
-			return &attemptError{kind: final, err: fmt.Errorf("%w: build request: %w", backend.ErrInvalid, err)}
+			return &attemptError{Kind: final, Err: fmt.Errorf("%w: build request: %w", backend.ErrInvalid, err)}
 		}
 		req.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", off, off+n-1))
 		// A transparently decompressed body would not match the range.
@@ -415,9 +338,9 @@ func (c *Client) checkRange(resp *http.Response, size int64, p []byte, off int64
 		return fault(retryable, "server ignored Range: status 200")
 	case http.StatusRequestedRangeNotSatisfiable:
 		// Not ErrInvalid: our range is valid, the answer is the fault.
-		return &attemptError{kind: retryable, err: fmt.Errorf("range %d-%d inside the %d-byte disk refused: %v", off, off+n-1, size, c.statusError(resp))}
+		return &attemptError{Kind: retryable, Err: fmt.Errorf("range %d-%d inside the %d-byte disk refused: %v", off, off+n-1, size, c.statusError(resp))}
 	default:
-		return &attemptError{kind: classify(resp.StatusCode, true), err: c.statusError(resp)}
+		return &attemptError{Kind: classify(resp.StatusCode, true), Err: c.statusError(resp)}
 	}
 	// Go's transport leaves an encoded body alone because we asked for
 	// identity; an encoding the server applied anyway is not disk bytes.
