@@ -277,6 +277,11 @@ func (c *Client) CreateSnapshot(ctx context.Context, vmID, _ string) (backend.Sn
 
 // DeleteSnapshot deletes one snapshot.
 func (c *Client) DeleteSnapshot(ctx context.Context, vmID, snapshotID string) error {
+	// The exporter answers a DELETE of an unknown id with success: ask
+	// first, so a snapshot that is not the VM's is ErrNotFound.
+	if _, err := c.snapshot(ctx, vmID, snapshotID); err != nil {
+		return fmt.Errorf("coriolis: delete snapshot: %w", err)
+	}
 	if err := c.call(ctx, http.MethodDelete, c.route("vms", vmID, "snapshots", snapshotID), nil); err != nil {
 		return fmt.Errorf("coriolis: delete snapshot: %w", err)
 	}
@@ -304,7 +309,7 @@ func (c *Client) snapshot(ctx context.Context, vmID, sid string) (apiSnapshot, e
 	}
 	var s apiSnapshot
 	if err := c.call(ctx, http.MethodGet, c.snapshotURL(vmID, sid, ""), &s); err != nil {
-		return apiSnapshot{}, fmt.Errorf("coriolis: get snapshot: %w", err)
+		return apiSnapshot{}, fmt.Errorf("coriolis: get snapshot: %w", notThisVM(err))
 	}
 	c.mu.Lock()
 	for k, v := range c.cache {

@@ -314,6 +314,9 @@ func disksOf(st *ExportStatus, internal bool) ([]backend.DiskInfo, bool) {
 // Snapshots lists the VM's snapshots that have a Ready export, oldest first,
 // then "live" when the VM itself is exported.
 func (s *Source) Snapshots(ctx context.Context, vmID string) ([]backend.Snapshot, error) {
+	if err := s.vmExists(ctx, vmID); err != nil {
+		return nil, fmt.Errorf("list snapshots of %s: %w", vmID, err)
+	}
 	var l struct{ Items []snapshotObject }
 	if err := s.kube(ctx, http.MethodGet, "snapshot.kubevirt.io", "virtualmachinesnapshots", "", nil, &l); err != nil {
 		return nil, fmt.Errorf("list snapshots of %s: %w", vmID, err)
@@ -355,6 +358,9 @@ func (s *Source) Snapshots(ctx context.Context, vmID string) ([]backend.Snapshot
 
 // findExport is the Ready export serving a snapshot (or the VM for "live").
 func (s *Source) findExport(ctx context.Context, vmID, snapshotID string) (exportObject, error) {
+	if err := s.snapshotOf(ctx, vmID, snapshotID); err != nil {
+		return exportObject{}, err
+	}
 	exports, err := s.listExports(ctx)
 	if err != nil {
 		return exportObject{}, err
