@@ -4,6 +4,7 @@ export PATH := /usr/local/go/bin:$(PATH)
 GO        ?= go
 BIN       ?= bin/vmexportfs
 MNT       ?= /mnt/vms
+PLATFORM  ?= coriolis
 FUZZTIME  ?= 30s
 
 .PHONY: build test demo bench fuzz vet clean
@@ -18,10 +19,11 @@ vet:
 test: vet
 	$(GO) test -count=1 -timeout 20m ./...
 
-# Mounts the built-in Coriolis simulator with sample VMs on $(MNT).
+# Mounts a built-in simulator with sample VMs on $(MNT): Coriolis, or
+# PLATFORM=kubevirt (vmexportfs demo --help lists them).
 demo: build
 	mkdir -p $(MNT)
-	$(BIN) demo $(MNT)
+	$(BIN) demo --platform $(PLATFORM) $(MNT)
 
 bench: build
 	scripts/bench.sh

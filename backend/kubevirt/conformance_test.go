@@ -92,14 +92,14 @@ func (p *platform) AddVM(t testing.TB, vm string, disks ...backendtest.DiskSpec)
 }
 
 func (p *platform) Write(t testing.TB, vm, disk string, off int64, data []byte) {
-	require.NoError(t, p.sim.WriteDisk(vm, disk, data, off))
+	require.NoError(t, p.sim.WriteDisk(vm, disk, off, data))
 }
 
 // Discard writes zeros: the simulator's snapshots and backup maps go by
 // content (an all-zero 64 KiB chunk is a hole), so to a client a discarded
 // range and a zeroed one are the same.
 func (p *platform) Discard(t testing.TB, vm, disk string, off, n int64) {
-	require.NoError(t, p.sim.WriteDisk(vm, disk, make([]byte, n), off))
+	require.NoError(t, p.sim.WriteDisk(vm, disk, off, make([]byte, n)))
 }
 
 func (p *platform) Snapshot(t testing.TB, vm string) string {

@@ -62,7 +62,7 @@ func newEnv(t *testing.T, opts kubevirttest.Options, cfg Config) *env {
 	// Data at 0..128K and 1M..1M+100K; the rest stays a hole.
 	_, _ = rand.Read(root[:128<<10])
 	_, _ = rand.Read(root[1<<20 : 1<<20+100<<10])
-	require.NoError(t, sim.WriteDisk("vm1", "root", root, 0))
+	require.NoError(t, sim.WriteDisk("vm1", "root", 0, root))
 
 	cred, err := ParseKubeconfig(sim.Kubeconfig(), t.TempDir())
 	require.NoError(t, err)
@@ -109,7 +109,7 @@ func TestListAndReadSnapshot(t *testing.T) {
 			_, err = e.src.CreateSnapshot(ctx, "vm1", "s1")
 			require.NoError(t, err)
 			// Writes after the snapshot must not show in it.
-			require.NoError(t, e.sim.WriteDisk("vm1", "root", bytes.Repeat([]byte{0xAA}, 4096), 0))
+			require.NoError(t, e.sim.WriteDisk("vm1", "root", 0, bytes.Repeat([]byte{0xAA}, 4096)))
 			require.NoError(t, e.sim.CreateLiveExport("vm1-live", "vm1", "", ""))
 
 			snaps, err = e.src.Snapshots(ctx, "vm1")
@@ -165,7 +165,7 @@ func TestMapPaging(t *testing.T) {
 	var raw []extent.Extent
 	// Every other 64 KiB chunk of the data volume: 8 data extents, 16 in all.
 	for off := int64(0); off < dataSize; off += 128 << 10 {
-		require.NoError(t, e.sim.WriteDisk("vm1", "data", []byte{1, 2, 3}, off+10))
+		require.NoError(t, e.sim.WriteDisk("vm1", "data", off+10, []byte{1, 2, 3}))
 		raw = append(raw, extent.Extent{Off: off, Len: 64 << 10})
 	}
 	_, err := e.src.CreateSnapshot(ctx, "vm1", "s1")

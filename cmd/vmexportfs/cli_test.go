@@ -49,6 +49,8 @@ func TestBadInvocations(t *testing.T) {
 		{"missing password file", []string{"--username", "u", "--password-file", filepath.Join(mnt, "nope"), "coriolis+https://h", mnt}, 1, "no such file"},
 		{"unreachable host", []string{"-f", "--username", "u", "--password-file", pw, "--retries", "1", "coriolis+https://127.0.0.1:1", mnt}, 1, "connection refused"},
 		{"demo bad dataset", []string{"demo", "--dataset", "huge", mnt}, 2, "--dataset"},
+		{"demo unknown platform", []string{"demo", "--platform", "xen", mnt}, 2, "want one of coriolis, kubevirt"},
+		{"demo foreign platform flag", []string{"demo", "--kubeconfig", "kc", mnt}, 2, "is for kubevirt+ sources, not coriolis+"},
 		{"extents no path", []string{"extents"}, 2, "usage"},
 		{"kubevirt standalone without token", []string{"-f", "kubevirt+https://h/virtualmachineexports/e", mnt}, 2, "--token-file"},
 		{"kubevirt bad path", []string{"-f", "kubevirt+https://h/nowhere", mnt}, 2, "/namespaces/NS"},

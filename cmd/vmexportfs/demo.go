@@ -2,14 +2,23 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"fmt"
 	"io"
-	"math/rand/v2"
+	"log/slog"
+	mathrand "math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/spf13/pflag"
 
 	"github.com/vmexportfs/vmexportfs/backend/coriolis"
 	"github.com/vmexportfs/vmexportfs/backend/coriolis/coriolistest"
+	"github.com/vmexportfs/vmexportfs/backend/kubevirt"
+	"github.com/vmexportfs/vmexportfs/backend/kubevirt/kubevirttest"
 	"github.com/vmexportfs/vmexportfs/backend/platform"
 	"github.com/vmexportfs/vmexportfs/backend/redact"
 )
@@ -19,23 +28,79 @@ const (
 	demoPassword = "demo-password" // of a throwaway loopback simulator, not a real secret
 )
 
-// runDemo starts the Coriolis simulator on loopback with sample VMs and
-// mounts it through the same code path as a real platform: login, TLS
-// verified against the simulator's own CA, password from a file.
+// demoPlatform is a platform whose simulator the demo can mount: the values
+// of --platform, the first the default.
+type demoPlatform struct {
+	name     string                   // --platform's value, the platform's scheme
+	about    string                   // what is simulated, for --help
+	platform func() platform.Platform // its registry line: the demo mounts through it
+	// start runs the simulator in dataDir with the sample data written by
+	// populate and returns how to mount it.
+	start func(dataDir string, populate func(demoTarget) error, logger *slog.Logger) (*demoSim, error)
+}
+
+func demoPlatforms() []demoPlatform {
+	return []demoPlatform{
+		{"coriolis", "a Coriolis OVM exporter", coriolis.Platform, startCoriolisDemo},
+		{"kubevirt", "a KubeVirt cluster's API server and export servers", kubevirt.Platform, startKubeVirtDemo},
+	}
+}
+
+func demoPlatformNames() []string {
+	var names []string
+	for _, d := range demoPlatforms() {
+		names = append(names, d.name)
+	}
+	return names
+}
+
+// demoSim is a running simulator and what a mount of it is given, as a user
+// would give it: the source and the credential and CA flags.
+type demoSim struct {
+	source string
+	flags  [][2]string // flag name, value
+	env    []string    // --env-file's shell variables, NAME=value
+	about  string      // what listens where, and the credentials' files
+	close  func() error
+}
+
+// runDemo starts a platform's simulator on loopback with sample VMs and
+// mounts it through the same code path as a real platform: the platform's
+// registry line, credentials from files, TLS verified against the
+// simulator's own CA.
 func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secrets *redact.Secrets) error {
 	cfg := mountConfig{secrets: secrets}
-	var cacheSize, dataset, dataDir, envFile string
+	var cacheSize, dataset, dataDir, envFile, platformName string
 	var serveOnly bool
 	var opts []string
-	// The demo is a Coriolis mount: only its platform is registered.
-	f := newMountFlags(&cfg, &cacheSize, &opts, []platform.Platform{coriolis.Platform()})
+	demos := demoPlatforms()
+	var registry []platform.Platform
+	for _, d := range demos {
+		registry = append(registry, d.platform())
+	}
+	f := newMountFlags(&cfg, &cacheSize, &opts, registry)
 	f.Init("vmexportfs demo", 0)
+	// The demo gives each platform's own flags itself.
+	for _, p := range cfg.platforms {
+		p.flags.VisitAll(func(fl *pflag.Flag) { _ = f.MarkHidden(fl.Name) })
+	}
+	f.StringVar(&platformName, "platform", demos[0].name, "the platform to simulate: "+strings.Join(demoPlatformNames(), ", "))
 	f.StringVar(&dataset, "dataset", "demo", "sample data: demo (two VMs, snapshots with changes) or bench (2 GiB with 512 MiB in 64 extents, and 1 GiB fully written)")
 	f.StringVar(&dataDir, "data-dir", "", "where the simulator keeps its disk files (default: a temporary directory removed on exit)")
 	f.BoolVar(&serveOnly, "serve-only", false, "run only the simulator, do not mount (MOUNTPOINT not needed)")
-	f.StringVar(&envFile, "env-file", "", "write the simulator's URL, CA file, user and password file here as shell variables")
+	f.StringVar(&envFile, "env-file", "", "write how to reach the simulator (source URL, CA, credentials' files) here as shell variables")
 	if len(args) == 1 && (args[0] == "-h" || args[0] == "--help") {
-		fmt.Fprintf(stdout, "Usage:\n  vmexportfs demo [flags] MOUNTPOINT\n  vmexportfs demo --serve-only [--env-file FILE]\n\nFlags:\n%s", f.FlagUsages())
+		fmt.Fprintf(stdout, "Usage:\n  vmexportfs demo [--platform NAME] [flags] MOUNTPOINT\n  vmexportfs demo [--platform NAME] --serve-only [--env-file FILE]\n\nPlatforms:\n")
+		tw := tabwriter.NewWriter(stdout, 0, 0, 3, ' ', 0)
+		for i, d := range demos {
+			def := ""
+			if i == 0 {
+				def = " (default)"
+			}
+			fmt.Fprintf(tw, "  %s\t%s%s\n", d.name, d.about, def)
+		}
+		tw.Flush()
+		fmt.Fprintf(stdout, "\nFlags:\n%s", f.FlagUsages())
 		return nil
 	}
 	if err := f.Parse(args); err != nil {
@@ -43,6 +108,15 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secre
 	}
 	if len(opts) > 0 {
 		return fmt.Errorf("%w: demo: -o is for platform mounts", errUsage)
+	}
+	i := slices.IndexFunc(demos, func(d demoPlatform) bool { return d.name == platformName })
+	if i < 0 {
+		return fmt.Errorf("%w: demo: --platform %q: want one of %s", errUsage, truncate(platformName, 20), strings.Join(demoPlatformNames(), ", "))
+	}
+	demo := demos[i]
+	j := slices.IndexFunc(cfg.platforms, func(p registered) bool { return p.Scheme == demo.name })
+	if err := checkForeignFlags(f, cfg.platforms, cfg.platforms[j]); err != nil {
+		return err
 	}
 	populate, ok := demoDatasets()[dataset]
 	if !ok {
@@ -59,7 +133,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secre
 	case serveOnly && f.NArg() != 0:
 		return fmt.Errorf("%w: demo --serve-only takes no MOUNTPOINT", errUsage)
 	case !serveOnly && f.NArg() != 1:
-		return fmt.Errorf("%w: usage: vmexportfs demo [flags] MOUNTPOINT", errUsage)
+		return fmt.Errorf("%w: usage: vmexportfs demo [--platform NAME] [flags] MOUNTPOINT", errUsage)
 	case !serveOnly:
 		cfg.mountpoint = f.Arg(0)
 		if err := checkMountpoint(cfg.mountpoint); err != nil {
@@ -74,8 +148,8 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secre
 		if err := daemonize(ctx, logPath); err != nil {
 			return err
 		}
-		fmt.Fprintf(stdout, "vmexportfs demo mounted at %s (logs: %s). Try: ls %s/by-name; unmount: fusermount3 -u %s\n",
-			cfg.mountpoint, logPath, cfg.mountpoint, cfg.mountpoint)
+		fmt.Fprintf(stdout, "vmexportfs demo (%s) mounted at %s (logs: %s). Try: ls %s/by-name; unmount: fusermount3 -u %s\n",
+			demo.name, cfg.mountpoint, logPath, cfg.mountpoint, cfg.mountpoint)
 		return nil
 	}
 	logger, closeLog, err := newLogger(cfg, stderr)
@@ -92,37 +166,29 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secre
 	} else if err := os.MkdirAll(dataDir, 0o700); err != nil {
 		return notifyReady(cfg.secrets, fmt.Errorf("demo: %w", err))
 	}
-	sim, err := coriolistest.Start(coriolistest.Options{
-		Dir: filepath.Join(dataDir, "simulator"), Username: demoUser, Password: demoPassword,
-		Logger: logger.With("component", "simulator"),
-	})
+	sim, err := demo.start(dataDir, populate, logger)
 	if err != nil {
-		return notifyReady(cfg.secrets, fmt.Errorf("demo: start simulator: %w", err))
-	}
-	defer sim.Close()
-	if err := populate(sim); err != nil {
-		return notifyReady(cfg.secrets, fmt.Errorf("demo: sample data: %w", err))
-	}
-	passwordFile := filepath.Join(dataDir, "password")
-	if err := os.WriteFile(passwordFile, []byte(demoPassword+"\n"), 0o600); err != nil {
 		return notifyReady(cfg.secrets, fmt.Errorf("demo: %w", err))
 	}
+	defer sim.close()
 	if envFile != "" {
-		env := fmt.Sprintf("VMEXPORTFS_DEMO_URL=%s\nVMEXPORTFS_DEMO_CA=%s\nVMEXPORTFS_DEMO_USER=%s\nVMEXPORTFS_DEMO_PASSWORD_FILE=%s\n",
-			sim.URL(), sim.CAFile(), demoUser, passwordFile)
+		env := strings.Join(append([]string{"VMEXPORTFS_DEMO_SOURCE=" + sim.source}, sim.env...), "\n") + "\n"
 		if err := os.WriteFile(envFile, []byte(env), 0o600); err != nil {
 			return fmt.Errorf("demo: --env-file: %w", err)
 		}
 	}
 	if serveOnly {
-		fmt.Fprintf(stderr, "vmexportfs demo: simulated Coriolis OVM exporter at %s (CA %s, user %s, password file %s); Ctrl-C stops it\n",
-			sim.URL(), sim.CAFile(), demoUser, passwordFile)
+		fmt.Fprintf(stderr, "vmexportfs demo: %s; Ctrl-C stops it\n", sim.about)
 		<-ctx.Done()
 		return nil
 	}
 
-	cfg.source = "coriolis+" + sim.URL()
-	cfg.username, cfg.passwordFile, cfg.caFile = demoUser, passwordFile, sim.CAFile()
+	cfg.source = sim.source
+	for _, fl := range sim.flags {
+		if err := f.Set(fl[0], fl[1]); err != nil {
+			return notifyReady(cfg.secrets, fmt.Errorf("demo: --%s: %w", fl[0], err))
+		}
+	}
 	if cfg.stateDir == "" {
 		cfg.stateDir = filepath.Join(dataDir, "state")
 	}
@@ -134,19 +200,174 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secre
 		return notifyReady(cfg.secrets, err)
 	}
 	ready := func() {
-		fmt.Fprintf(stderr, "vmexportfs demo: simulated Coriolis OVM exporter at %s mounted on %s\n"+
+		fmt.Fprintf(stderr, "vmexportfs demo: %s, mounted on %s\n"+
 			"  try:  ls -l %[2]s/by-name/*/snapshots/*\n"+
 			"        cp --sparse=always %[2]s/by-name/web01/snapshots/*/disk.img /tmp/\n"+
 			"        getfattr -d -m - %[2]s/by-name/web01/snapshots/*/disk.img\n"+
-			"  stop: fusermount3 -u %[2]s\n", sim.URL(), cfg.mountpoint)
+			"  stop: fusermount3 -u %[2]s\n", sim.about, cfg.mountpoint)
 		signalReady()
 	}
 	return notifyReady(cfg.secrets, serve(ctx, src, cfg, logger, ready))
 }
 
+// startCoriolisDemo runs the Coriolis simulator, logging in with a user and
+// a password file.
+func startCoriolisDemo(dataDir string, populate func(demoTarget) error, logger *slog.Logger) (*demoSim, error) {
+	sim, err := coriolistest.Start(coriolistest.Options{
+		Dir: filepath.Join(dataDir, "simulator"), Username: demoUser, Password: demoPassword,
+		Logger: logger.With("component", "simulator"),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("start simulator: %w", err)
+	}
+	if err := populate(coriolisTarget{sim}); err != nil {
+		sim.Close()
+		return nil, fmt.Errorf("sample data: %w", err)
+	}
+	passwordFile := filepath.Join(dataDir, "password")
+	if err := os.WriteFile(passwordFile, []byte(demoPassword+"\n"), 0o600); err != nil {
+		sim.Close()
+		return nil, err
+	}
+	return &demoSim{
+		source: "coriolis+" + sim.URL(),
+		flags:  [][2]string{{"username", demoUser}, {"password-file", passwordFile}, {"ca-file", sim.CAFile()}},
+		env: []string{"VMEXPORTFS_DEMO_URL=" + sim.URL(), "VMEXPORTFS_DEMO_CA=" + sim.CAFile(),
+			"VMEXPORTFS_DEMO_USER=" + demoUser, "VMEXPORTFS_DEMO_PASSWORD_FILE=" + passwordFile},
+		about: fmt.Sprintf("simulated Coriolis OVM exporter at %s (CA %s, user %s, password file %s)",
+			sim.URL(), sim.CAFile(), demoUser, passwordFile),
+		close: sim.Close,
+	}, nil
+}
+
+// demoNamespace is the KubeVirt demo's namespace.
+const demoNamespace = "demo"
+
+// startKubeVirtDemo runs the KubeVirt simulator: its API server and an
+// export server per export, each with its own CA. The mount reads the API
+// server's address, token and CA from a kubeconfig, and each export
+// server's CA from the export's status, as on a cluster; each VM is also
+// exported live (snapshots/live).
+func startKubeVirtDemo(dataDir string, populate func(demoTarget) error, _ *slog.Logger) (*demoSim, error) {
+	sim, err := kubevirttest.Start(kubevirttest.Options{Dir: filepath.Join(dataDir, "simulator"), Namespace: demoNamespace})
+	if err != nil {
+		return nil, fmt.Errorf("start simulator: %w", err)
+	}
+	sim.SetBackupRoutes(true) // allocated extents: holes are never fetched
+	target := newKubeVirtTarget(sim)
+	err = populate(target)
+	for _, vm := range target.order {
+		if err != nil {
+			break
+		}
+		err = sim.CreateLiveExport(vm+"-live", vm, vm+"-live-token", rand.Text())
+	}
+	if err != nil {
+		sim.Close()
+		return nil, fmt.Errorf("sample data: %w", err)
+	}
+	kubeconfig := filepath.Join(dataDir, "kubeconfig")
+	if err := os.WriteFile(kubeconfig, sim.Kubeconfig(), 0o600); err != nil {
+		sim.Close()
+		return nil, err
+	}
+	return &demoSim{
+		source: "kubevirt+" + sim.URL() + "/namespaces/" + demoNamespace,
+		flags:  [][2]string{{"kubeconfig", kubeconfig}},
+		env:    []string{"VMEXPORTFS_DEMO_KUBECONFIG=" + kubeconfig},
+		about:  fmt.Sprintf("simulated KubeVirt API server at %s, namespace %s (kubeconfig %s)", sim.URL(), demoNamespace, kubeconfig),
+		close:  sim.Close,
+	}, nil
+}
+
+// demoTarget is a simulator the sample data is written to, in the verbs
+// every platform's simulator has.
+type demoTarget interface {
+	addVM(vm demoVM) error
+	writeDisk(vm, disk string, off int64, p []byte) error
+	discardDisk(vm, disk string, off, n int64) error
+	takeSnapshot(vm string) error
+}
+
+// demoVM is a sample VM: ids as Coriolis has them (the platform's hex ids),
+// a friendly name, which KubeVirt uses as the VirtualMachine's name.
+type demoVM struct {
+	id, name string
+	disks    []demoDisk
+}
+
+type demoDisk struct {
+	id, device string // the platform's disk id; the device, KubeVirt's volume name
+	size       int64
+	cdrom      bool // not snapshotted; KubeVirt exports have none
+}
+
+type coriolisTarget struct{ sim *coriolistest.Server }
+
+func (c coriolisTarget) addVM(vm demoVM) error {
+	spec := coriolistest.VMSpec{ID: vm.id, FriendlyName: vm.name}
+	for _, d := range vm.disks {
+		spec.Disks = append(spec.Disks, coriolistest.DiskSpec{Name: d.id, Device: d.device, Size: d.size, CDROM: d.cdrom})
+	}
+	return c.sim.AddVM(spec)
+}
+
+func (c coriolisTarget) writeDisk(vm, disk string, off int64, p []byte) error {
+	return c.sim.WriteDisk(vm, disk, off, p)
+}
+
+func (c coriolisTarget) discardDisk(vm, disk string, off, n int64) error {
+	return c.sim.DiscardDisk(vm, disk, off, n)
+}
+
+func (c coriolisTarget) takeSnapshot(vm string) error {
+	_, err := c.sim.TakeSnapshot(vm)
+	return err
+}
+
+// kubevirtTarget names VMs by their friendly names and volumes by their
+// devices; snapshots are <vm>-1, <vm>-2, ... (names are per namespace).
+type kubevirtTarget struct {
+	sim   *kubevirttest.Server
+	vms   map[string]string // demo id -> VirtualMachine name
+	vols  map[string]string // demo disk id -> volume name
+	snaps map[string]int    // snapshots taken per VM
+	order []string          // VirtualMachine names, as added
+}
+
+func newKubeVirtTarget(sim *kubevirttest.Server) *kubevirtTarget {
+	return &kubevirtTarget{sim: sim, vms: map[string]string{}, vols: map[string]string{}, snaps: map[string]int{}}
+}
+
+func (k *kubevirtTarget) addVM(vm demoVM) error {
+	var vols []kubevirttest.VolumeSpec
+	for _, d := range vm.disks {
+		if !d.cdrom {
+			vols = append(vols, kubevirttest.VolumeSpec{Name: d.device, Size: d.size})
+			k.vols[d.id] = d.device
+		}
+	}
+	k.vms[vm.id] = vm.name
+	k.order = append(k.order, vm.name)
+	return k.sim.AddVM(vm.name, vols)
+}
+
+func (k *kubevirtTarget) writeDisk(vm, disk string, off int64, p []byte) error {
+	return k.sim.WriteDisk(k.vms[vm], k.vols[disk], off, p)
+}
+
+func (k *kubevirtTarget) discardDisk(vm, disk string, off, n int64) error {
+	return k.sim.DiscardDisk(k.vms[vm], k.vols[disk], off, n)
+}
+
+func (k *kubevirtTarget) takeSnapshot(vm string) error {
+	k.snaps[vm]++
+	return k.sim.TakeSnapshot(k.vms[vm], fmt.Sprintf("%s-%d", k.vms[vm], k.snaps[vm]))
+}
+
 // demoDatasets are the sample histories the demo can serve.
-func demoDatasets() map[string]func(*coriolistest.Server) error {
-	return map[string]func(*coriolistest.Server) error{
+func demoDatasets() map[string]func(demoTarget) error {
+	return map[string]func(demoTarget) error{
 		"demo":  populateDemo,
 		"bench": populateBench,
 	}
@@ -155,15 +376,15 @@ func demoDatasets() map[string]func(*coriolistest.Server) error {
 // demoWriter writes reproducible pseudo-random data, so two demo runs serve
 // the same bytes.
 type demoWriter struct {
-	sim *coriolistest.Server
-	rng *rand.ChaCha8
+	sim demoTarget
+	rng *mathrand.ChaCha8
 	err error
 }
 
-func newDemoWriter(sim *coriolistest.Server, seed string) *demoWriter {
+func newDemoWriter(sim demoTarget, seed string) *demoWriter {
 	var s [32]byte
 	copy(s[:], seed)
-	return &demoWriter{sim: sim, rng: rand.NewChaCha8(s)}
+	return &demoWriter{sim: sim, rng: mathrand.NewChaCha8(s)}
 }
 
 // write fills [off, off+n) of a disk with fresh data, in pieces so memory stays small.
@@ -173,26 +394,26 @@ func (w *demoWriter) write(vm, disk string, off, n int64) {
 	for done := int64(0); done < n && w.err == nil; {
 		chunk := buf[:min(n-done, piece)]
 		w.rng.Read(chunk)
-		w.err = w.sim.WriteDisk(vm, disk, off+done, chunk)
+		w.err = w.sim.writeDisk(vm, disk, off+done, chunk)
 		done += int64(len(chunk))
 	}
 }
 
 func (w *demoWriter) discard(vm, disk string, off, n int64) {
 	if w.err == nil {
-		w.err = w.sim.DiscardDisk(vm, disk, off, n)
+		w.err = w.sim.discardDisk(vm, disk, off, n)
 	}
 }
 
 func (w *demoWriter) snapshot(vm string) {
 	if w.err == nil {
-		_, w.err = w.sim.TakeSnapshot(vm)
+		w.err = w.sim.takeSnapshot(vm)
 	}
 }
 
-func (w *demoWriter) addVM(spec coriolistest.VMSpec) {
+func (w *demoWriter) addVM(vm demoVM) {
 	if w.err == nil {
-		w.err = w.sim.AddVM(spec)
+		w.err = w.sim.addVM(vm)
 	}
 }
 
@@ -201,15 +422,19 @@ const (
 	gib = int64(1) << 30
 )
 
+// The demo dataset's db01 and its root disk, whose snapshots TestDemoPlatforms
+// copies.
+const demoDB, demoDBRoot = "0004fb00000600001a2b3c4d5e6f7002", "0004fb0000120000db01.img"
+
 // populateDemo builds two VMs with histories that show every feature: a
 // single-disk VM with three snapshots (changes crossing 2 MiB blocks, a
 // discard, a snapshot without changes) and a multi-disk VM with a CD-ROM and a
 // disk whose size is not a multiple of 2 MiB.
-func populateDemo(sim *coriolistest.Server) error {
+func populateDemo(sim demoTarget) error {
 	w := newDemoWriter(sim, "vmexportfs demo")
 	const web, webDisk = "0004fb00000600001a2b3c4d5e6f7001", "0004fb0000120000aa01.img"
-	w.addVM(coriolistest.VMSpec{ID: web, FriendlyName: "web01", Disks: []coriolistest.DiskSpec{
-		{Name: webDisk, Device: "xvda", Size: 1 * gib},
+	w.addVM(demoVM{id: web, name: "web01", disks: []demoDisk{
+		{id: webDisk, device: "xvda", size: 1 * gib},
 	}})
 	w.write(web, webDisk, 0, 1*mib)        // boot sector and partition table
 	w.write(web, webDisk, 100*mib, 48*mib) // a filesystem's metadata and files
@@ -223,12 +448,12 @@ func populateDemo(sim *coriolistest.Server) error {
 	w.snapshot(web)
 	w.snapshot(web) // nothing changed since the previous one
 
-	const db = "0004fb00000600001a2b3c4d5e6f7002"
-	const dbRoot, dbData, dbISO = "0004fb0000120000db01.img", "0004fb0000120000db02.img", "0004fb0000150000iso1.iso"
-	w.addVM(coriolistest.VMSpec{ID: db, FriendlyName: "db01", Disks: []coriolistest.DiskSpec{
-		{Name: dbRoot, Device: "xvda", Size: 512 * mib},
-		{Name: dbData, Device: "xvdb", Size: 1*gib + 15*mib + 512},
-		{Name: dbISO, Device: "xvdc:cdrom", Size: 64 * mib, CDROM: true},
+	const db, dbRoot = demoDB, demoDBRoot
+	const dbData, dbISO = "0004fb0000120000db02.img", "0004fb0000150000iso1.iso"
+	w.addVM(demoVM{id: db, name: "db01", disks: []demoDisk{
+		{id: dbRoot, device: "xvda", size: 512 * mib},
+		{id: dbData, device: "xvdb", size: 1*gib + 15*mib + 512},
+		{id: dbISO, device: "xvdc:cdrom", size: 64 * mib, cdrom: true},
 	}})
 	w.write(db, dbRoot, 0, 32*mib)
 	w.write(db, dbData, 0, 16*mib)
@@ -241,18 +466,18 @@ func populateDemo(sim *coriolistest.Server) error {
 }
 
 // populateBench builds the images scripts/bench.sh measures.
-func populateBench(sim *coriolistest.Server) error {
+func populateBench(sim demoTarget) error {
 	w := newDemoWriter(sim, "vmexportfs bench")
 	const sparseSize, extents, extentLen = 2 * gib, 64, 8 * mib
-	w.addVM(coriolistest.VMSpec{ID: "sparse", FriendlyName: "sparse", Disks: []coriolistest.DiskSpec{
-		{Name: "sparse.img", Device: "xvda", Size: sparseSize},
+	w.addVM(demoVM{id: "sparse", name: "sparse", disks: []demoDisk{
+		{id: "sparse.img", device: "xvda", size: sparseSize},
 	}})
 	for i := range int64(extents) {
 		w.write("sparse", "sparse.img", i*(sparseSize/extents), extentLen)
 	}
 	w.snapshot("sparse")
-	w.addVM(coriolistest.VMSpec{ID: "full", FriendlyName: "full", Disks: []coriolistest.DiskSpec{
-		{Name: "full.img", Device: "xvda", Size: 1 * gib},
+	w.addVM(demoVM{id: "full", name: "full", disks: []demoDisk{
+		{id: "full.img", device: "xvda", size: 1 * gib},
 	}})
 	w.write("full", "full.img", 0, 1*gib)
 	w.snapshot("full")

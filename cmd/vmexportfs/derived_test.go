@@ -12,7 +12,6 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/vmexportfs/vmexportfs/backend/coriolis/coriolistest"
 	"github.com/vmexportfs/vmexportfs/backend/extent"
 )
 
@@ -21,41 +20,38 @@ import (
 // discard, and a snapshot with no change at all. The second snapshot is made
 // with mkdir so deltas against it carry a chosen name.
 type derivedHistory struct {
-	f     *fixture
+	p     simPlatform
 	m     *mounted
 	size  int64
 	snaps []string // shown names, oldest first
-	ids   []string // simulator ids, same order
+	ids   []string // platform ids, same order
 }
 
-const derivedVM, derivedDisk = "vm-d", "d.img"
+const derivedVM, derivedDisk = "vm-d", "xvda"
 
-func newDerivedHistory(t *testing.T) *derivedHistory {
-	f := newFixture(t, coriolistest.Options{})
-	h := &derivedHistory{f: f, size: 21*mib + 192*kib + 512}
-	f.addVM(derivedVM, "derived", coriolistest.DiskSpec{Name: derivedDisk, Device: "xvda", Size: h.size})
-	f.write(derivedVM, derivedDisk, 0, 3*mib)
-	f.write(derivedVM, derivedDisk, 10*mib+4*kib, 300*kib)
-	f.write(derivedVM, derivedDisk, h.size-64*kib-512, 64*kib+512) // the odd tail
-	h.snaps = append(h.snaps, f.snapshot(derivedVM))
+func newDerivedHistory(t *testing.T, p simPlatform) *derivedHistory {
+	h := &derivedHistory{p: p, size: 21*mib + 192*kib + 512}
+	p.AddVM(t, derivedVM, diskSpec{derivedDisk, h.size})
+	p.Write(t, derivedVM, derivedDisk, 0, 3*mib)
+	p.Write(t, derivedVM, derivedDisk, 10*mib+4*kib, 300*kib)
+	p.Write(t, derivedVM, derivedDisk, h.size-64*kib-512, 64*kib+512) // the odd tail
+	h.snaps = append(h.snaps, p.Snapshot(t, derivedVM))
 
 	// Across the 2 MiB block boundary at 2 MiB and at 12 MiB; a discard.
-	f.write(derivedVM, derivedDisk, 2*mib-8*kib, 16*kib)
-	f.write(derivedVM, derivedDisk, 12*mib-1*mib, 3*mib)
-	require.NoError(t, f.sim.DiscardDisk(derivedVM, derivedDisk, 10*mib, 1*mib))
+	p.Write(t, derivedVM, derivedDisk, 2*mib-8*kib, 16*kib)
+	p.Write(t, derivedVM, derivedDisk, 12*mib-1*mib, 3*mib)
+	p.Discard(t, derivedVM, derivedDisk, 10*mib, 1*mib)
 	// Snapshots taken behind the mount's back must show at once.
-	h.m = f.mount("--list-ttl", "1ms")
+	h.m = mountSim(t, p, "--list-ttl", "1ms")
 	tool(t, "mkdir", h.m.path("vms", derivedVM, "snapshots", "nightly"))
 	h.snaps = append(h.snaps, "nightly")
 
-	h.snaps = append(h.snaps, f.snapshot(derivedVM)) // no change
+	h.snaps = append(h.snaps, p.Snapshot(t, derivedVM)) // no change
 
-	f.write(derivedVM, derivedDisk, 17*mib+100*kib, 5*kib)
-	h.snaps = append(h.snaps, f.snapshot(derivedVM))
-	ids, err := f.sim.Snapshots(derivedVM)
-	require.NoError(t, err)
-	require.Len(t, ids, 4)
-	h.ids = ids
+	p.Write(t, derivedVM, derivedDisk, 17*mib+100*kib, 5*kib)
+	h.snaps = append(h.snaps, p.Snapshot(t, derivedVM))
+	h.ids = p.Snapshots(t, derivedVM)
+	require.Len(t, h.ids, 4)
 	return h
 }
 
@@ -63,43 +59,48 @@ func (h *derivedHistory) dir(i int) string {
 	return h.m.path("vms", derivedVM, "snapshots", h.snaps[i])
 }
 
-func (h *derivedHistory) source(i int) string {
-	return h.f.source(derivedVM, h.ids[i], derivedDisk)
+func (h *derivedHistory) source(t *testing.T, i int) string {
+	return h.p.Reference(t, derivedVM, h.ids[i], derivedDisk)
 }
 
+// TestGzipView: every snapshot's disk.img.gz is a valid gzip of disk.img,
+// with an exact st_size, the same bytes on every read and at any offset, and
+// an index a later mount finds, on every platform.
 func TestGzipView(t *testing.T) {
 	requireTools(t, "gzip", "zcat", "sha256sum", "dd", "stat")
-	h := newDerivedHistory(t)
-	for i := range h.snaps {
-		gz := filepath.Join(h.dir(i), "disk.img.gz")
-		want := sha256File(t, h.source(i))
-		tool(t, "gzip", "-t", gz)
-		assert.Equal(t, want+"  -\n", tool(t, "sh", "-c", `zcat "$1" | sha256sum`, "sh", gz), "zcat of %s", h.snaps[i])
+	forEachPlatform(t, e2ePlatforms, func(t *testing.T, _ int, p simPlatform) {
+		h := newDerivedHistory(t, p)
+		for i := range h.snaps {
+			gz := filepath.Join(h.dir(i), "disk.img.gz")
+			want := sha256File(t, h.source(t, i))
+			tool(t, "gzip", "-t", gz)
+			assert.Equal(t, want+"  -\n", tool(t, "sh", "-c", `zcat "$1" | sha256sum`, "sh", gz), "zcat of %s", h.snaps[i])
 
-		copied := filepath.Join(t.TempDir(), "copy.gz")
-		tool(t, "cp", gz, copied)
-		st, err := os.Stat(copied)
+			copied := filepath.Join(t.TempDir(), "copy.gz")
+			tool(t, "cp", gz, copied)
+			st, err := os.Stat(copied)
+			require.NoError(t, err)
+			assert.Equal(t, strings.TrimSpace(tool(t, "stat", "-c", "%s", gz)), strconv.FormatInt(st.Size(), 10), "st_size is exact")
+			assert.Equal(t, sha256File(t, copied), sha256File(t, gz), "a second read returns the same bytes")
+
+			// A read in the middle, as a resumed copy does, equals the same
+			// range of the full copy.
+			mid := st.Size() / 2
+			part := tool(t, "dd", "if="+gz, "bs=4096", "iflag=skip_bytes,count_bytes", "skip="+strconv.FormatInt(mid, 10), "count=100000", "status=none")
+			assert.Equal(t, sha256Range(t, copied, mid, int64(len(part))), sha256Bytes([]byte(part)))
+		}
+
+		// A later mount finds the index in the cache directory and serves the
+		// same bytes.
+		gz := filepath.Join(h.dir(3), "disk.img.gz")
+		before := sha256File(t, gz)
+		h.m.stop(t)
+		entries, err := os.ReadDir(p.CacheDir())
 		require.NoError(t, err)
-		assert.Equal(t, strings.TrimSpace(tool(t, "stat", "-c", "%s", gz)), strconv.FormatInt(st.Size(), 10), "st_size is exact")
-		assert.Equal(t, sha256File(t, copied), sha256File(t, gz), "a second read returns the same bytes")
-
-		// A read in the middle, as a resumed copy does, equals the same
-		// range of the full copy.
-		mid := st.Size() / 2
-		part := tool(t, "dd", "if="+gz, "bs=4096", "iflag=skip_bytes,count_bytes", "skip="+strconv.FormatInt(mid, 10), "count=100000", "status=none")
-		assert.Equal(t, sha256Range(t, copied, mid, int64(len(part))), sha256Bytes([]byte(part)))
-	}
-
-	// A later mount finds the index in the cache directory and serves the
-	// same bytes.
-	gz := filepath.Join(h.dir(3), "disk.img.gz")
-	before := sha256File(t, gz)
-	h.m.stop(t)
-	entries, err := os.ReadDir(h.f.cacheDir)
-	require.NoError(t, err)
-	assert.NotEmpty(t, entries, "gzip index persisted")
-	m := h.f.mount()
-	assert.Equal(t, before, sha256File(t, m.path("vms", derivedVM, "snapshots", h.snaps[3], "disk.img.gz")))
+		assert.NotEmpty(t, entries, "gzip index persisted")
+		m := mountSim(t, p)
+		assert.Equal(t, before, sha256File(t, m.path("vms", derivedVM, "snapshots", h.snaps[3], "disk.img.gz")))
+	})
 }
 
 type qemuInfo struct {
@@ -107,50 +108,58 @@ type qemuInfo struct {
 	VirtualSize int64  `json:"virtual-size"`
 }
 
+// TestVHDViews: every snapshot's disk.vhd is the disk for qemu-img, every
+// older snapshot is a delta base, and each delta is a differencing VHD whose
+// chain with its base's disk.vhd is the target's disk, on every platform.
 func TestVHDViews(t *testing.T) {
 	requireTools(t, "qemu-img", "vhdiinfo", "vhdimount", "getfattr", "fusermount3")
-	h := newDerivedHistory(t)
-	vsize := (h.size + 511) / 512 * 512
+	forEachPlatform(t, e2ePlatforms, func(t *testing.T, _ int, p simPlatform) {
+		h := newDerivedHistory(t, p)
+		vsize := (h.size + 511) / 512 * 512
 
-	for i := range h.snaps {
-		vhd := filepath.Join(h.dir(i), "disk.vhd")
-		var info qemuInfo
-		require.NoError(t, json.Unmarshal([]byte(tool(t, "qemu-img", "info", "--output=json", vhd)), &info))
-		assert.Equal(t, qemuInfo{Format: "vpc", VirtualSize: vsize}, info)
-		raw := filepath.Join(t.TempDir(), "raw")
-		tool(t, "qemu-img", "convert", "-f", "vpc", "-O", "raw", vhd, raw)
-		require.NoError(t, os.Truncate(raw, h.size)) // the VHD's last sector is padded
-		assert.Equal(t, sha256File(t, h.source(i)), sha256File(t, raw), "qemu-img convert of %s/disk.vhd", h.snaps[i])
-	}
-
-	// Every older snapshot is a base, listed by its shown name.
-	for i := range h.snaps {
-		var want []string
-		for _, b := range h.snaps[:i] {
-			want = append(want, "delta-from-"+b+".vhd")
+		for i := range h.snaps {
+			vhd := filepath.Join(h.dir(i), "disk.vhd")
+			var info qemuInfo
+			require.NoError(t, json.Unmarshal([]byte(tool(t, "qemu-img", "info", "--output=json", vhd)), &info))
+			assert.Equal(t, qemuInfo{Format: "vpc", VirtualSize: vsize}, info)
+			raw := filepath.Join(t.TempDir(), "raw")
+			tool(t, "qemu-img", "convert", "-f", "vpc", "-O", "raw", vhd, raw)
+			require.NoError(t, os.Truncate(raw, h.size)) // the VHD's last sector is padded
+			assert.Equal(t, sha256File(t, h.source(t, i)), sha256File(t, raw), "qemu-img convert of %s/disk.vhd", h.snaps[i])
 		}
-		want = append(want, "disk.img", "disk.img.gz", "disk.vhd")
-		assert.ElementsMatch(t, want, strings.Fields(tool(t, "ls", h.dir(i))), "listing of %s", h.snaps[i])
-	}
 
-	for target := 1; target < len(h.snaps); target++ {
-		for base := 0; base < target; base++ {
-			t.Run(h.snaps[base]+"→"+h.snaps[target], func(t *testing.T) {
-				h.checkDelta(t, base, target)
-			})
+		// Every older snapshot is a base, listed by its shown name.
+		for i := range h.snaps {
+			var want []string
+			for _, b := range h.snaps[:i] {
+				want = append(want, "delta-from-"+b+".vhd")
+			}
+			want = append(want, "disk.img", "disk.img.gz", "disk.vhd")
+			assert.ElementsMatch(t, want, strings.Fields(tool(t, "ls", h.dir(i))), "listing of %s", h.snaps[i])
 		}
-	}
 
-	// A base by id is found even though the listing shows its name, and a
-	// newer snapshot is no base.
-	_, err := os.Stat(filepath.Join(h.dir(3), "delta-from-"+h.ids[1]+".vhd"))
-	assert.NoError(t, err)
-	_, err = os.Stat(filepath.Join(h.dir(0), "delta-from-"+h.snaps[3]+".vhd"))
-	assert.ErrorIs(t, err, os.ErrNotExist)
+		for target := 1; target < len(h.snaps); target++ {
+			for base := 0; base < target; base++ {
+				t.Run(h.snaps[base]+"→"+h.snaps[target], func(t *testing.T) {
+					h.checkDelta(t, base, target)
+				})
+			}
+		}
+
+		// A base by id is found even though the listing shows its name, and a
+		// newer snapshot is no base.
+		_, err := os.Stat(filepath.Join(h.dir(3), "delta-from-"+h.ids[1]+".vhd"))
+		assert.NoError(t, err)
+		_, err = os.Stat(filepath.Join(h.dir(0), "delta-from-"+h.snaps[3]+".vhd"))
+		assert.ErrorIs(t, err, os.ErrNotExist)
+	})
 }
 
 // checkDelta copies base's disk.vhd and target's delta into one directory the
-// way a user builds a chain, and checks it with the tools and the served bytes.
+// way a user builds a chain, and checks it with the tools and the served
+// bytes. What the delta must hold is the changed map where the platform
+// tracks changes (user.vmexport.changed.<base>), else everything written in
+// either snapshot (the union of their user.vmexport.extents).
 func (h *derivedHistory) checkDelta(t *testing.T, base, target int) {
 	name := "delta-from-" + h.snaps[base] + ".vhd"
 	chain := t.TempDir()
@@ -158,16 +167,29 @@ func (h *derivedHistory) checkDelta(t *testing.T, base, target int) {
 	tool(t, "cp", filepath.Join(h.dir(base), "disk.vhd"), parent)
 
 	// A fresh mount so the served-bytes count sees every fetch.
-	m := h.f.mount()
+	m := mountSim(t, h.p)
 	delta := m.path("vms", derivedVM, "snapshots", h.snaps[target], name)
-	before := h.f.sim.Stats().DiskBytes
+	before := h.p.DiskBytes()
 	tool(t, "cp", delta, filepath.Join(chain, name))
-	served := h.f.sim.Stats().DiskBytes - before
+	served := h.p.DiskBytes() - before
 
-	changedText := tool(t, "getfattr", "--only-values", "-n", "user.vmexport.changed."+h.snaps[base],
-		m.path("vms", derivedVM, "snapshots", h.snaps[target], "disk.img"))
-	changed, err := extent.Parse(changedText, h.size)
-	require.NoError(t, err)
+	img := func(i int) string { return m.path("vms", derivedVM, "snapshots", h.snaps[i], "disk.img") }
+	xattr := func(i int, name string) extent.Map {
+		text := tool(t, "getfattr", "--only-values", "-n", name, img(i))
+		m, err := extent.Parse(text, h.size)
+		require.NoError(t, err)
+		return m
+	}
+	var changed extent.Map
+	if h.p.Caps().exactChanges {
+		changed = xattr(target, "user.vmexport.changed."+h.snaps[base])
+	} else {
+		_, err := toolErr("getfattr", "-n", "user.vmexport.changed."+h.snaps[base], img(target))
+		assert.Error(t, err, "no changed map where the platform cannot tell")
+		union, err := extent.Normalize(xattr(target, "user.vmexport.extents").Union(xattr(base, "user.vmexport.extents")).Extents(), h.size)
+		require.NoError(t, err)
+		changed = union
+	}
 	assert.LessOrEqual(t, served, roundedBytes(changed, 4096, h.size), "delta fetched only changed data")
 
 	info := tool(t, "vhdiinfo", filepath.Join(chain, name))
@@ -182,7 +204,7 @@ func (h *derivedHistory) checkDelta(t *testing.T, base, target int) {
 	vm := t.TempDir()
 	tool(t, "vhdimount", filepath.Join(chain, name), vm)
 	defer toolErr("fusermount3", "-u", vm)
-	assert.Equal(t, sha256File(t, h.source(target)), sha256Range(t, filepath.Join(vm, "vhdi2"), 0, h.size))
+	assert.Equal(t, sha256File(t, h.source(t, target)), sha256Range(t, filepath.Join(vm, "vhdi2"), 0, h.size))
 }
 
 // roundedBytes is the size of m with every extent widened to unit, the most
@@ -238,24 +260,23 @@ func presentBlocks(t *testing.T, path string) []uint32 {
 // disk.vhd need distinct names, so the parent name carries the device.
 func TestDeltaParentNameMultiDisk(t *testing.T) {
 	requireTools(t, "vhdiinfo", "vhdimount", "fusermount3")
-	f := newFixture(t, coriolistest.Options{})
-	f.addVM("vm-m", "multi",
-		coriolistest.DiskSpec{Name: "a.img", Device: "xvda", Size: 4 * mib},
-		coriolistest.DiskSpec{Name: "b.img", Device: "xvdb", Size: 6*mib + 512})
-	f.write("vm-m", "b.img", 0, 3*mib)
-	base := f.snapshot("vm-m")
-	f.write("vm-m", "b.img", 2*mib-4*kib, 8*kib)
-	target := f.snapshot("vm-m")
-	m := f.mount()
+	forEachPlatform(t, e2ePlatforms, func(t *testing.T, _ int, p simPlatform) {
+		p.AddVM(t, "vm-m", diskSpec{"xvda", 4 * mib}, diskSpec{"xvdb", 6*mib + 512})
+		p.Write(t, "vm-m", "xvdb", 0, 3*mib)
+		base := p.Snapshot(t, "vm-m")
+		p.Write(t, "vm-m", "xvdb", 2*mib-4*kib, 8*kib)
+		target := p.Snapshot(t, "vm-m")
+		m := mountSim(t, p)
 
-	chain := t.TempDir()
-	parentName := base + "-xvdb.vhd"
-	tool(t, "cp", m.path("vms", "vm-m", "snapshots", base, "xvdb", "disk.vhd"), filepath.Join(chain, parentName))
-	delta := filepath.Join(chain, "delta.vhd")
-	tool(t, "cp", m.path("vms", "vm-m", "snapshots", target, "xvdb", "delta-from-"+base+".vhd"), delta)
-	assert.Contains(t, tool(t, "vhdiinfo", delta), "Parent filename\t\t: "+parentName)
-	dir := t.TempDir()
-	tool(t, "vhdimount", delta, dir)
-	defer toolErr("fusermount3", "-u", dir)
-	assert.Equal(t, sha256File(t, f.source("vm-m", target, "b.img")), sha256Range(t, filepath.Join(dir, "vhdi2"), 0, 6*mib+512))
+		chain := t.TempDir()
+		parentName := base + "-xvdb.vhd"
+		tool(t, "cp", m.path("vms", "vm-m", "snapshots", base, "xvdb", "disk.vhd"), filepath.Join(chain, parentName))
+		delta := filepath.Join(chain, "delta.vhd")
+		tool(t, "cp", m.path("vms", "vm-m", "snapshots", target, "xvdb", "delta-from-"+base+".vhd"), delta)
+		assert.Contains(t, tool(t, "vhdiinfo", delta), "Parent filename\t\t: "+parentName)
+		dir := t.TempDir()
+		tool(t, "vhdimount", delta, dir)
+		defer toolErr("fusermount3", "-u", dir)
+		assert.Equal(t, sha256File(t, p.Reference(t, "vm-m", target, "xvdb")), sha256Range(t, filepath.Join(dir, "vhdi2"), 0, 6*mib+512))
+	})
 }

@@ -43,16 +43,35 @@ func allocatedBytes(es []extent.Extent) int64 {
 	return n
 }
 
-// copyFixture is a VM with one sparse disk and one snapshot of it.
-func copyFixture(t *testing.T) (f *fixture, sid, source string) {
-	f = newFixture(t, coriolistest.Options{})
-	f.addVM("vm-copy", "copy", coriolistest.DiskSpec{Name: "copy.img", Device: "xvda", Size: copyDiskSize})
+// The copy tests' VM: one sparse disk, copyWrites written.
+const copyVM, copyDisk = "vm-copy", "xvda"
+
+// newCopyDisk makes the copy tests' VM on a platform and a snapshot of it,
+// then writes to the live disk again, which the snapshot must not see. The
+// simulator's file of the snapshot holds exactly copyWrites.
+func newCopyDisk(t *testing.T, p simPlatform) (sid, source string) {
+	p.AddVM(t, copyVM, diskSpec{copyDisk, copyDiskSize})
 	for _, e := range copyWrites {
-		f.write("vm-copy", "copy.img", e.Off, e.Len)
+		p.Write(t, copyVM, copyDisk, e.Off, e.Len)
 	}
-	sid = f.snapshot("vm-copy")
-	return f, sid, f.source("vm-copy", sid, "copy.img")
+	sid = p.Snapshot(t, copyVM)
+	p.Write(t, copyVM, copyDisk, 0, 2*mib) // the snapshot must not see this
+	source = p.Reference(t, copyVM, sid, copyDisk)
+	require.Equal(t, formatExtents(copyWrites), formatExtents(dataMap(t, source)), "the simulator's snapshot file")
+	return sid, source
 }
+
+// copyFixture is the copy tests' VM on Coriolis, for the command's own tests.
+func copyFixture(t *testing.T) (f *fixture, sid, source string) {
+	c := newCoriolis(t)
+	sid, source = newCopyDisk(t, c)
+	return c.fixture, sid, source
+}
+
+// copyPlatforms are the platforms, and KubeVirt without the backup map
+// route: its copies must be exact too, though the whole disk is data.
+var copyPlatforms = append(append([]platformCase{}, e2ePlatforms...),
+	platformCase{"kubevirt-without-map", func(t *testing.T) simPlatform { return newKubeVirt(t, false) }})
 
 // copyTool is one way users copy a disk image; copy returns the raw copy.
 type copyTool struct {
@@ -94,28 +113,62 @@ var copyTools = []copyTool{
 	}},
 }
 
-// TestCopyToolsFetchOnlyWrittenData copies a sparse snapshot with the tools
-// backup people use, each on a cold mount, and checks the bytes and what
-// crossed the wire.
-func TestCopyToolsFetchOnlyWrittenData(t *testing.T) {
-	requireTools(t, "cp", "tar", "rsync", "dd", "qemu-img")
-	f, sid, source := copyFixture(t)
-	want := sha256File(t, source)
-	allocated := allocatedBytes(copyWrites)
-	require.Equal(t, formatExtents(copyWrites), formatExtents(dataMap(t, source)), "the simulator's snapshot file")
+// TestCopyTools copies a sparse snapshot with the tools backup people use,
+// each on a cold mount, on every platform, and checks the bytes and what
+// crossed the wire: no more than the written data (1.02 × allocated), or the
+// disk's size on a platform without an allocation map. Where there is one,
+// the snapshot's derived files are checked too: disk.img.gz and disk.vhd
+// hold the same bytes, and its disk.vhd with the next snapshot's delta from
+// it applies to that snapshot exactly (a platform that cannot say what
+// changed puts in the delta everything either snapshot wrote).
+func TestCopyTools(t *testing.T) {
+	requireTools(t, "cp", "tar", "rsync", "dd", "qemu-img", "gzip", "zcat", "vhdiinfo", "vhdimount", "fusermount3")
+	forEachPlatform(t, copyPlatforms, func(t *testing.T, _ int, p simPlatform) {
+		sid, source := newCopyDisk(t, p)
+		want := sha256File(t, source)
+		allocated := allocatedBytes(copyWrites)
+		fetchLimit, limit := allocated*102/100, "bytes served ≤ 1.02 × allocated"
+		if !p.Caps().allocationMap {
+			fetchLimit, limit = copyDiskSize, "bytes served ≤ the disk's size"
+		}
 
-	for _, tc := range copyTools {
-		t.Run(tc.name, func(t *testing.T) {
-			m := f.mount() // cold: nothing cached in the daemon or the page cache
-			f.sim.ResetStats()
-			got := tc.copy(t, m.path("vms", "vm-copy", "snapshots", sid, "disk.img"), t.TempDir())
-			assert.Equal(t, want, sha256File(t, got), "sha256 of the copy")
-			served := f.sim.Stats().DiskBytes
-			t.Logf("%s: served %d bytes for %d allocated (%.3f×)", tc.name, served, allocated, float64(served)/float64(allocated))
-			assert.LessOrEqual(t, served, allocated*102/100, "bytes served ≤ 1.02 × allocated")
-			assert.Positive(t, served)
-		})
-	}
+		for _, tc := range copyTools {
+			t.Run(tc.name, func(t *testing.T) {
+				m := mountSim(t, p) // cold: nothing cached in the daemon or the page cache
+				before := p.DiskBytes()
+				got := tc.copy(t, m.path("vms", copyVM, "snapshots", sid, "disk.img"), t.TempDir())
+				assert.Equal(t, want, sha256File(t, got), "sha256 of the copy")
+				served := p.DiskBytes() - before
+				t.Logf("%s: served %d bytes for %d allocated (%.3f×)", tc.name, served, allocated, float64(served)/float64(allocated))
+				assert.LessOrEqual(t, served, fetchLimit, limit)
+				assert.Positive(t, served)
+			})
+		}
+		if !p.Caps().allocationMap {
+			return
+		}
+
+		m := mountSim(t, p, "--list-ttl", "1ms") // sees the next snapshot at once
+		dir := m.path("vms", copyVM, "snapshots", sid)
+		tool(t, "gzip", "-t", filepath.Join(dir, "disk.img.gz"))
+		assert.Equal(t, want+"  -\n", tool(t, "sh", "-c", `zcat "$1" | sha256sum`, "sh", filepath.Join(dir, "disk.img.gz")))
+		raw := filepath.Join(t.TempDir(), "raw")
+		tool(t, "qemu-img", "convert", "-f", "vpc", "-O", "raw", filepath.Join(dir, "disk.vhd"), raw)
+		require.NoError(t, os.Truncate(raw, copyDiskSize))
+		assert.Equal(t, want, sha256File(t, raw), "disk.vhd")
+
+		p.Write(t, copyVM, copyDisk, 7*mib, 3*mib)
+		next := p.Snapshot(t, copyVM)
+		chain := t.TempDir()
+		tool(t, "cp", filepath.Join(dir, "disk.vhd"), filepath.Join(chain, sid+".vhd"))
+		tool(t, "cp", m.path("vms", copyVM, "snapshots", next, "delta-from-"+sid+".vhd"), filepath.Join(chain, "delta.vhd"))
+		assert.Contains(t, tool(t, "vhdiinfo", filepath.Join(chain, "delta.vhd")), "Parent filename\t\t: "+sid+".vhd")
+		applied := t.TempDir()
+		tool(t, "vhdimount", filepath.Join(chain, "delta.vhd"), applied)
+		defer toolErr("fusermount3", "-u", applied)
+		assert.Equal(t, sha256File(t, p.Reference(t, copyVM, next, copyDisk)), sha256Range(t, filepath.Join(applied, "vhdi2"), 0, copyDiskSize),
+			"%s disk.vhd + delta", sid)
+	})
 }
 
 // TestConcurrentRandomReaders runs 8 readers at random offsets at once
@@ -123,9 +176,11 @@ func TestCopyToolsFetchOnlyWrittenData(t *testing.T) {
 // fetched concurrently.
 func TestConcurrentRandomReaders(t *testing.T) {
 	requireTools(t, "dd")
-	f, sid, source := copyFixture(t)
-	m := f.mount("--cache-size", "4M")
-	concurrentReaders(t, m.path("vms", "vm-copy", "snapshots", sid, "disk.img"), source, copyWrites, copyDiskSize)
+	forEachPlatform(t, e2ePlatforms, func(t *testing.T, _ int, p simPlatform) {
+		sid, source := newCopyDisk(t, p)
+		m := mountSim(t, p, "--cache-size", "4M")
+		concurrentReaders(t, m.path("vms", copyVM, "snapshots", sid, "disk.img"), source, copyWrites, copyDiskSize)
+	})
 }
 
 // concurrentReaders runs 8 dd readers at random offsets of disk at once and
@@ -214,55 +269,50 @@ func sha256String(s string) string {
 }
 
 // TestSnapshotsByDirectory creates and deletes snapshots with mkdir/rmdir
-// and checks the names survive a remount.
+// on every platform and checks the names survive a remount. What the
+// platform's own objects look like is its own test's
+// (TestKubeVirtSnapshotObjects).
 func TestSnapshotsByDirectory(t *testing.T) {
-	f := newFixture(t, coriolistest.Options{})
-	f.addVM("vm-s", "s", coriolistest.DiskSpec{Name: "s.img", Device: "xvda", Size: 8 * mib})
-	f.write("vm-s", "s.img", 0, 1*mib)
-	snapshots := func() int {
-		ids, err := f.sim.Snapshots("vm-s")
-		require.NoError(t, err)
-		return len(ids)
-	}
+	forEachPlatform(t, e2ePlatforms, func(t *testing.T, _ int, p simPlatform) {
+		p.AddVM(t, "vm-s", diskSpec{"xvda", 8 * mib})
+		p.Write(t, "vm-s", "xvda", 0, 1*mib)
 
-	m := f.mount()
-	dir := m.path("vms", "vm-s", "snapshots")
-	tool(t, "mkdir", filepath.Join(dir, "nightly"))
-	assert.Equal(t, 1, snapshots())
-	assert.Contains(t, tool(t, "ls", dir), "nightly")
-	img := filepath.Join(dir, "nightly", "disk.img")
-	assert.Equal(t, sha256Range(t, f.source("vm-s", firstSnapshot(t, f, "vm-s"), "s.img"), 0, 8*mib),
-		sha256String(tool(t, "cat", img)))
+		m := mountSim(t, p)
+		dir := m.path("vms", "vm-s", "snapshots")
+		tool(t, "mkdir", filepath.Join(dir, "nightly"))
+		ids := p.Snapshots(t, "vm-s")
+		require.Len(t, ids, 1)
+		assert.Contains(t, tool(t, "ls", dir), "nightly")
+		img := filepath.Join(dir, "nightly", "disk.img")
+		assert.Equal(t, sha256Range(t, p.Reference(t, "vm-s", ids[0], "xvda"), 0, 8*mib), sha256String(tool(t, "cat", img)))
 
-	for _, bad := range []struct{ name, errno string }{
-		{"bad name", "Invalid argument"},
-		{".hidden", "Invalid argument"},
-		{strings.Repeat("a", 200), "Invalid argument"},
-		{"nightly", "File exists"},
-	} {
-		_, err := toolErr("mkdir", filepath.Join(dir, bad.name))
-		require.Error(t, err, bad.name)
-		assert.Contains(t, err.Error(), bad.errno, bad.name)
-	}
-	_, err := toolErr("mkdir", m.path("vms", "no-such-vm", "snapshots", "x"))
-	require.Error(t, err)
-	assert.Contains(t, err.Error(), "No such file or directory")
-	assert.Equal(t, 1, snapshots(), "failed mkdirs create nothing")
-	m.stop(t)
+		bad := []struct{ name, errno string }{
+			{"bad name", "Invalid argument"},
+			{".hidden", "Invalid argument"},
+			{strings.Repeat("a", 200), "Invalid argument"},
+			{"nightly", "File exists"},
+		}
+		for _, name := range p.Caps().invalidNames {
+			bad = append(bad, struct{ name, errno string }{name, "Invalid argument"})
+		}
+		for _, bad := range bad {
+			_, err := toolErr("mkdir", filepath.Join(dir, bad.name))
+			require.Error(t, err, bad.name)
+			assert.Contains(t, err.Error(), bad.errno, bad.name)
+		}
+		_, err := toolErr("mkdir", m.path("vms", "no-such-vm", "snapshots", "x"))
+		require.Error(t, err)
+		assert.Contains(t, err.Error(), "No such file or directory")
+		assert.Len(t, p.Snapshots(t, "vm-s"), 1, "failed mkdirs create nothing")
+		m.stop(t)
 
-	m = f.mount()
-	dir = m.path("vms", "vm-s", "snapshots")
-	assert.Contains(t, tool(t, "ls", dir), "nightly", "the name survives a remount")
-	tool(t, "rmdir", filepath.Join(dir, "nightly"))
-	assert.Equal(t, 0, snapshots())
-	assert.NotContains(t, tool(t, "ls", dir), "nightly")
-}
-
-func firstSnapshot(t *testing.T, f *fixture, vm string) string {
-	ids, err := f.sim.Snapshots(vm)
-	require.NoError(t, err)
-	require.NotEmpty(t, ids)
-	return ids[0]
+		m = mountSim(t, p)
+		dir = m.path("vms", "vm-s", "snapshots")
+		assert.Contains(t, tool(t, "ls", dir), "nightly", "the name survives a remount")
+		tool(t, "rmdir", filepath.Join(dir, "nightly"))
+		assert.Empty(t, p.Snapshots(t, "vm-s"))
+		assert.NotContains(t, tool(t, "ls", dir), "nightly")
+	})
 }
 
 // TestTokenExpiresMidCopy pauses one copy half-way until the JWT has

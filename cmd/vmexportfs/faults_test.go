@@ -35,30 +35,39 @@ var faultWords = map[faultproxy.Fault][]string{
 }
 
 // TestFaultMatrix copies every view through a proxy injecting each fault in
-// turn, on a fresh mount each time: the copy is byte-identical, or it fails
-// with EIO, the log names the fault, and once the backend recovers the same
-// mount reads correctly. A wrong byte fails the test.
+// turn, on a fresh mount each time, on every platform: the copy is
+// byte-identical, or it fails with EIO, the log names the fault, and once the
+// backend recovers the same mount reads correctly. A wrong byte fails the
+// test. The views are disk.img, disk.img.gz and, where the proxied mount
+// sees the older snapshot, the delta from it (disk.vhd's reads are
+// disk.img's).
 func TestFaultMatrix(t *testing.T) {
-	copies := envInt(t, faultCopiesEnv, 50)
-	p, _, base := coriolisBehindProxy(t, 7)
-	views := []string{"disk.img", "disk.img.gz", "delta-from-" + base + ".vhd"}
-	// The expected bytes: disk.img is the source; the derived views come
-	// from a clean copy (their own tests check them against the source).
-	want := map[string]string{}
-	clean := p.mount()
-	for _, v := range views {
-		want[v] = sha256File(t, p.path(clean, v))
-	}
-	require.Equal(t, p.want, want["disk.img"])
-	clean.stop(t)
+	forEachPlatform(t, e2ePlatforms, func(t *testing.T, i int, sim simPlatform) {
+		copies := envInt(t, faultCopiesEnv, sim.Caps().faultCopies)
+		p, base := behindProxy(t, sim, 7+4*uint64(i))
+		// The expected bytes: disk.img is the source; the derived views come
+		// from a clean copy (their own tests check them against the source).
+		want := map[string]string{}
+		clean := p.mount()
+		views := []string{"disk.img", "disk.img.gz"}
+		if sim.Caps().proxiedBases {
+			views = append(views, "delta-from-"+base+".vhd")
+		}
+		for _, v := range views {
+			want[v] = sha256File(t, p.path(clean, v))
+		}
+		require.Equal(t, p.want, want["disk.img"])
+		clean.stop(t)
 
-	for _, view := range views {
-		t.Run(view, func(t *testing.T) {
-			faultedCopies(t, p.proxy, copies, view, want[view], func() *mounted { return p.mount() }, func(m *mounted) string {
-				return p.path(m, view)
+		for _, view := range views {
+			t.Run(view, func(t *testing.T) {
+				faultedCopies(t, p.proxy, copies, view, want[view], func() *mounted { return p.mount() }, func(m *mounted) string {
+					return p.path(m, view)
+				})
+				assert.Positive(t, p.proxy.Injected())
 			})
-		})
-	}
+		}
+	})
 }
 
 // faultedCopies copies one view copies times, each on a fresh mount with the
@@ -97,29 +106,6 @@ func faultedCopies(t *testing.T, proxy *faultproxy.Proxy, copies int, label, wan
 	t.Logf("%s: %d faulted copies: %d byte-identical, %d EIO, %d wrong (%d faults injected so far)",
 		label, copies, identical, eio, wrong, proxy.Injected())
 	assert.Zero(t, wrong)
-}
-
-// TestFaultMatrixKubeVirt runs the matrix against a KubeVirt export server:
-// the proxy stands where the export proxy would, and the mount uses the
-// standalone mode (export URL, token file, the proxy's CA).
-func TestFaultMatrixKubeVirt(t *testing.T) {
-	copies := envInt(t, faultCopiesEnv, 24)
-	p := kubevirtBehindProxy(t, 11)
-	views := []string{"disk.img", "disk.img.gz"}
-	want := map[string]string{}
-	clean := p.mount()
-	for _, view := range views {
-		want[view] = sha256File(t, p.path(clean, view))
-	}
-	require.Equal(t, p.want, want["disk.img"])
-	clean.stop(t)
-
-	for _, view := range views {
-		t.Run(view, func(t *testing.T) {
-			faultedCopies(t, p.proxy, copies, "kubevirt "+view, want[view], func() *mounted { return p.mount() }, func(m *mounted) string { return p.path(m, view) })
-			assert.Positive(t, p.proxy.Injected())
-		})
-	}
 }
 
 func containsAny(s string, words []string) bool {

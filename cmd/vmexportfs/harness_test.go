@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -13,6 +14,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -285,6 +287,38 @@ func sha256Range(t *testing.T, path string, off, n int64) string {
 	h := sha256.New()
 	_, err = io.Copy(h, io.NewSectionReader(f, off, n))
 	require.NoError(t, err)
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// contentDigest is a digest of a sparse file's bytes that does not read its
+// holes: the offset and bytes of every 4 KiB block holding a non-zero byte,
+// and the size. Two files with the same bytes have the same digest however
+// they are allocated (cp --sparse=always punches zero blocks a simulator
+// keeps).
+func contentDigest(t *testing.T, path string) string {
+	t.Helper()
+	f, err := os.Open(path)
+	require.NoError(t, err)
+	defer f.Close()
+	st, err := f.Stat()
+	require.NoError(t, err)
+	h := sha256.New()
+	block := make([]byte, 4096)
+	next := int64(0) // where the blocks not yet hashed start
+	for _, e := range dataMap(t, path) {
+		for b := max(e.Off/4096*4096, next); b < e.End(); b += 4096 {
+			n, err := f.ReadAt(block, b)
+			if !errors.Is(err, io.EOF) {
+				require.NoError(t, err)
+			}
+			if slices.ContainsFunc(block[:n], func(c byte) bool { return c != 0 }) {
+				_ = binary.Write(h, binary.BigEndian, b)
+				h.Write(block[:n])
+			}
+			next = b + 4096
+		}
+	}
+	_ = binary.Write(h, binary.BigEndian, st.Size())
 	return hex.EncodeToString(h.Sum(nil))
 }
 

@@ -162,25 +162,10 @@ func (s *Server) create(resource string, r *http.Request) (any, error) {
 		if err := dec.Decode(&sn); err != nil {
 			return nil, fmt.Errorf("decode: %w", errInvalid)
 		}
-		name := sn.Metadata.Name
-		if name == "" || strings.ContainsAny(name, "/.") {
-			return nil, fmt.Errorf("name %q: %w", name, errInvalid)
-		}
-		if _, dup := s.snaps[name]; dup {
-			return nil, fmt.Errorf("snapshot %q: %w", name, errExists)
-		}
-		vm, ok := s.vms[sn.Spec.Source.Name]
-		if !ok || sn.Spec.Source.Kind != "VirtualMachine" {
-			return nil, fmt.Errorf("source vm %q: %w", sn.Spec.Source.Name, errInvalid)
-		}
-		dir := filepath.Join(s.opts.Dir, "snaps", name)
-		if err := s.takeSnapshot(vm, dir); err != nil {
+		st, err := s.addSnapshot(sn)
+		if err != nil {
 			return nil, err
 		}
-		sn.APIVersion, sn.Kind = snapshotGroup+"/v1beta1", "VirtualMachineSnapshot"
-		sn.Metadata.Namespace, sn.Metadata.UID, sn.Metadata.CreationTimestamp = s.opts.Namespace, s.nextUID(), now()
-		st := &snapState{obj: sn, created: time.Now(), dir: dir}
-		s.snaps[name] = st
 		return s.snapView(st), nil
 	case "virtualmachineexports":
 		var e VirtualMachineExport
@@ -210,11 +195,36 @@ func (s *Server) create(resource string, r *http.Request) (any, error) {
 		}
 		sec.StringData = nil
 		sec.APIVersion, sec.Kind = "v1", "Secret"
-		sec.Metadata.Namespace, sec.Metadata.UID, sec.Metadata.CreationTimestamp = s.opts.Namespace, s.nextUID(), now()
+		sec.Metadata.Namespace, sec.Metadata.UID, sec.Metadata.CreationTimestamp = s.opts.Namespace, s.nextUID(), s.now()
 		s.secrets[sec.Metadata.Name] = &sec
 		return &sec, nil
 	}
 	return nil, errInvalid
+}
+
+// addSnapshot takes the snapshot sn asks for: an immutable copy of its VM's
+// volumes. Caller holds mu.
+func (s *Server) addSnapshot(sn VirtualMachineSnapshot) (*snapState, error) {
+	name := sn.Metadata.Name
+	if name == "" || strings.ContainsAny(name, "/.") {
+		return nil, fmt.Errorf("name %q: %w", name, errInvalid)
+	}
+	if _, dup := s.snaps[name]; dup {
+		return nil, fmt.Errorf("snapshot %q: %w", name, errExists)
+	}
+	vm, ok := s.vms[sn.Spec.Source.Name]
+	if !ok || sn.Spec.Source.Kind != "VirtualMachine" {
+		return nil, fmt.Errorf("source vm %q: %w", sn.Spec.Source.Name, errInvalid)
+	}
+	dir := filepath.Join(s.opts.Dir, "snaps", name)
+	if err := s.takeSnapshot(vm, dir); err != nil {
+		return nil, err
+	}
+	sn.APIVersion, sn.Kind = snapshotGroup+"/v1beta1", "VirtualMachineSnapshot"
+	sn.Metadata.Namespace, sn.Metadata.UID, sn.Metadata.CreationTimestamp = s.opts.Namespace, s.nextUID(), s.now()
+	st := &snapState{obj: sn, created: time.Now(), dir: dir}
+	s.snaps[name] = st
+	return st, nil
 }
 
 // delete removes an object and, like the garbage collector, whatever it owns.

@@ -254,13 +254,23 @@ func (e *exportServer) serveMap(w http.ResponseWriter, r *http.Request, file str
 	buf := make([]byte, chunk)
 	for pos := off; pos < end; {
 		n := min(int64(chunk), end-pos)
-		if _, err := f.ReadAt(buf[:n], pos); err != nil && err != io.EOF {
-			http.Error(w, "read failed", http.StatusInternalServerError)
-			return
-		}
 		desc, typ := "data", uint64(0)
-		if allZero(buf[:n]) {
+		if data := dataFrom(f, pos, size); data >= pos+n {
+			// Whole chunks in a hole are one hole, found without reading.
 			desc, typ = "hole", 3
+			if data < end {
+				n = (data - pos) / chunk * chunk
+			} else {
+				n = end - pos
+			}
+		} else {
+			if _, err := f.ReadAt(buf[:n], pos); err != nil && err != io.EOF {
+				http.Error(w, "read failed", http.StatusInternalServerError)
+				return
+			}
+			if allZero(buf[:n]) {
+				desc, typ = "hole", 3
+			}
 		}
 		last := len(page.Extents) - 1
 		if last >= 0 && page.Extents[last].Description == desc {

@@ -21,7 +21,7 @@ func TestExportServer(t *testing.T) {
 	t.Cleanup(func() { _ = sim.Close() })
 	require.NoError(t, sim.AddVM("vm", []VolumeSpec{{Name: "root", Size: 256 << 10}}))
 	content := bytes.Repeat([]byte("0123456789abcdef"), 16<<10)
-	require.NoError(t, sim.WriteDisk("vm", "root", content, 0))
+	require.NoError(t, sim.WriteDisk("vm", "root", 0, content))
 	require.NoError(t, sim.CreateLiveExport("ex", "vm", "", ""))
 	tok, err := sim.ExportToken("ex")
 	require.NoError(t, err)
