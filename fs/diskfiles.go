@@ -113,6 +113,7 @@ func (d *diskFiles) readdir(ctx context.Context) (gofs.DirStream, syscall.Errno)
 func (d *diskFiles) lookup(ctx context.Context, parent *gofs.Inode, name string, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
 	raw := d.raw()
 	identity := name
+	timeout := immutableTimeout
 	var v view
 	switch {
 	case name == diskFileName:
@@ -136,7 +137,7 @@ func (d *diskFiles) lookup(ctx context.Context, parent *gofs.Inode, name string,
 		if err != nil {
 			return nil, d.st.toErrno(ctx, "lookup", path.Join(d.dir, name), err)
 		}
-		if baseID == "" {
+		if baseID == "" || d.st.isGone(d.vm, baseID) {
 			return nil, syscall.ENOENT
 		}
 		base, err := d.st.baseRef(ctx, raw.ref, baseID)
@@ -147,6 +148,9 @@ func (d *diskFiles) lookup(ctx context.Context, parent *gofs.Inode, name string,
 			return nil, errno
 		}
 		v = newDeltaVHDView(raw, base, parentName)
+		// Gone with its base: cached no longer than the listing that says
+		// the base exists.
+		timeout = min(d.st.ttl, immutableTimeout)
 		identity = deltaPrefix + "\x00" + baseID + "\x00" + base.Disk + "\x00" + parentName
 	default:
 		return nil, syscall.ENOENT
@@ -159,18 +163,18 @@ func (d *diskFiles) lookup(ctx context.Context, parent *gofs.Inode, name string,
 			if errno := f.fillAttr(ctx, &out.Attr); errno != 0 {
 				return nil, errno
 			}
-			out.SetEntryTimeout(immutableTimeout)
-			out.SetAttrTimeout(immutableTimeout)
+			out.SetEntryTimeout(f.timeout)
+			out.SetAttrTimeout(f.timeout)
 			return ch, 0
 		}
 	}
-	f := &diskFile{st: d.st, vm: d.vm, e: d.e, ref: raw.ref, path: path.Join(d.dir, name), v: v}
+	f := &diskFile{st: d.st, vm: d.vm, e: d.e, ref: raw.ref, path: path.Join(d.dir, name), v: v, timeout: timeout}
 	if errno := f.fillAttr(ctx, &out.Attr); errno != 0 {
 		f.OnForget()
 		return nil, errno
 	}
-	out.SetEntryTimeout(immutableTimeout)
-	out.SetAttrTimeout(immutableTimeout)
+	out.SetEntryTimeout(timeout)
+	out.SetAttrTimeout(timeout)
 	ch := parent.NewInode(ctx, f, attr)
 	if ch.Operations() != gofs.InodeEmbedder(f) {
 		f.OnForget() // another lookup registered this file first

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"sync"
 	"syscall"
+	"time"
 
 	gofs "github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -183,6 +184,11 @@ type diskFile struct {
 	ref  backend.DiskRef
 	path string
 	v    view
+	// timeout is how long the kernel may keep the entry and attributes:
+	// immutableTimeout, except for a file that exists only while another
+	// snapshot does (a delta, gone with its base), which is kept no longer
+	// than a listing.
+	timeout time.Duration
 }
 
 var (
@@ -254,12 +260,12 @@ func (f *diskFile) fillAttr(ctx context.Context, a *fuse.Attr) syscall.Errno {
 		blocks = 1
 	}
 	a.Blocks = uint64(blocks)
-	f.st.fillOwner(a, f.e.snap.Created)
+	f.st.fillOwner(a, f.e.mtime)
 	return 0
 }
 
 func (f *diskFile) Getattr(ctx context.Context, fh gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	out.SetTimeout(immutableTimeout)
+	out.SetTimeout(f.timeout)
 	return f.fillAttr(ctx, &out.Attr)
 }
 

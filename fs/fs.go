@@ -67,8 +67,15 @@ type state struct {
 
 	pool *diskPool
 
-	mu      sync.Mutex
-	snaps   map[string]*cachedList[*snapListing]
+	mu    sync.Mutex
+	snaps map[string]*cachedList[*snapListing]
+	// snapDirs is each VM's snapshots/ node, to drop kernel entries of
+	// snapshots a listing lost.
+	snapDirs map[string]*snapshotsDir
+	// gone holds vm+"\x00"+id of snapshots deleted (rmdir) or lost from a
+	// listing: a delta from one is ENOENT even by direct id lookup, and
+	// handles opened against it are forgotten.
+	gone    map[string]bool
 	handles map[diskKey]*diskHandle
 	warned  map[string]bool
 }
@@ -106,6 +113,8 @@ func NewRoot(src backend.Source, opts Options) (*Root, error) {
 		gid:      uint32(os.Getgid()),
 		epoch:    time.Unix(0, 0),
 		snaps:    map[string]*cachedList[*snapListing]{},
+		snapDirs: map[string]*snapshotsDir{},
+		gone:     map[string]bool{},
 		handles:  map[diskKey]*diskHandle{},
 		warned:   map[string]bool{},
 	}
@@ -187,11 +196,17 @@ func (st *state) toErrno(ctx context.Context, op, path string, err error) syscal
 	case errors.Is(err, backend.ErrPermission):
 		errno = syscall.EACCES
 	case errors.Is(err, backend.ErrInvalid):
-		return syscall.EINVAL
+		errno = syscall.EINVAL
+		if !userAction(op) {
+			return errno
+		}
 	case errors.Is(err, backend.ErrExists):
 		return syscall.EEXIST
 	case errors.Is(err, backend.ErrUnsupported):
-		return syscall.ENOTSUP
+		errno = syscall.ENOTSUP
+		if !userAction(op) {
+			return errno
+		}
 	case errors.Is(err, backend.ErrUnavailable):
 		// Checked before any errno inside: a reset or refused connection
 		// to the platform is a backend fault (EIO), not ours to pass on.
@@ -204,6 +219,10 @@ func (st *state) toErrno(ctx context.Context, op, path string, err error) syscal
 	st.log.Error("fs: "+op+" failed", "path", path, "err", err, "errno", errno.Error())
 	return errno
 }
+
+// userAction reports the operations whose refusal by the platform is worth a
+// log line with its reason (mkdir, rmdir): a user asked for a change.
+func userAction(op string) bool { return op == "mkdir" || op == "rmdir" }
 
 // MaxDiskSize is the largest disk served (64 PiB): larger sizes come from a
 // confused or hostile backend, and would overflow offsets and indexes.
@@ -336,6 +355,33 @@ func (c *cachedList[T]) get(ctx context.Context, ttl time.Duration, fetch func(c
 	case <-ctx.Done():
 		return zero, ctx.Err()
 	}
+}
+
+// forgetSnapshot records that snapshot id of vm is gone and drops the
+// handles opened of it or against it, so no cached delta outlives its base.
+func (st *state) forgetSnapshot(vm, id string) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	st.gone[vm+"\x00"+id] = true
+	for k := range st.handles {
+		if k.ref.VM == vm && (k.ref.Snapshot == id || k.base.Snapshot == id) {
+			delete(st.handles, k)
+		}
+	}
+}
+
+// isGone reports a snapshot forgetSnapshot was told about.
+func (st *state) isGone(vm, id string) bool {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.gone[vm+"\x00"+id]
+}
+
+// last is the most recent listing fetched, expired or not.
+func (c *cachedList[T]) last() (T, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.val, c.at != time.Time{}
 }
 
 func (c *cachedList[T]) invalidate() {

@@ -3,6 +3,7 @@ package fs
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"github.com/vmexportfs/vmexportfs/backend"
 )
@@ -64,6 +65,12 @@ type snapEntry struct {
 	name string
 	snap backend.Snapshot
 	prev *backend.Snapshot // the next older snapshot, nil for the oldest
+	// prevName is how prev is shown (its name, or its id when it is not
+	// shown under a name of its own): the base named in Listxattr.
+	prevName string
+	// mtime is the snapshot's time: the platform's creation time, else the
+	// creation time of a mkdir, else when this mount's state first saw it.
+	mtime time.Time
 }
 
 // snapListing is a VM's checked snapshot list, oldest first.
@@ -96,6 +103,7 @@ func (st *state) listSnapshots(ctx context.Context, vm string) (*snapListing, er
 		}
 		l := &snapListing{byName: map[string]*snapEntry{}, byID: map[string]*snapEntry{}}
 		var prev *backend.Snapshot
+		prevName := ""
 		for i := range snaps {
 			sn := snaps[i]
 			if p := nameProblem(sn.ID); p != "" {
@@ -106,8 +114,8 @@ func (st *state) listSnapshots(ctx context.Context, vm string) (*snapListing, er
 				st.warnOnce("snap-dup:"+vm+"/"+sn.ID, "fs: skipping duplicate snapshot id", "vm", vm, "id", quoteShort(sn.ID))
 				continue
 			}
-			e := &snapEntry{snap: sn, prev: prev}
-			prev = &snaps[i]
+			e := &snapEntry{snap: sn, prev: prev, prevName: prevName}
+			prev, prevName = &snaps[i], sn.ID
 			l.byID[sn.ID] = e
 			for _, cand := range []string{named[sn.ID], sn.Name, sn.ID} {
 				if cand == "" {
@@ -126,9 +134,70 @@ func (st *state) listSnapshots(ctx context.Context, vm string) (*snapListing, er
 			}
 			l.byName[e.name] = e
 			l.entries = append(l.entries, e)
+			prevName = e.name
 		}
+		st.snapshotTimes(vm, l)
+		st.dropLost(vm, l)
 		return l, nil
 	})
+}
+
+// snapshotTimes gives every entry its mtime: the platform's creation time,
+// else the time kept in the state directory (the creation time of a mkdir,
+// else when a listing first showed the snapshot), so st_mtime is never 1970
+// and stays the same across remounts.
+func (st *state) snapshotTimes(vm string, l *snapListing) {
+	ids := make([]string, 0, len(l.byID))
+	for id := range l.byID {
+		ids = append(ids, id)
+	}
+	times, err := st.store.Times(vm, ids, time.Now())
+	if err != nil {
+		st.warnOnce("snap-times:"+vm, "fs: snapshot first-seen times not saved", "vm", vm, "err", err)
+	}
+	for id, e := range l.byID {
+		e.mtime = e.snap.Created
+		if e.mtime.IsZero() {
+			e.mtime = times[id]
+		}
+	}
+}
+
+// dropLost drops from the kernel's caches the snapshots the previous listing
+// of vm showed and l no longer holds (deleted behind our back), with the
+// deltas from them, instead of letting them live to their timeouts.
+func (st *state) dropLost(vm string, l *snapListing) {
+	st.mu.Lock()
+	if len(st.gone) > 0 {
+		for id := range l.byID { // listed again: not gone after all
+			delete(st.gone, vm+"\x00"+id)
+		}
+	}
+	st.mu.Unlock()
+	prev, ok := st.snapList(vm).last()
+	if !ok || prev == nil {
+		return
+	}
+	var gone []*snapEntry
+	for id, e := range prev.byID {
+		if now, ok := l.byID[id]; !ok || now.name != e.name {
+			gone = append(gone, e)
+		}
+	}
+	if len(gone) == 0 {
+		return
+	}
+	for _, e := range gone {
+		if _, still := l.byID[e.snap.ID]; !still {
+			st.forgetSnapshot(vm, e.snap.ID)
+		}
+	}
+	st.mu.Lock()
+	sd := st.snapDirs[vm]
+	st.mu.Unlock()
+	if sd != nil {
+		go sd.lost(gone)
+	}
 }
 
 // lookup finds a snapshot by shown name, else by raw id.

@@ -160,7 +160,13 @@ func (n *vmDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*g
 	}
 	n.st.dirEntryOut(out, 0o755, time.Time{}, listingTimeout)
 	s := &snapshotsDir{dirNode: dirNode{st: n.st, mode: 0o755}, vm: n.id}
-	return n.NewInode(ctx, s, stableAttr(syscall.S_IFDIR, "snapshots", n.id)), 0
+	ino := n.NewInode(ctx, s, stableAttr(syscall.S_IFDIR, "snapshots", n.id))
+	if sd, ok := ino.Operations().(*snapshotsDir); ok {
+		n.st.mu.Lock()
+		n.st.snapDirs[n.id] = sd
+		n.st.mu.Unlock()
+	}
+	return ino, 0
 }
 
 func (n *vmDir) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {
@@ -198,8 +204,8 @@ func (n *snapshotsDir) Lookup(ctx context.Context, name string, out *fuse.EntryO
 }
 
 func (n *snapshotsDir) newSnapDir(ctx context.Context, e *snapEntry, out *fuse.EntryOut) *gofs.Inode {
-	n.st.dirEntryOut(out, 0o555, e.snap.Created, listingTimeout)
-	d := &snapDir{dirNode: dirNode{st: n.st, mode: 0o555, mtime: e.snap.Created}, vm: n.vm, e: e}
+	n.st.dirEntryOut(out, 0o555, e.mtime, listingTimeout)
+	d := &snapDir{dirNode: dirNode{st: n.st, mode: 0o555, mtime: e.mtime}, vm: n.vm, e: e}
 	return n.NewInode(ctx, d, stableAttr(syscall.S_IFDIR, "snapshot", n.vm, e.snap.ID))
 }
 
@@ -238,8 +244,8 @@ func (n *snapDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (
 	}
 	for _, d := range disks {
 		if d.name == name {
-			n.st.dirEntryOut(out, 0o555, n.e.snap.Created, immutableTimeout)
-			dd := &diskDir{dirNode: dirNode{st: n.st, mode: 0o555, mtime: n.e.snap.Created}, vm: n.vm, e: n.e, disk: d.info, files: n.files(d, true)}
+			n.st.dirEntryOut(out, 0o555, n.e.mtime, immutableTimeout)
+			dd := &diskDir{dirNode: dirNode{st: n.st, mode: 0o555, mtime: n.e.mtime}, vm: n.vm, e: n.e, disk: d.info, files: n.files(d, true)}
 			return n.NewInode(ctx, dd, stableAttr(syscall.S_IFDIR, "disk", n.vm, n.e.snap.ID, d.info.ID)), 0
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"path"
 	"regexp"
 	"syscall"
+	"time"
 
 	gofs "github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -34,6 +35,7 @@ func (n *snapshotsDir) Mkdir(ctx context.Context, name string, mode uint32, out 
 	if l.lookup(name) != nil {
 		return nil, syscall.EEXIST
 	}
+	created := time.Now()
 	sn, err := creator.CreateSnapshot(ctx, n.vm, name)
 	if err != nil {
 		return nil, n.st.toErrno(ctx, "mkdir", p, err)
@@ -47,16 +49,26 @@ func (n *snapshotsDir) Mkdir(ctx context.Context, name string, mode uint32, out 
 		// The snapshot exists; only its name is not durable. Say so and go on.
 		n.st.log.Error("fs: snapshot created but its name was not saved", "path", p, "id", sn.ID, "err", err)
 	}
+	if sn.Created.IsZero() {
+		// st_mtime: the platform does not say, so keep when we made it.
+		if err := n.st.store.SetCreated(n.vm, sn.ID, created); err != nil {
+			n.st.log.Warn("fs: snapshot creation time not saved", "path", p, "id", sn.ID, "err", err)
+		}
+	}
 	list.invalidate()
-	e := &snapEntry{name: name, snap: sn}
+	e := &snapEntry{name: name, snap: sn, mtime: sn.Created}
+	if e.mtime.IsZero() {
+		e.mtime = created
+	}
 	if l2, err := n.st.listSnapshots(ctx, n.vm); err == nil {
 		if found := l2.lookup(name); found != nil {
 			e = found
 		}
 	}
-	// The kernel may hold a negative dentry for the raw id; drop it without
+	// The kernel may hold a negative dentry for the raw id, and for deltas
+	// from a snapshot once shown under this name; drop them without
 	// blocking this request (the directory is locked while we run).
-	go n.NotifyEntry(sn.ID)
+	go n.invalidate(sn.ID, name)
 	n.st.log.Info("fs: snapshot created", "path", p, "id", sn.ID)
 	return n.newSnapDir(ctx, e, out), 0
 }
@@ -82,6 +94,7 @@ func (n *snapshotsDir) Rmdir(ctx context.Context, name string) syscall.Errno {
 		return n.st.toErrno(ctx, "rmdir", p, err)
 	}
 	list.invalidate()
+	n.st.forgetSnapshot(n.vm, e.snap.ID)
 	live := liveIDs(l, "")
 	delete(live, e.snap.ID)
 	for stored, id := range n.st.store.Names(n.vm) {
@@ -91,13 +104,52 @@ func (n *snapshotsDir) Rmdir(ctx context.Context, name string) syscall.Errno {
 			}
 		}
 	}
-	other := e.name
-	if other == name {
-		other = e.snap.ID
-	}
-	go n.NotifyEntry(other) // the same snapshot under its other name
+	// The same snapshot under its other name, and every delta from it in
+	// the other snapshots, leave the kernel's caches now, not at their
+	// timeouts.
+	go n.invalidate(e.name, e.snap.ID)
 	n.st.log.Info("fs: snapshot deleted", "path", p, "id", e.snap.ID)
 	return 0
+}
+
+// invalidate drops from the kernel's caches the entries of the snapshot
+// shown as (or with id) each of names: its directory, and the
+// delta-from-<name>.vhd of every other snapshot directory the kernel knows
+// (and of their disk directories). Run without holding a FUSE request: the
+// kernel locks the directories a request is about.
+func (n *snapshotsDir) invalidate(names ...string) {
+	for _, name := range names {
+		if name != "" {
+			n.NotifyEntry(name)
+		}
+	}
+	for _, ch := range n.Children() {
+		dirs := []*gofs.Inode{ch}
+		if _, ok := ch.Operations().(*snapDir); !ok {
+			continue
+		}
+		for _, sub := range ch.Children() {
+			if _, ok := sub.Operations().(*diskDir); ok {
+				dirs = append(dirs, sub)
+			}
+		}
+		for _, d := range dirs {
+			for _, name := range names {
+				if name != "" {
+					d.NotifyEntry(deltaPrefix + name + deltaSuffix)
+				}
+			}
+		}
+	}
+}
+
+// lost is called with the entries a fresh listing no longer holds.
+func (n *snapshotsDir) lost(gone []*snapEntry) {
+	var names []string
+	for _, e := range gone {
+		names = append(names, e.name, e.snap.ID)
+	}
+	n.invalidate(names...)
 }
 
 // liveIDs is the set of snapshot ids the backend listed, plus extra.

@@ -168,7 +168,12 @@ func (f *diskFile) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.
 	// Only the immediately older base is listed so cp -a / rsync -X stay light.
 	if f.e.prev != nil {
 		if ct, ok := f.v.(changeTracker); ok && ct.TracksChanges(ctx) {
-			names = append(names, xattrChangedPrefix+f.e.prev.ID)
+			// The name shown in the tree, which is what users pass back.
+			base := f.e.prevName
+			if base == "" {
+				base = f.e.prev.ID
+			}
+			names = append(names, xattrChangedPrefix+base)
 		}
 	}
 	return xattrList(names, dest)

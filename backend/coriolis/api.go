@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"math"
+	"slices"
 	"strings"
 
 	"github.com/vmexportfs/vmexportfs/backend"
@@ -76,8 +78,19 @@ func (s apiSnapshot) toBackend(v apiVM) backend.Snapshot {
 			devices[d.Name] = d.DeviceName
 		}
 	}
+	skip := make(map[string]bool, len(v.Disks))
+	for _, d := range v.Disks {
+		if !d.snapshottable() {
+			skip[d.Name] = true
+		}
+	}
 	out := backend.Snapshot{ID: s.ID}
 	for _, d := range s.Disks {
+		// The exporter reflinks an untyped ISO into the snapshot and lists
+		// it as a snapshot disk: filter snapshot disks as VM disks are.
+		if skip[d.Name] {
+			continue
+		}
 		dev, ok := devices[d.Name]
 		if !ok {
 			dev = d.Name
@@ -104,14 +117,51 @@ func chunkMap(chunks chunkList, size int64) (extent.Map, error) {
 
 // chunkMapReport is chunkMap that also says what normalizing repaired.
 func chunkMapReport(chunks chunkList, size int64) (extent.Map, extent.Repairs, error) {
+	m, rep, _, err := chunkMapClipped(chunks, size)
+	return m, rep, err
+}
+
+// chunkMapClipped is chunkMapReport that also counts the extents clipped to
+// the disk's size. The exporter's chunks come from FIEMAP in whole
+// filesystem blocks, so the last chunk of a disk whose size is not a block
+// multiple ends past the end of the file: that is routine, not a reason to
+// distrust the map (reading the whole disk instead). Only an incoherent map
+// (negative, overflowing, not numbers) is refused.
+func chunkMapClipped(chunks chunkList, size int64) (extent.Map, extent.Repairs, int, error) {
 	if chunks.bad != nil {
-		return extent.Map{}, extent.Repairs{}, chunks.bad
+		return extent.Map{}, extent.Repairs{}, 0, chunks.bad
 	}
-	m, rep, err := extent.NormalizeShared(chunks.extents(), size)
+	exts, clipped := clipExtents(chunks.extents(), size)
+	m, rep, err := extent.NormalizeShared(exts, size)
 	if err != nil {
-		return extent.Map{}, rep, fmt.Errorf("%w: %w", errHostile, err)
+		return extent.Map{}, rep, clipped, fmt.Errorf("%w: %w", errHostile, err)
 	}
-	return m, rep, nil
+	return m, rep, clipped, nil
+}
+
+// clipExtents cuts extents to [0, size), dropping those wholly past it; raw
+// is shared, not copied, when nothing needs cutting. Extents that are no
+// byte range at all are left for Normalize to refuse.
+func clipExtents(raw []extent.Extent, size int64) ([]extent.Extent, int) {
+	past := func(e extent.Extent) bool {
+		return e.Off >= 0 && e.Len > 0 && e.Off <= math.MaxInt64-e.Len && e.End() > size
+	}
+	if size < 0 || !slices.ContainsFunc(raw, past) {
+		return raw, 0
+	}
+	out := make([]extent.Extent, 0, len(raw))
+	n := 0
+	for _, e := range raw {
+		if past(e) {
+			n++
+			if e.Off >= size {
+				continue
+			}
+			e.Len = size - e.Off
+		}
+		out = append(out, e)
+	}
+	return out, n
 }
 
 type loginRequest struct {

@@ -4,6 +4,7 @@
 package coriolis
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -12,8 +13,10 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -57,6 +60,9 @@ type Client struct {
 
 	mu    sync.Mutex
 	cache map[[2]string]cachedSnapshot
+	// clipLogged holds the disks whose chunk map ran past the end of the
+	// disk (FIEMAP's last whole block) and was clipped: logged once each.
+	clipLogged sync.Map
 }
 
 type cachedSnapshot struct {
@@ -86,6 +92,7 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 		tr := httprange.NewTransport(&tls.Config{RootCAs: cfg.RootCAs, InsecureSkipVerify: cfg.InsecureSkipVerify, MinVersion: tls.VersionTLS12})
 		hc = &http.Client{Transport: tr}
 	}
+	hc = withNotFound(hc)
 	if cfg.InsecureSkipVerify {
 		logger.Warn("coriolis: TLS certificate verification disabled", "url", base.Redacted())
 	}
@@ -167,6 +174,8 @@ func decodeJSON(r io.Reader, v any) error {
 		err = decodeSnapshot(dec, v)
 	case *[]apiSnapshot:
 		err = decodeSnapshots(dec, v)
+	case *unsquashedSnapshot:
+		err = decodeSnapshotChunks(dec, &v.apiSnapshot, chunksPhys)
 	default:
 		err = dec.Decode(v)
 	}
@@ -262,6 +271,16 @@ func orderSnapshots(v apiVM, snaps []apiSnapshot) []backend.Snapshot {
 func (c *Client) CreateSnapshot(ctx context.Context, vmID, _ string) (backend.Snapshot, error) {
 	var s apiSnapshot
 	if err := c.call(ctx, http.MethodPost, c.route("vms", vmID, "snapshots"), &s); err != nil {
+		if errors.Is(err, backend.ErrInvalid) {
+			// The exporter refused this VM (mkdir carries no argument it
+			// could object to): say why, and make it "Operation not
+			// supported" when the VM cannot be reflink-cloned (a CD-ROM
+			// image typed as not a virtual disk), which is what it is.
+			c.logger.Warn("coriolis: the exporter refused to snapshot the VM", "vm", vmID, "reason", err.Error())
+			if strings.Contains(strings.ToLower(err.Error()), "does not support reflink cloning") {
+				return backend.Snapshot{}, fmt.Errorf("coriolis: create snapshot: %w: the exporter cannot snapshot this VM: %v", backend.ErrUnsupported, err)
+			}
+		}
 		return backend.Snapshot{}, fmt.Errorf("coriolis: create snapshot: %w", err)
 	}
 	if s.ID == "" {
@@ -349,7 +368,10 @@ func (c *Client) OpenDisk(ctx context.Context, ref backend.DiskRef) (backend.Dis
 	if err != nil {
 		return nil, fmt.Errorf("coriolis: open disk: %w", err)
 	}
-	alloc, rep, err := chunkMapReport(ds.Chunks, size)
+	alloc, rep, clipped, err := chunkMapClipped(ds.Chunks, size)
+	if clipped > 0 && err == nil {
+		c.logClipped(ref, clipped, size)
+	}
 	if err != nil {
 		// Reading everything is always correct; a wrong map is not.
 		c.logger.Warn("coriolis: untrusted chunk map, reading the whole disk", "vm", ref.VM, "snapshot", ref.Snapshot, "disk", ref.Disk, "reason", err.Error())
@@ -364,15 +386,30 @@ func (c *Client) OpenDisk(ctx context.Context, ref backend.DiskRef) (backend.Dis
 	return c.http.Disk(u, size, alloc, httprange.DiskOptions{Name: "coriolis: disk " + ref.Disk}), nil
 }
 
+// logClipped says once per disk that its chunk map ran past the disk's end.
+func (c *Client) logClipped(ref backend.DiskRef, n int, size int64) {
+	if _, dup := c.clipLogged.LoadOrStore(ref, true); dup {
+		return
+	}
+	c.logger.Info("coriolis: chunk map runs past the end of the disk (FIEMAP's whole last block), clipped to its size",
+		"vm", ref.VM, "snapshot", ref.Snapshot, "disk", ref.Disk, "extents", n, "size", size)
+}
+
 // OpenDelta opens ref's disk with the extents changed since base (the same
-// disk name in an older snapshot): compareTo's rewritten extents plus what
-// was discarded since.
+// disk name in an older snapshot). The changes are computed exactly from the
+// two unsquashed chunk maps (exactChanges); the exporter's compareTo, which
+// reports every extent split by copy-on-write whole, is used only when a map
+// has no physical starts or cannot be compared.
 func (c *Client) OpenDelta(ctx context.Context, ref, base backend.DiskRef) (backend.Disk, extent.Map, error) {
 	d, err := c.OpenDisk(ctx, ref)
 	if err != nil {
 		return nil, extent.Map{}, err
 	}
-	changed, err := c.changedSince(ctx, ref, base, d.Size(), d.Allocated())
+	changed, err := c.exactChanges(ctx, ref, base, d.Size())
+	if errors.Is(err, errNoPhysical) {
+		c.logger.Debug("coriolis: exact changes unavailable, using compareTo", "vm", ref.VM, "snapshot", ref.Snapshot, "base", base.Snapshot, "disk", ref.Disk, "reason", err.Error())
+		changed, err = c.changedSince(ctx, ref, base, d.Size(), d.Allocated())
+	}
 	if err != nil {
 		d.Close()
 		return nil, extent.Map{}, err
@@ -380,14 +417,134 @@ func (c *Client) OpenDelta(ctx context.Context, ref, base backend.DiskRef) (back
 	return d, changed, nil
 }
 
+// errNoPhysical: the unsquashed maps cannot say what changed (no physical
+// starts, or extents that overlap), so compareTo has to.
+var errNoPhysical = errors.New("no usable physical starts")
+
+// unsquashedSnapshot is a snapshot answer decoded with each chunk's
+// physical_start (decodeJSON keeps them only for this type).
+type unsquashedSnapshot struct{ apiSnapshot }
+
+func (c *Client) unsquashedURL(vmID, sid string) string {
+	return c.route("vms", vmID, "snapshots", sid) + "?" + url.Values{"squashChunks": {"false"}}.Encode()
+}
+
+// physExtent is one chunk with its physical start.
+type physExtent struct{ off, len, phys int64 }
+
+// physChunks is a disk's unsquashed chunks with their physical starts,
+// clipped to size and sorted, or errNoPhysical.
+func physChunks(l chunkList, size int64) ([]physExtent, error) {
+	if l.bad != nil {
+		return nil, fmt.Errorf("%w: %w", backend.ErrUnavailable, l.bad)
+	}
+	if l.phys == nil || len(l.phys) != len(l.exts) {
+		return nil, fmt.Errorf("%w: the answer has no physical_start", errNoPhysical)
+	}
+	out := make([]physExtent, 0, len(l.exts))
+	for i, e := range l.exts {
+		if e.Off < 0 || e.Len < 0 || e.Off > math.MaxInt64-e.Len || l.phys[i] > math.MaxInt64-e.Len {
+			return nil, fmt.Errorf("%w: %w: offset %d length %d physical %d", backend.ErrUnavailable, errHostile, e.Off, e.Len, l.phys[i])
+		}
+		if e.End() > size { // FIEMAP's whole last block
+			e.Len = max(0, size-e.Off)
+		}
+		if e.Len > 0 {
+			out = append(out, physExtent{e.Off, e.Len, l.phys[i]})
+		}
+	}
+	slices.SortFunc(out, func(a, b physExtent) int { return cmp.Compare(a.off, b.off) })
+	for i := 1; i < len(out); i++ {
+		if out[i].off < out[i-1].off+out[i-1].len {
+			return nil, fmt.Errorf("%w: overlapping chunks at %d", errNoPhysical, out[i].off)
+		}
+	}
+	return out, nil
+}
+
+// exactChanges computes the extents of ref changed since base from both
+// disks' unsquashed chunk maps: a byte whose physical location is the same in
+// both (reflink sharing) is unchanged; every other byte allocated in either
+// changed (rewritten, written, or discarded: it reads as zeros now).
+func (c *Client) exactChanges(ctx context.Context, ref, base backend.DiskRef, size int64) (extent.Map, error) {
+	fetch := func(r backend.DiskRef) ([]physExtent, bool, error) {
+		var s unsquashedSnapshot
+		if err := c.call(ctx, http.MethodGet, c.unsquashedURL(r.VM, r.Snapshot), &s); err != nil {
+			return nil, false, fmt.Errorf("coriolis: changes since %q: %w", base.Snapshot, notThisVM(err))
+		}
+		ds, ok := s.disk(r.Disk)
+		if !ok {
+			return nil, false, nil
+		}
+		pe, err := physChunks(ds.Chunks, size)
+		if err != nil {
+			return nil, true, fmt.Errorf("coriolis: changes since %q: snapshot %q disk %q: %w", base.Snapshot, r.Snapshot, r.Disk, err)
+		}
+		return pe, true, nil
+	}
+	// The base first: an unknown base is ErrNotFound before anything else.
+	// A base without this disk: everything allocated now changed.
+	old, _, err := fetch(base)
+	if err != nil {
+		return extent.Map{}, err
+	}
+	cur, haveCur, err := fetch(ref)
+	if err != nil {
+		return extent.Map{}, err
+	}
+	if !haveCur {
+		return extent.Map{}, fmt.Errorf("coriolis: changes since %q: %w: answer has no disk %q", base.Snapshot, backend.ErrUnavailable, ref.Disk)
+	}
+	return physDiff(cur, old, size)
+}
+
+// physDiff is (cur ∪ old) minus the ranges mapped to the same physical bytes
+// in both; cur and old are sorted and non-overlapping.
+func physDiff(cur, old []physExtent, size int64) (extent.Map, error) {
+	all := make([]extent.Extent, 0, len(cur)+len(old))
+	for _, e := range cur {
+		all = append(all, extent.Extent{Off: e.off, Len: e.len})
+	}
+	for _, e := range old {
+		all = append(all, extent.Extent{Off: e.off, Len: e.len})
+	}
+	var same []extent.Extent
+	for i, j := 0, 0; i < len(cur) && j < len(old); {
+		a, b := cur[i], old[j]
+		lo, hi := max(a.off, b.off), min(a.off+a.len, b.off+b.len)
+		if lo < hi && a.phys-a.off == b.phys-b.off {
+			if n := len(same); n > 0 && same[n-1].End() == lo {
+				same[n-1].Len += hi - lo
+			} else {
+				same = append(same, extent.Extent{Off: lo, Len: hi - lo})
+			}
+		}
+		if a.off+a.len <= b.off+b.len {
+			i++
+		} else {
+			j++
+		}
+	}
+	union, err := extent.Normalize(all, size)
+	if err != nil {
+		return extent.Map{}, fmt.Errorf("coriolis: changes: %w: %w", backend.ErrUnavailable, err)
+	}
+	unchanged, err := extent.Normalize(same, size)
+	if err != nil {
+		return extent.Map{}, fmt.Errorf("coriolis: changes: %w: %w", backend.ErrUnavailable, err)
+	}
+	return union.Subtract(unchanged), nil
+}
+
 // changedSince is the map of extents of ref (size bytes, alloc allocated)
-// rewritten or discarded since base. A hostile map is an error here: guessing
-// would make an incremental backup silently wrong.
+// rewritten or discarded since base, from compareTo: coarse (an extent split
+// by copy-on-write is reported whole) but never short. A hostile map is an
+// error here: guessing would make an incremental backup silently wrong.
 func (c *Client) changedSince(ctx context.Context, ref, base backend.DiskRef, size int64, alloc extent.Map) (extent.Map, error) {
 	baseSnapshotID := base.Snapshot
 	var s apiSnapshot
 	if err := c.call(ctx, http.MethodGet, c.snapshotURL(ref.VM, ref.Snapshot, baseSnapshotID), &s); err != nil {
-		return extent.Map{}, fmt.Errorf("coriolis: changes since %q: %w", baseSnapshotID, err)
+		return extent.Map{}, fmt.Errorf("coriolis: changes since %q: %w", baseSnapshotID, notThisVM(err))
 	}
 	ds, ok := s.disk(ref.Disk)
 	if !ok {

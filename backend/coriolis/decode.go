@@ -38,7 +38,20 @@ import (
 type chunkList struct {
 	exts []extent.Extent
 	bad  error // the first chunk that is no byte range; then exts is nil
+	// phys holds each chunk's physical_start, parallel to exts, only in an
+	// unsquashed answer decoded for a delta (8 more bytes per chunk, never
+	// cached); nil when not asked for or when some chunk lacks a usable one.
+	phys []int64
 }
+
+// chunkMode says what a decode keeps of chunk lists.
+type chunkMode int
+
+const (
+	chunksSkip chunkMode = iota // listing: names only
+	chunksKeep                  // extents
+	chunksPhys                  // extents and physical starts
+)
 
 // extents returns the chunks; the slice must not be modified.
 func (l chunkList) extents() []extent.Extent { return l.exts }
@@ -81,7 +94,7 @@ func decodeSnapshots(dec *json.Decoder, out *[]apiSnapshot) error {
 	*out = nil
 	return decodeArray(dec, "snapshots", func() error {
 		var s apiSnapshot
-		err := decodeSnapshotChunks(dec, &s, false)
+		err := decodeSnapshotChunks(dec, &s, chunksSkip)
 		*out = append(*out, s)
 		return err
 	})
@@ -89,12 +102,12 @@ func decodeSnapshots(dec *json.Decoder, out *[]apiSnapshot) error {
 
 // decodeSnapshot reads one VMSnapshot object (null is the zero snapshot).
 func decodeSnapshot(dec *json.Decoder, s *apiSnapshot) error {
-	return decodeSnapshotChunks(dec, s, true)
+	return decodeSnapshotChunks(dec, s, chunksKeep)
 }
 
-// decodeSnapshotChunks is decodeSnapshot that skips the chunk lists unless
-// chunks is set.
-func decodeSnapshotChunks(dec *json.Decoder, s *apiSnapshot, chunks bool) error {
+// decodeSnapshotChunks is decodeSnapshot keeping what mode says of the
+// chunk lists.
+func decodeSnapshotChunks(dec *json.Decoder, s *apiSnapshot, chunks chunkMode) error {
 	*s = apiSnapshot{}
 	var vmIDAlt string
 	err := decodeObject(dec, "snapshot", func(key string) error {
@@ -124,10 +137,10 @@ func decodeSnapshotChunks(dec *json.Decoder, s *apiSnapshot, chunks bool) error 
 
 // decodeDiskSnapshot reads one DiskSnapshot object (null is the zero disk).
 func decodeDiskSnapshot(dec *json.Decoder, d *apiDiskSnapshot) error {
-	return decodeDiskSnapshotChunks(dec, d, true)
+	return decodeDiskSnapshotChunks(dec, d, chunksKeep)
 }
 
-func decodeDiskSnapshotChunks(dec *json.Decoder, d *apiDiskSnapshot, chunks bool) error {
+func decodeDiskSnapshotChunks(dec *json.Decoder, d *apiDiskSnapshot, chunks chunkMode) error {
 	*d = apiDiskSnapshot{}
 	var sidAlt string
 	err := decodeObject(dec, "disk", func(key string) error {
@@ -140,8 +153,8 @@ func decodeDiskSnapshotChunks(dec *json.Decoder, d *apiDiskSnapshot, chunks bool
 			return dec.Decode(&d.SnapshotID)
 		case strings.EqualFold(key, "snapshotID"):
 			return dec.Decode(&sidAlt)
-		case strings.EqualFold(key, "chunks") && chunks:
-			return decodeChunks(dec, &d.Chunks)
+		case strings.EqualFold(key, "chunks") && chunks != chunksSkip:
+			return decodeChunksMode(dec, &d.Chunks, chunks == chunksPhys)
 		}
 		return skipValue(dec)
 	})
@@ -153,8 +166,16 @@ func decodeDiskSnapshotChunks(dec *json.Decoder, d *apiDiskSnapshot, chunks bool
 
 // decodeChunks reads a chunk array (null is empty), one element at a time.
 func decodeChunks(dec *json.Decoder, l *chunkList) error {
+	return decodeChunksMode(dec, l, false)
+}
+
+// decodeChunksMode is decodeChunks that also keeps the physical starts when
+// phys is set (all of them, or none when one is missing or unusable).
+func decodeChunksMode(dec *json.Decoder, l *chunkList, phys bool) error {
 	*l = chunkList{}
 	var pages chunkPages
+	var physPages []int64
+	physOK := phys
 	var c chunkValue // reused: one allocation per list, not per chunk
 	i := 0
 	err := decodeArray(dec, "chunks", func() error {
@@ -168,12 +189,25 @@ func decodeChunks(dec *json.Decoder, l *chunkList) error {
 			pages = chunkPages{} // the map is not used: the whole disk is read
 		default:
 			pages.add(extent.Extent{Off: c.start, Len: c.length})
+			if physOK {
+				if c.physErr != nil {
+					physOK, physPages = false, nil
+				} else {
+					physPages = append(physPages, c.phys)
+				}
+			}
 		}
 		i++
 		return nil
 	})
 	if err == nil && l.bad == nil {
 		l.exts = pages.flatten()
+		if physOK {
+			l.phys = physPages[:len(physPages):len(physPages)]
+			if l.phys == nil {
+				l.phys = []int64{}
+			}
+		}
 	}
 	return err
 }
@@ -273,37 +307,52 @@ func skipValue(dec *json.Decoder) error {
 type chunkValue struct {
 	start, length int64
 	err           error
+	phys          int64 // physical_start
+	physErr       error // physical_start missing or no offset
 }
 
 // UnmarshalJSON parses one chunk from the raw bytes the decoder hands it,
 // which it has already checked are one valid JSON value.
 func (c *chunkValue) UnmarshalJSON(b []byte) error {
-	c.start, c.length, c.err = parseChunk(b)
+	var physRaw []byte
+	c.start, c.length, physRaw, c.err = parseChunkPhys(b)
+	c.phys, c.physErr = 0, nil
+	if c.err == nil {
+		c.phys, c.physErr = chunkNumber(physRaw)
+	}
 	return nil
 }
 
 var (
 	keyStart  = []byte("start")
 	keyLength = []byte("length")
+	keyPhys   = []byte("physical_start")
 )
 
 // parseChunk reads "start" and "length" of a chunk object as
 // encoding/json would into json.Number fields (keys in any case, a later key
-// winning, null leaving the value as it was, physical_start and any other
-// key ignored) without allocating.
+// winning, null leaving the value as it was, any other key ignored) without
+// allocating.
 func parseChunk(b []byte) (start, length int64, err error) {
+	start, length, _, err = parseChunkPhys(b)
+	return start, length, err
+}
+
+// parseChunkPhys is parseChunk that also returns the raw physical_start
+// value (nil when absent or null), shared with b.
+func parseChunkPhys(b []byte) (start, length int64, physRaw []byte, err error) {
 	i := skipSpace(b, 0)
 	if i >= len(b) || b[i] != '{' {
 		if bytes.Equal(bytes.TrimSpace(b), []byte("null")) {
-			return 0, 0, errors.New("start: missing")
+			return 0, 0, nil, errors.New("start: missing")
 		}
-		return 0, 0, errors.New("not an object")
+		return 0, 0, nil, errors.New("not an object")
 	}
 	var startRaw, lengthRaw []byte
 	for i++; ; {
 		i = skipSpace(b, i)
 		if i >= len(b) {
-			return 0, 0, errors.New("not an object")
+			return 0, 0, nil, errors.New("not an object")
 		}
 		if b[i] == '}' {
 			break
@@ -314,17 +363,17 @@ func parseChunk(b []byte) (start, length int64, err error) {
 		}
 		kEnd := stringEnd(b, i)
 		if kEnd < 0 {
-			return 0, 0, errors.New("not an object")
+			return 0, 0, nil, errors.New("not an object")
 		}
 		key := b[i:kEnd]
 		i = skipSpace(b, kEnd)
 		if i >= len(b) || b[i] != ':' {
-			return 0, 0, errors.New("not an object")
+			return 0, 0, nil, errors.New("not an object")
 		}
 		i = skipSpace(b, i+1)
 		vEnd := valueEnd(b, i)
 		if vEnd < 0 {
-			return 0, 0, errors.New("not an object")
+			return 0, 0, nil, errors.New("not an object")
 		}
 		val := b[i:vEnd]
 		i = vEnd
@@ -336,15 +385,17 @@ func parseChunk(b []byte) (start, length int64, err error) {
 			startRaw = val
 		case keyIs(key, keyLength):
 			lengthRaw = val
+		case keyIs(key, keyPhys):
+			physRaw = val
 		}
 	}
 	if start, err = chunkNumber(startRaw); err != nil {
-		return 0, 0, fmt.Errorf("start: %w", err)
+		return 0, 0, nil, fmt.Errorf("start: %w", err)
 	}
 	if length, err = chunkNumber(lengthRaw); err != nil {
-		return 0, 0, fmt.Errorf("length: %w", err)
+		return 0, 0, nil, fmt.Errorf("length: %w", err)
 	}
-	return start, length, nil
+	return start, length, physRaw, nil
 }
 
 // keyIs compares a quoted JSON key with name the way encoding/json matches

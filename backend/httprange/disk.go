@@ -18,7 +18,10 @@ type Disk struct {
 	alloc  extent.Map
 	opts   DiskOptions
 	closed atomic.Bool
+	read   func(ctx context.Context, url string, size int64, p []byte, off int64) error // nil: ReadRange
 }
+
+type extentMap = extent.Map
 
 // DiskOptions are what a platform adds to its HTTP disks.
 type DiskOptions struct {
@@ -56,7 +59,11 @@ func (d *Disk) ReadAt(ctx context.Context, p []byte, off int64) error {
 		clear(p)
 		return nil
 	}
-	if err := d.client.ReadRange(ctx, d.url, d.size, p, off); err != nil {
+	read := d.client.ReadRange
+	if d.read != nil {
+		read = d.read
+	}
+	if err := read(ctx, d.url, d.size, p, off); err != nil {
 		err = fmt.Errorf("%s: %w", d.opts.Name, err)
 		if d.opts.Explain != nil {
 			err = d.opts.Explain(err)

@@ -342,13 +342,8 @@ func (c *Client) checkRange(resp *http.Response, size int64, p []byte, off int64
 	default:
 		return &attemptError{Kind: classify(resp.StatusCode, true), Err: c.statusError(resp)}
 	}
-	// Go's transport leaves an encoded body alone because we asked for
-	// identity; an encoding the server applied anyway is not disk bytes.
-	if ce := resp.Header.Get("Content-Encoding"); !identityEncoding(ce) || resp.Uncompressed {
-		return fault(retryable, "Content-Encoding %q on a Range answer", c.Secrets.Peer([]byte(ce)))
-	}
-	if ct := resp.Header.Get("Content-Type"); isMultipart(ct) {
-		return fault(retryable, "multipart answer (Content-Type %q) to a single-range request", c.Secrets.Peer([]byte(ct)))
+	if f := c.checkPlainBody(resp, "a Range answer", "a single-range request"); f != nil {
+		return f
 	}
 	cr := resp.Header.Get("Content-Range")
 	first, last, total, err := ParseContentRange(cr)
@@ -361,6 +356,26 @@ func (c *Client) checkRange(resp *http.Response, size int64, p []byte, off int64
 	if first != off || last != off+n-1 {
 		return fault(retryable, "Content-Range mismatch: got %d-%d, asked %d-%d", first, last, off, off+n-1)
 	}
+	return readExactly(resp, p)
+}
+
+// checkPlainBody refuses a body that is not the bytes themselves: one the
+// server encoded (Go's transport leaves it alone because we asked for
+// identity) or framed as multipart. answer and request name the exchange in
+// the fault.
+func (c *Client) checkPlainBody(resp *http.Response, answer, request string) *attemptError {
+	if ce := resp.Header.Get("Content-Encoding"); !identityEncoding(ce) || resp.Uncompressed {
+		return fault(retryable, "Content-Encoding %q on %s", c.Secrets.Peer([]byte(ce)), answer)
+	}
+	if ct := resp.Header.Get("Content-Type"); isMultipart(ct) {
+		return fault(retryable, "multipart answer (Content-Type %q) to %s", c.Secrets.Peer([]byte(ct)), request)
+	}
+	return nil
+}
+
+// readExactly fills p from the body, which must hold exactly len(p) bytes.
+func readExactly(resp *http.Response, p []byte) *attemptError {
+	n := int64(len(p))
 	if resp.ContentLength >= 0 && resp.ContentLength != n {
 		return fault(retryable, "Content-Length mismatch: got %d, asked %d", resp.ContentLength, n)
 	}

@@ -25,8 +25,9 @@ const mapChunk = 64 << 10
 
 // TestConformance runs the backend contract suite against the simulator, in
 // API mode with and without the backup map routes, and in standalone mode
-// (one export, no API access). KubeVirt has no changed-block compare, so the
-// Source is no DeltaOpener and the Delta check skips.
+// (one export, no API access), and on a cluster with VirtualMachineBackup.
+// Only an incremental backup against the backup before it compares exactly;
+// every other pair is ErrUnsupported, which the Delta check accepts there.
 func TestConformance(t *testing.T) {
 	for _, tc := range []struct {
 		name       string
@@ -37,10 +38,17 @@ func TestConformance(t *testing.T) {
 		{"api/backup-map", true, false, backendtest.Capabilities{Granularity: mapChunk}},
 		{"api/no-map", false, false, backendtest.Capabilities{NoAllocationMap: true}},
 		{"standalone", true, true, backendtest.Capabilities{Granularity: mapChunk, OneSnapshot: true}},
+		// A cluster with VirtualMachineBackup: snapshots are backups (full,
+		// then incremental), read through the data route; consecutive ones
+		// compare exactly.
+		{"api/backups", false, false, backendtest.Capabilities{Granularity: mapChunk, Delta: true}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			backendtest.Run(t, backendtest.Harness{
 				New: func(t *testing.T) backendtest.Platform {
+					if tc.name == "api/backups" {
+						return newPlatformWith(t, kubevirttest.Options{BackupAPI: true}, false, false)
+					}
 					return newPlatform(t, tc.maps, tc.standalone)
 				},
 				Capabilities: tc.caps,
@@ -64,7 +72,12 @@ type platform struct {
 }
 
 func newPlatform(t *testing.T, maps, standalone bool) *platform {
-	sim, err := kubevirttest.Start(kubevirttest.Options{Dir: t.TempDir()})
+	return newPlatformWith(t, kubevirttest.Options{}, maps, standalone)
+}
+
+func newPlatformWith(t *testing.T, opts kubevirttest.Options, maps, standalone bool) *platform {
+	opts.Dir = t.TempDir()
+	sim, err := kubevirttest.Start(opts)
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = sim.Close() })
 	sim.SetBackupRoutes(maps)

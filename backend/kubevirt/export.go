@@ -6,12 +6,10 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net/http"
-	"net/url"
-	"strconv"
 	"sync"
+	"time"
 
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/extent"
@@ -31,6 +29,13 @@ type exportConn struct {
 	logger   *slog.Logger
 	policy   httprange.Policy
 	secrets  *redact.Secrets
+	// connectWait bounds the wait for a backup map's 503 (virt-launcher
+	// not connected) to end; 0 = DefaultBackupConnectTimeout.
+	connectWait time.Duration
+	serverName  string // TLS name to verify instead of the URL's host
+	// rootFallback: the raw URL was built from the export URL; at the
+	// export pod itself (port-forward) only root paths exist.
+	rootFallback bool
 
 	mu       sync.Mutex
 	tok      string
@@ -58,7 +63,7 @@ func (c *exportConn) setCert(pemCert string) error {
 	if !pool.AppendCertsFromPEM([]byte(pemCert)) {
 		return fmt.Errorf("status cert: %w: no PEM certificate", backend.ErrInvalid)
 	}
-	tr := httprange.NewTransport(&tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12})
+	tr := httprange.NewTransport(&tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12, ServerName: c.serverName})
 	c.mu.Lock()
 	old := c.tr
 	c.tr, c.cert = tr, pemCert
@@ -156,22 +161,37 @@ func (c *exportConn) closeIdle() {
 
 // openExportDisk opens one volume of an export; with owned, closing the disk
 // closes the connection's sockets too (it is the disk's alone).
-func openExportDisk(ctx context.Context, conn *exportConn, st ExportStatus, vol string, owned bool) (*httprange.Disk, error) {
+func openExportDisk(ctx context.Context, conn *exportConn, st ExportStatus, vol string, owned bool) (backend.Disk, error) {
 	link, err := st.link(conn.internal)
 	if err != nil {
 		return nil, fmt.Errorf("open disk %s/%s: %w", conn.name, vol, err)
 	}
 	raw := link.rawURL(vol)
 	if raw == "" {
+		// A VirtualMachineBackup export: backups[{map, data}], no volumes.
+		if mapURL, dataURL := link.backupURL(vol, "map"), link.backupURL(vol, "data"); mapURL != "" && dataURL != "" {
+			return openBackupDisk(ctx, conn, vol, mapURL, dataURL, owned)
+		}
 		return nil, fmt.Errorf("open disk %s/%s: %w: no raw link", conn.name, vol, backend.ErrNotFound)
 	}
 	size, err := conn.client().Size(ctx, raw)
+	if errors.Is(err, backend.ErrNotFound) && conn.rootFallback {
+		// <export-url>/volumes/<vol>/disk.img works through the proxy; the
+		// pod itself serves root paths only.
+		if alt := rootURL(raw, vol); alt != "" && alt != raw {
+			if asize, aerr := conn.client().Size(ctx, alt); aerr == nil {
+				conn.logger.Info("kubevirt: export server serves root paths (the export pod itself)", "export", conn.name, "volume", vol)
+				raw, size, err = alt, asize, nil
+			}
+		}
+	}
 	if err != nil {
 		return nil, conn.explain(fmt.Errorf("open disk %s/%s: %w", conn.name, vol, err))
 	}
 	alloc := extent.Full(size)
 	if mapURL := link.mapURL(vol); mapURL != "" {
-		m, err := conn.readMap(ctx, mapURL, size)
+		bm, err := conn.readBackupMap(ctx, mapURL, vol, size)
+		m := bm.alloc
 		switch {
 		case errors.Is(err, backend.ErrInvalid):
 			// A hostile map must not hide data: read everything instead.
@@ -202,67 +222,3 @@ const (
 	maxMapPages = 1 << 16
 	maxMapBody  = 8 << 20
 )
-
-// readMap pages through the backup map route; data/dirty extents are allocated.
-func (c *exportConn) readMap(ctx context.Context, mapURL string, size int64) (extent.Map, error) {
-	var raw []extent.Extent
-	cl := c.client()
-	off := int64(0)
-	for page := 0; off < size; page++ {
-		if page == maxMapPages {
-			return extent.Map{}, fmt.Errorf("backup map: %w: more than %d pages", backend.ErrInvalid, maxMapPages)
-		}
-		u, err := url.Parse(mapURL)
-		if err != nil {
-			return extent.Map{}, fmt.Errorf("backup map url: %w", backend.ErrInvalid)
-		}
-		q := u.Query()
-		q.Set("offset", strconv.FormatInt(off, 10))
-		q.Set("length", strconv.FormatInt(size-off, 10))
-		q.Set("page_size", strconv.Itoa(mapPageSize))
-		u.RawQuery = q.Encode()
-		resp, err := cl.Do(ctx, func(ctx context.Context) (*http.Request, error) {
-			return http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
-		})
-		if err != nil {
-			return extent.Map{}, fmt.Errorf("backup map: %w", err)
-		}
-		body, err := io.ReadAll(io.LimitReader(resp.Body, maxMapBody+1))
-		resp.Body.Close()
-		if err != nil {
-			return extent.Map{}, fmt.Errorf("backup map: %w: %w", backend.ErrUnavailable, err)
-		}
-		if len(body) > maxMapBody {
-			return extent.Map{}, fmt.Errorf("backup map: %w: page too large", backend.ErrInvalid)
-		}
-		p, err := decodeMapPage(body)
-		if err != nil {
-			return extent.Map{}, fmt.Errorf("backup map: %w: %w", backend.ErrInvalid, err)
-		}
-		for _, e := range p.Extents {
-			if e.Description != "data" && e.Description != "dirty" {
-				continue
-			}
-			if e.Offset > uint64(size) || e.Length > uint64(size) {
-				return extent.Map{}, fmt.Errorf("backup map: %w: extent %d+%d beyond size %d", backend.ErrInvalid, e.Offset, e.Length, size)
-			}
-			raw = append(raw, extent.Extent{Off: int64(e.Offset), Len: int64(e.Length)})
-		}
-		if p.NextOffset == nil {
-			break
-		}
-		if *p.NextOffset <= uint64(off) || *p.NextOffset > uint64(size) {
-			return extent.Map{}, fmt.Errorf("backup map: %w: next_offset %d does not advance from %d", backend.ErrInvalid, *p.NextOffset, off)
-		}
-		off = int64(*p.NextOffset)
-	}
-	m, rep, err := extent.NormalizeReport(raw, size)
-	if err != nil {
-		return extent.Map{}, fmt.Errorf("backup map: %w: %w", backend.ErrInvalid, err)
-	}
-	if rep.Suspicious() { // adjacent extents across pages are routine
-		c.logger.Warn(fmt.Sprintf("kubevirt: chunk map normalized: %d unsorted/overlapping extents", rep.Unsorted+rep.Overlapping),
-			"export", c.name, "unsorted", rep.Unsorted, "overlapping", rep.Overlapping, "extents", m.Len())
-	}
-	return m, nil
-}

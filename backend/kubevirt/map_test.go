@@ -31,7 +31,9 @@ func TestHostileMap(t *testing.T) {
 		err    error
 	}{
 		{name: "good", page: `{"extents":[{"offset":0,"length":4096,"description":"data"},{"offset":4096,"length":1044480,"description":"zero"}],"next_offset":null}`, want: "0 4096\n"},
-		{name: "dirty counts", page: `{"extents":[{"offset":8192,"length":4096,"description":"dirty"},{"offset":0,"length":8192,"description":"clean"}]}`, want: "8192 4096\n"},
+		// clean extents hold data (unchanged since the checkpoint), not zeros.
+		{name: "dirty and clean are data", page: `{"extents":[{"offset":8192,"length":4096,"description":"dirty"},{"offset":0,"length":8192,"description":"clean"}]}`, want: "0 12288\n"},
+		{name: "zero kinds are holes", page: `{"extents":[{"offset":0,"length":4096,"type":2,"description":"zero"},{"offset":4096,"length":4096,"type":3,"description":"dirty,zero"},{"offset":8192,"length":4096,"type":3,"description":"hole,zero"},{"offset":12288,"length":4096,"type":0,"description":"clean"}]}`, want: "12288 4096\n"},
 		{name: "past end", page: `{"extents":[{"offset":0,"length":99999999,"description":"data"}]}`, want: extent.Full(size).Format()},
 		{name: "overflow", page: `{"extents":[{"offset":18446744073709551615,"length":1,"description":"data"}]}`, want: extent.Full(size).Format()},
 		{name: "next offset stuck", page: `{"extents":[],"next_offset":0}`, want: extent.Full(size).Format()},

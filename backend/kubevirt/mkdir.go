@@ -26,6 +26,13 @@ func (s *Source) CreateSnapshot(ctx context.Context, vmID, name string) (snap ba
 	if name == LiveSnapshot || !dnsLabel.MatchString(name) {
 		return backend.Snapshot{}, fmt.Errorf("create snapshot %q: %w: want a lowercase DNS label other than %q", name, backend.ErrInvalid, LiveSnapshot)
 	}
+	// Where the cluster has VirtualMachineBackup, a directory is a backup:
+	// it has a map (holes) and, from the second one, change tracking.
+	if ok, err := s.hasBackupAPI(ctx); err != nil {
+		return backend.Snapshot{}, fmt.Errorf("create snapshot %s/%s: %w", vmID, name, err)
+	} else if ok {
+		return s.createBackup(ctx, vmID, name)
+	}
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.ReadyTimeout)
 	defer cancel()
 	snapObj := map[string]any{
@@ -164,6 +171,12 @@ func (s *Source) DeleteSnapshot(ctx context.Context, vmID, snapshotID string) er
 	}
 	var sn snapshotObject
 	if err := s.kube(ctx, http.MethodGet, "snapshot.kubevirt.io", "virtualmachinesnapshots", snapshotID, nil, &sn); err != nil {
+		if errors.Is(err, backend.ErrNotFound) && s.backupOf(ctx, vmID, snapshotID) == nil {
+			if err := s.deleteBackup(ctx, snapshotID); err != nil {
+				return fmt.Errorf("delete backup %s/%s: %w", vmID, snapshotID, err)
+			}
+			return nil
+		}
 		return fmt.Errorf("delete snapshot %s/%s: %w", vmID, snapshotID, err)
 	}
 	if sn.Spec.Source.Name != vmID {

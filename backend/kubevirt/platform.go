@@ -20,6 +20,8 @@ type sourceFlags struct {
 	tokenFile    string
 	exportStatus string
 	volumes      []string
+	connectWait  time.Duration
+	serverName   string
 }
 
 // Platform describes kubevirt+https://… sources for the command: a namespace
@@ -43,6 +45,8 @@ func Platform() platform.Platform {
 			f.StringVar(&v.tokenFile, "token-file", "", "standalone: file holding the export token")
 			f.StringVar(&v.exportStatus, "export-status", "", "standalone: file with the export's status (kubectl get vmexport NAME -o yaml); re-read on certificate errors")
 			f.StringArrayVar(&v.volumes, "kubevirt-volume", nil, "standalone without --export-status: a volume name of the export (repeatable)")
+			f.DurationVar(&v.connectWait, "backup-connect-timeout", DefaultBackupConnectTimeout, "how long a backup export's map may answer 503 (virt-launcher not connected yet) before opening its disk fails")
+			f.StringVar(&v.serverName, "tls-server-name", "", "verify export servers' certificates against this name (kubectl port-forward: the pod's service DNS name, such as virt-export-NAME.NS.svc)")
 			return platform.Opener{Check: v.check, Open: v.open}
 		},
 		RefusedOptions: map[string]string{"token": "use token_file=FILE"},
@@ -54,6 +58,9 @@ func (v *sourceFlags) check(u *url.URL, c platform.Common) error {
 	su, err := ParseSourceURL(u.String())
 	if err != nil {
 		return fmt.Errorf("%w: %v", platform.ErrUsage, err)
+	}
+	if v.connectWait <= 0 {
+		return fmt.Errorf("%w: --backup-connect-timeout %s: must be positive", platform.ErrUsage, v.connectWait)
 	}
 	if v.readyTimeout <= 0 {
 		return fmt.Errorf("%w: --ready-timeout %s: must be positive", platform.ErrUsage, v.readyTimeout)
@@ -76,15 +83,17 @@ func (v *sourceFlags) open(ctx context.Context, u *url.URL, c platform.Common) (
 	}
 	if su.Standalone() {
 		s, err := NewStandalone(StandaloneConfig{
-			ExportURL:        su.ExportURL,
-			TokenFile:        v.tokenFile,
-			CAFile:           c.CAFile,
-			ExportStatusFile: v.exportStatus,
-			Volumes:          v.volumes,
-			Internal:         v.internal,
-			Policy:           c.Policy,
-			Logger:           c.Logger,
-			Secrets:          c.Secrets,
+			ExportURL:            su.ExportURL,
+			TokenFile:            v.tokenFile,
+			CAFile:               c.CAFile,
+			ExportStatusFile:     v.exportStatus,
+			Volumes:              v.volumes,
+			Internal:             v.internal,
+			BackupConnectTimeout: v.connectWait,
+			TLSServerName:        v.serverName,
+			Policy:               c.Policy,
+			Logger:               c.Logger,
+			Secrets:              c.Secrets,
 		})
 		if err != nil {
 			return nil, err
@@ -98,14 +107,16 @@ func (v *sourceFlags) open(ctx context.Context, u *url.URL, c platform.Common) (
 		return s, nil
 	}
 	s, err := New(Config{
-		APIServer:    su.APIServer,
-		Namespace:    su.Namespace,
-		Kubeconfig:   v.kubeconfig,
-		Internal:     v.internal,
-		ReadyTimeout: v.readyTimeout,
-		Policy:       c.Policy,
-		Logger:       c.Logger,
-		Secrets:      c.Secrets,
+		APIServer:            su.APIServer,
+		Namespace:            su.Namespace,
+		Kubeconfig:           v.kubeconfig,
+		Internal:             v.internal,
+		ReadyTimeout:         v.readyTimeout,
+		BackupConnectTimeout: v.connectWait,
+		TLSServerName:        v.serverName,
+		Policy:               c.Policy,
+		Logger:               c.Logger,
+		Secrets:              c.Secrets,
 	})
 	if err != nil {
 		return nil, err

@@ -37,10 +37,17 @@ type Config struct {
 	Internal     bool          // use the export's internal links
 	ReadyTimeout time.Duration // mkdir's wait for Ready; default 2 min
 	PollInterval time.Duration // default 1 s
-	Policy       httprange.Policy
-	Logger       *slog.Logger
-	HTTP         *http.Client    // API server client override
-	Secrets      *redact.Secrets // API and export tokens are added to it
+	// BackupConnectTimeout bounds the wait for a backup export's map to stop
+	// answering 503 (virt-launcher not connected); default
+	// DefaultBackupConnectTimeout.
+	BackupConnectTimeout time.Duration
+	// TLSServerName, when set, is the name export servers' certificates are
+	// verified against (a port-forwarded pod has service DNS names only).
+	TLSServerName string
+	Policy        httprange.Policy
+	Logger        *slog.Logger
+	HTTP          *http.Client    // API server client override
+	Secrets       *redact.Secrets // API and export tokens are added to it
 }
 
 // Source implements backend.Source, SnapshotCreator and SnapshotDeleter.
@@ -60,15 +67,38 @@ var (
 	_ backend.SnapshotDeleter = (*Source)(nil)
 )
 
-type bearer struct{ token string }
+// bearer sends the API token; one from an exec credential plugin is
+// fetched again by running the plugin when the API server refuses it
+// (expired).
+type bearer struct {
+	mu      sync.Mutex
+	token   string
+	cred    *Credentials
+	secrets *redact.Secrets
+}
 
-func (b bearer) Authorize(_ context.Context, r *http.Request) error {
+func (b *bearer) Authorize(_ context.Context, r *http.Request) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	if b.token != "" {
 		r.Header.Set("Authorization", "Bearer "+b.token)
 	}
 	return nil
 }
-func (b bearer) Renew(context.Context) error { return nil }
+
+func (b *bearer) Renew(ctx context.Context) error {
+	if b.cred == nil || b.cred.exec == nil {
+		return nil
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if err := b.cred.runExec(ctx); err != nil {
+		return err
+	}
+	b.secrets.AddRenewed(b.cred.Token)
+	b.token = b.cred.Token
+	return nil
+}
 
 // New builds a Source; it does not contact the API server.
 func New(cfg Config) (*Source, error) {
@@ -126,7 +156,7 @@ func New(cfg Config) (*Source, error) {
 		cfg:      cfg,
 		server:   server,
 		logger:   logger,
-		api:      &httprange.Client{HTTP: hc, Auth: bearer{cred.Token}, Policy: cfg.Policy, Logger: logger, Secrets: cfg.Secrets},
+		api:      &httprange.Client{HTTP: hc, Auth: &bearer{token: cred.Token, cred: cred, secrets: cfg.Secrets}, Policy: cfg.Policy, Logger: logger, Secrets: cfg.Secrets},
 		versions: map[string]string{},
 	}, nil
 }
@@ -136,6 +166,7 @@ var groupVersions = map[string][]string{
 	"kubevirt.io":          {"v1"},
 	"snapshot.kubevirt.io": {"v1beta1", "v1alpha1"},
 	"export.kubevirt.io":   {"v1beta1", "v1", "v1alpha1"},
+	"backup.kubevirt.io":   {"v1alpha1", "v1beta1", "v1"},
 }
 
 func (s *Source) resourcePath(group, version, resource, name string) string {
@@ -345,6 +376,13 @@ func (s *Source) Snapshots(ctx context.Context, vmID string) ([]backend.Snapshot
 		}
 		return out[i].ID < out[j].ID
 	})
+	out = append(out, s.backupSnapshots(ctx, vmID, exports)...)
+	sort.SliceStable(out, func(i, j int) bool {
+		if !out[i].Created.Equal(out[j].Created) {
+			return out[i].Created.Before(out[j].Created)
+		}
+		return out[i].ID < out[j].ID
+	})
 	for _, e := range exports {
 		if e.Spec.Source.Kind == "VirtualMachine" && e.Spec.Source.Name == vmID {
 			if disks, ok := disksOf(e.Status, s.cfg.Internal); ok {
@@ -358,8 +396,12 @@ func (s *Source) Snapshots(ctx context.Context, vmID string) ([]backend.Snapshot
 
 // findExport is the Ready export serving a snapshot (or the VM for "live").
 func (s *Source) findExport(ctx context.Context, vmID, snapshotID string) (exportObject, error) {
+	isBackup := false
 	if err := s.snapshotOf(ctx, vmID, snapshotID); err != nil {
-		return exportObject{}, err
+		if !errors.Is(err, backend.ErrNotFound) || s.backupOf(ctx, vmID, snapshotID) != nil {
+			return exportObject{}, err
+		}
+		isBackup = true
 	}
 	exports, err := s.listExports(ctx)
 	if err != nil {
@@ -368,8 +410,9 @@ func (s *Source) findExport(ctx context.Context, vmID, snapshotID string) (expor
 	for _, e := range exports {
 		src := e.Spec.Source
 		live := snapshotID == LiveSnapshot && src.Kind == "VirtualMachine" && src.Name == vmID
-		snap := src.Kind == "VirtualMachineSnapshot" && src.Name == snapshotID
-		if (live || snap) && e.Status != nil {
+		snap := !isBackup && src.Kind == "VirtualMachineSnapshot" && src.Name == snapshotID
+		bak := isBackup && src.Kind == "VirtualMachineBackup" && src.Name == snapshotID
+		if (live || snap || bak) && e.Status != nil {
 			if _, ok := disksOf(e.Status, s.cfg.Internal); ok {
 				return e, nil
 			}
@@ -387,6 +430,7 @@ func (s *Source) OpenDisk(ctx context.Context, ref backend.DiskRef) (backend.Dis
 	name := e.Metadata.Name
 	conn := &exportConn{
 		name: name, internal: s.cfg.Internal, logger: s.logger, policy: s.cfg.Policy, secrets: s.cfg.Secrets,
+		connectWait: s.cfg.BackupConnectTimeout, serverName: s.cfg.TLSServerName,
 		status: func(ctx context.Context) (ExportStatus, error) {
 			var cur exportObject
 			if err := s.kube(ctx, http.MethodGet, "export.kubevirt.io", "virtualmachineexports", name, nil, &cur); err != nil {

@@ -7,6 +7,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/httprange"
@@ -24,9 +25,15 @@ type StandaloneConfig struct {
 	ExportStatusFile string   // kubectl get vmexport -o yaml|json, or just its status
 	Volumes          []string // volume names, needed without ExportStatusFile
 	Internal         bool
-	Policy           httprange.Policy
-	Logger           *slog.Logger
-	Secrets          *redact.Secrets // the token is added to it
+	// BackupConnectTimeout bounds the wait for a backup map's 503; 0 =
+	// DefaultBackupConnectTimeout.
+	BackupConnectTimeout time.Duration
+	// TLSServerName, when set, is the name the export server's certificate
+	// is verified against (kubectl port-forward to the pod).
+	TLSServerName string
+	Policy        httprange.Policy
+	Logger        *slog.Logger
+	Secrets       *redact.Secrets // the token is added to it
 }
 
 // Standalone is a read-only Source over one export: one VM (the export's VM,
@@ -176,7 +183,8 @@ func (s *Standalone) connection(ctx context.Context, st ExportStatus) (*exportCo
 	if s.conn != nil {
 		return s.conn, nil
 	}
-	conn := &exportConn{name: s.export, internal: s.cfg.Internal, status: s.status, token: s.token, logger: s.logger, policy: s.cfg.Policy, secrets: s.cfg.Secrets}
+	conn := &exportConn{name: s.export, internal: s.cfg.Internal, status: s.status, token: s.token, logger: s.logger, policy: s.cfg.Policy, secrets: s.cfg.Secrets, connectWait: s.cfg.BackupConnectTimeout,
+		serverName: s.cfg.TLSServerName, rootFallback: s.cfg.ExportStatusFile == ""}
 	if err := newExportConn(ctx, conn, st); err != nil {
 		return nil, err
 	}

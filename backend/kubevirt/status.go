@@ -61,11 +61,21 @@ func (s ExportStatus) link(internal bool) (*exportLink, error) {
 
 var errNotReady = errors.New("export not ready")
 
+// volumeNames are the export's disks: its volumes, then the backups of a
+// VirtualMachineBackup export (named after the VM's volumes).
 func (l *exportLink) volumeNames() []string {
 	var names []string
+	seen := map[string]bool{}
 	for _, v := range l.Volumes {
-		if v.Name != "" {
+		if v.Name != "" && !seen[v.Name] {
+			seen[v.Name] = true
 			names = append(names, v.Name)
+		}
+	}
+	for _, b := range l.Backups {
+		if b.Name != "" && !seen[b.Name] && l.backupURL(b.Name, "map") != "" && l.backupURL(b.Name, "data") != "" {
+			seen[b.Name] = true
+			names = append(names, b.Name)
 		}
 	}
 	return names
@@ -85,13 +95,16 @@ func (l *exportLink) rawURL(vol string) string {
 	return ""
 }
 
-func (l *exportLink) mapURL(vol string) string {
+func (l *exportLink) mapURL(vol string) string { return l.backupURL(vol, "map") }
+
+// backupURL is a backup's map or data endpoint.
+func (l *exportLink) backupURL(vol, endpoint string) string {
 	for _, b := range l.Backups {
 		if b.Name != vol {
 			continue
 		}
 		for _, e := range b.Endpoints {
-			if e.Endpoint == "map" {
+			if e.Endpoint == endpoint {
 				return e.URL
 			}
 		}

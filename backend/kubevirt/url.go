@@ -57,3 +57,14 @@ func ParseSourceURL(raw string) (SourceURL, error) {
 	}
 	return SourceURL{}, fmt.Errorf("parse source url: path must end in /namespaces/NS or /virtualmachineexports/EXPORT")
 }
+
+// rootURL is https://host/volumes/<vol>/disk.img for a raw URL built under an
+// export URL's path: the path the export pod serves.
+func rootURL(raw, vol string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return ""
+	}
+	u.Path, u.RawPath = "/volumes/"+url.PathEscape(vol)+"/disk.img", ""
+	return u.String()
+}

@@ -116,24 +116,33 @@ func (f *kvFixture) mount(t *testing.T, extra ...string) *mounted {
 // (…/virtualmachineexports/<name>) and the cert its links carry.
 func (f *kvFixture) externalExport(t *testing.T, name string) (status []byte, exportURL, cert string) {
 	t.Helper()
+	return f.exportLinks(t, name, "external")
+}
+
+// exportLinks is externalExport for the "internal" or "external" links.
+func (f *kvFixture) exportLinks(t *testing.T, name, which string) (status []byte, exportURL, cert string) {
+	t.Helper()
 	status, err := f.sim.ExportStatus(name)
 	require.NoError(t, err)
-	var st struct {
-		Links struct {
-			External struct {
-				Cert    string
-				Volumes []struct {
-					Formats []struct{ Format, URL string }
-				}
-			}
+	type links struct {
+		Cert    string
+		Volumes []struct {
+			Formats []struct{ Format, URL string }
 		}
 	}
+	var st struct {
+		Links struct{ Internal, External links }
+	}
 	require.NoError(t, json.Unmarshal(status, &st))
-	require.NotEmpty(t, st.Links.External.Volumes, "export %s has external volumes", name)
-	raw := st.Links.External.Volumes[0].Formats[0].URL
+	l := st.Links.External
+	if which == "internal" {
+		l = st.Links.Internal
+	}
+	require.NotEmpty(t, l.Volumes, "export %s has %s volumes", name, which)
+	raw := l.Volumes[0].Formats[0].URL
 	i := strings.Index(raw, "/volumes/")
 	require.Positive(t, i, "raw link %s", raw)
-	return status, raw[:i], st.Links.External.Cert
+	return status, raw[:i], l.Cert
 }
 
 // tokenFile writes an export's token into a fresh file, as a user given

@@ -1,6 +1,8 @@
 // Package statedir persists, per VM, the names users gave to snapshots they
-// created through mkdir, so the names survive remounts. One JSON file per VM,
-// written atomically.
+// created through mkdir, so the names survive remounts, and each snapshot's
+// time (its creation time when made through mkdir, else when vmexportfs
+// first saw it), for st_mtime on platforms that do not tell. One JSON file
+// per VM, written atomically.
 package statedir
 
 import (
@@ -29,13 +31,15 @@ type Store struct {
 }
 
 type vmState struct {
-	names   map[string]string // name -> snapshot id
-	corrupt bool              // the file on disk could not be parsed
+	names   map[string]string    // name -> snapshot id
+	times   map[string]time.Time // snapshot id -> created (mkdir) or first seen
+	corrupt bool                 // the file on disk could not be parsed
 }
 
 type fileFormat struct {
-	VM    string            `json:"vm"`
-	Names map[string]string `json:"names"`
+	VM    string               `json:"vm"`
+	Names map[string]string    `json:"names"`
+	Times map[string]time.Time `json:"times,omitempty"`
 }
 
 // Open prepares dir (created 0700) and returns a Store; nothing is read
@@ -63,7 +67,7 @@ func (s *Store) load(vm string) *vmState {
 	if st, ok := s.loaded[vm]; ok {
 		return st
 	}
-	st := &vmState{names: map[string]string{}}
+	st := &vmState{names: map[string]string{}, times: map[string]time.Time{}}
 	s.loaded[vm] = st
 	if s.dir == "" {
 		return st
@@ -87,7 +91,50 @@ func (s *Store) load(vm string) *vmState {
 	for name, id := range ff.Names {
 		st.names[name] = id
 	}
+	for id, t := range ff.Times {
+		st.times[id] = t
+	}
 	return st
+}
+
+// SetCreated records id's creation time (a snapshot taken through mkdir).
+func (s *Store) SetCreated(vm, id string, t time.Time) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.load(vm)
+	times := maps.Clone(st.times)
+	times[id] = t
+	err := s.write(vm, st, st.names, times)
+	st.times = times // kept in memory even when the write failed
+	return err
+}
+
+// Times returns the recorded time of each of ids, the VM's complete list of
+// snapshot ids: those without one are recorded as first seen at now, and
+// times of ids no longer listed are dropped. The file is written only when
+// that changed something.
+func (s *Store) Times(vm string, ids []string, now time.Time) (map[string]time.Time, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.load(vm)
+	next := make(map[string]time.Time, len(ids))
+	changed := false
+	for _, id := range ids {
+		t, ok := st.times[id]
+		if !ok {
+			t, changed = now, true
+		}
+		next[id] = t
+	}
+	if len(next) != len(st.times) {
+		changed = true
+	}
+	var err error
+	if changed {
+		err = s.write(vm, st, st.names, next)
+		st.times = next
+	}
+	return maps.Clone(next), err
 }
 
 // Names returns a copy of the VM's name -> snapshot id map.
@@ -117,14 +164,14 @@ func (s *Store) update(vm string, live func(string) bool, change func(map[string
 	if live != nil {
 		maps.DeleteFunc(next, func(_, id string) bool { return !live(id) })
 	}
-	if err := s.write(vm, st, next); err != nil {
+	if err := s.write(vm, st, next, st.times); err != nil {
 		return err
 	}
 	st.names = next
 	return nil
 }
 
-func (s *Store) write(vm string, st *vmState, names map[string]string) error {
+func (s *Store) write(vm string, st *vmState, names map[string]string, times map[string]time.Time) error {
 	if s.dir == "" {
 		return nil
 	}
@@ -138,7 +185,7 @@ func (s *Store) write(vm string, st *vmState, names map[string]string) error {
 		s.log.Warn("statedir: moved corrupt state file aside", "vm", vm, "file", aside)
 		st.corrupt = false
 	}
-	b, err := json.MarshalIndent(fileFormat{VM: vm, Names: names}, "", "  ")
+	b, err := json.MarshalIndent(fileFormat{VM: vm, Names: names, Times: times}, "", "  ")
 	if err != nil {
 		return fmt.Errorf("statedir write %s: %w", path, err)
 	}

@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -93,4 +94,31 @@ func FuzzStateFile(f *testing.F) {
 			}
 		}
 	})
+}
+
+func TestTimesKeptAndPruned(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	if err := s.SetCreated("vm", "a", t0); err != nil {
+		t.Fatal(err)
+	}
+	t1 := t0.Add(time.Hour)
+	got, err := s.Times("vm", []string{"a", "b"}, t1)
+	if err != nil || !got["a"].Equal(t0) || !got["b"].Equal(t1) {
+		t.Fatalf("times %v, %v", got, err)
+	}
+	// A remount reads them back; b stays first seen at t1; a is pruned.
+	s2, _ := Open(dir, nil)
+	got, err = s2.Times("vm", []string{"b"}, t1.Add(time.Hour))
+	if err != nil || len(got) != 1 || !got["b"].Equal(t1) {
+		t.Fatalf("after reopen: %v, %v", got, err)
+	}
+	s3, _ := Open(dir, nil)
+	if got, _ := s3.Times("vm", []string{"a", "b"}, t1.Add(2*time.Hour)); !got["a"].Equal(t1.Add(2 * time.Hour)) {
+		t.Fatalf("a was pruned, so first seen again: %v", got)
+	}
 }

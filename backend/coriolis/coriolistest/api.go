@@ -272,11 +272,21 @@ func encode(w http.ResponseWriter, v any) {
 }
 
 // writeErr is the server's handleError: an APIError with a JSON content type.
+// As observed on the real server, unknown things are not 404 but 500: an
+// unknown VM has details "could not find VM with ID <id>", an unknown
+// snapshot (or compareTo, or the disk route of an unknown snapshot) "not
+// found".
 func writeErr(w http.ResponseWriter, err error) {
 	status, title := http.StatusInternalServerError, "Server error"
+	details := err.Error()
+	var nv vmNotFound
 	switch {
+	case errors.As(err, &nv):
+		details = nv.Error()
 	case errors.Is(err, errNotFound):
-		status, title = http.StatusNotFound, "Not Found"
+		details = "not found"
+	case errors.Is(err, errNoReflink):
+		status, title, details = http.StatusBadRequest, "Bad Request", "VM does not support reflink cloning"
 	case errors.Is(err, errInvalid):
 		status, title = http.StatusBadRequest, "Bad Request"
 	case errors.Is(err, errConflict), errors.Is(err, errExists):
@@ -284,7 +294,7 @@ func writeErr(w http.ResponseWriter, err error) {
 	}
 	w.Header().Add("Content-Type", "application/json")
 	w.WriteHeader(status)
-	encode(w, apiError{Error: title, Details: err.Error()})
+	encode(w, apiError{Error: title, Details: details})
 }
 
 func (v *vm) repoMount() string { return "/OVS/Repositories/" + v.repo }
@@ -301,13 +311,18 @@ func (v *vm) toAPI() apiVM {
 		Snapshots:          []string{},
 	}
 	for _, d := range v.disks {
+		if d.spec.ISOTyped {
+			out.SnapshotCompatible = false
+		}
+	}
+	for _, d := range v.disks {
 		mode, p := "w", v.diskPath(d.spec.Name)
 		if d.spec.CDROM {
 			mode, p = "r", path.Join(v.repoMount(), "ISOs", d.spec.Name)
 		}
 		out.Disks = append(out.Disks, apiDisk{
 			Name: d.spec.Name, Path: p, DeviceName: d.spec.Device,
-			SnapshotCompatible: !d.spec.CDROM, Mode: mode,
+			SnapshotCompatible: !d.spec.ISOTyped, Mode: mode,
 		})
 	}
 	for _, snap := range v.snapshots {
@@ -381,7 +396,7 @@ func (s *Server) getVM(w http.ResponseWriter, vmID string) {
 	}
 	s.mu.RUnlock()
 	if v == nil {
-		writeErr(w, fmt.Errorf("vm %q: %w", vmID, errNotFound))
+		writeErr(w, vmNotFound{vmID})
 		return
 	}
 	encode(w, out)
@@ -398,7 +413,7 @@ func (s *Server) listSnapshots(w http.ResponseWriter, vmID string) {
 	}
 	s.mu.RUnlock()
 	if v == nil {
-		writeErr(w, fmt.Errorf("vm %q: %w", vmID, errNotFound))
+		writeErr(w, vmNotFound{vmID})
 		return
 	}
 	encode(w, out)

@@ -132,20 +132,21 @@ func TestRoutesWithAndWithoutSlash(t *testing.T) {
 	}{
 		{"GET", "/api/v1/vms", 200, ""},
 		{"GET", "/api/v1/vms/vm1", 200, ""},
-		{"GET", "/api/v1/vms/nope", 404, "Not Found"},
+		// Observed on the real server: unknown things are 500, not 404.
+		{"GET", "/api/v1/vms/nope", 500, "Server error"},
 		{"GET", "/api/v1/vms/vm1/snapshots", 200, ""},
-		{"GET", "/api/v1/vms/nope/snapshots", 404, "Not Found"},
+		{"GET", "/api/v1/vms/nope/snapshots", 500, "Server error"},
 		{"GET", "/api/v1/vms/vm1/snapshots/" + sid, 200, ""},
 		{"GET", "/api/v1/vms/vm2/snapshots/" + sid, 409, "Conflict"},
-		{"GET", "/api/v1/vms/vm1/snapshots/" + unknownSnap, 404, "Not Found"},
+		{"GET", "/api/v1/vms/vm1/snapshots/" + unknownSnap, 500, "Server error"},
 		{"GET", diskPath("vm1", sid, "d.img"), 200, ""},
 		{"HEAD", diskPath("vm1", sid, "d.img"), 200, ""},
 		{"GET", diskPath("vm1", sid, "other.img"), 404, ""},
-		{"GET", diskPath("vm1", unknownSnap, "d.img"), 404, "Not Found"},
+		{"GET", diskPath("vm1", unknownSnap, "d.img"), 500, "Server error"},
 		{"GET", diskPath("vm2", sid, "d.img"), 409, "Conflict"},
 		{"DELETE", "/api/v1/vms/vm1/snapshots/" + unknownSnap, 200, ""},
 		{"DELETE", "/api/v1/vms/vm2/snapshots/" + sid, 409, "Conflict"},
-		{"DELETE", "/api/v1/vms/nope/snapshots", 404, "Not Found"},
+		{"DELETE", "/api/v1/vms/nope/snapshots", 500, "Server error"},
 		// gorilla/mux sends a method mismatch to the catch-all not-found handler.
 		{"PUT", "/api/v1/vms", 404, "Not found"},
 		{"DELETE", "/api/v1/vms/vm1", 404, "Not found"},
@@ -178,13 +179,20 @@ func TestRoutesWithAndWithoutSlash(t *testing.T) {
 		r = h.do("DELETE", withSlash("/api/v1/vms/vm1/snapshots/"+created.ID, slash), h.token, nil, nil)
 		require.Equal(t, 200, r.status, string(r.body))
 		assert.Empty(t, r.body)
-		require.Equal(t, 404, h.get(withSlash("/api/v1/vms/vm1/snapshots/"+created.ID, slash)).status)
+		require.Equal(t, 500, h.get(withSlash("/api/v1/vms/vm1/snapshots/"+created.ID, slash)).status)
 		r = h.do("DELETE", withSlash("/api/v1/vms/vm1/snapshots", slash), h.token, nil, nil)
 		require.Equal(t, 200, r.status, string(r.body))
 		assert.Empty(t, r.body)
 	}
 	r := h.do("POST", "/api/v1/vms/nope/snapshots", h.token, nil, nil)
-	assert.Equal(t, 404, r.status)
+	assert.Equal(t, 500, r.status)
+	assert.Equal(t, "could not find VM with ID nope", decodeAPIError(t, r.body).Details)
+	r = h.get("/api/v1/vms/nope")
+	assert.Equal(t, apiError{Error: "Server error", Details: "could not find VM with ID nope"}, decodeAPIError(t, r.body))
+	r = h.get("/api/v1/vms/vm1/snapshots/" + unknownSnap)
+	assert.Equal(t, apiError{Error: "Server error", Details: "not found"}, decodeAPIError(t, r.body))
+	r = h.get(diskPath("vm1", unknownSnap, "d.img"))
+	assert.Equal(t, apiError{Error: "Server error", Details: "not found"}, decodeAPIError(t, r.body))
 }
 
 func TestUnknownPaths(t *testing.T) {
@@ -275,7 +283,7 @@ func TestVMShapes(t *testing.T) {
 	assert.Equal(t, "xvdq", v.Disks[1].DeviceName)
 	assert.Equal(t, "xvdc:cdrom", v.Disks[2].DeviceName)
 	assert.Equal(t, "r", v.Disks[2].Mode)
-	assert.False(t, v.Disks[2].SnapshotCompatible)
+	assert.True(t, v.Disks[2].SnapshotCompatible, "an untyped ISO is reflinked, as on the real server")
 
 	snap := h.snapshot("vm1", s1, "")
 	var rawSnap map[string]any
@@ -286,11 +294,11 @@ func TestVMShapes(t *testing.T) {
 		assert.Contains(t, disk0, k)
 	}
 	assert.Equal(t, "vm1", snap.VMID)
-	require.Len(t, snap.Disks, 2, "CD-ROM is not snapshotted")
-	assert.Equal(t, []string{"root.img", "data.img"}, []string{snap.Disks[0].Name, snap.Disks[1].Name})
+	require.Len(t, snap.Disks, 3, "an untyped ISO is reflinked into the snapshot")
+	assert.Equal(t, []string{"root.img", "data.img", "install.iso"}, []string{snap.Disks[0].Name, snap.Disks[1].Name, snap.Disks[2].Name})
 	assert.Equal(t, s1, snap.Disks[0].SnapshotID)
 	assert.Equal(t, []Chunk{}, snap.Disks[0].Chunks)
-	r = h.get(diskPath("vm1", s1, "install.iso"))
+	r = h.get(diskPath("vm1", s1, "nope.img"))
 	assert.Equal(t, 404, r.status)
 	assert.Empty(t, r.body, "unknown disk: bare 404")
 
@@ -333,7 +341,7 @@ func TestSnapshotQueryErrors(t *testing.T) {
 	}{
 		{"older ok", "compareTo=" + s1, 200},
 		{"same", "compareTo=" + s2, 400},
-		{"unknown", "compareTo=00000000-0000-4000-8000-000000000000", 404},
+		{"unknown", "compareTo=00000000-0000-4000-8000-000000000000", 500},
 		{"other vm", "compareTo=" + other, 409},
 		{"unparsable bool means false", "squashChunks=maybe", 200},
 		{"false bool", "squashChunks=false", 200},
@@ -344,7 +352,7 @@ func TestSnapshotQueryErrors(t *testing.T) {
 			require.Equal(t, tc.status, r.status, string(r.body))
 			if tc.status != 200 {
 				e := decodeAPIError(t, r.body)
-				assert.Equal(t, map[int]string{400: "Bad Request", 404: "Not Found", 409: "Conflict"}[tc.status], e.Error)
+				assert.Equal(t, map[int]string{400: "Bad Request", 500: "Server error", 409: "Conflict"}[tc.status], e.Error)
 				assert.Equal(t, "application/json", r.header.Get("Content-Type"))
 			}
 		})

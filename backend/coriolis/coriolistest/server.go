@@ -341,7 +341,7 @@ func (s *Server) takeSnapshot(vmID string) (*snapshot, error) {
 	defer s.mu.Unlock()
 	v := s.findVM(vmID)
 	if v == nil {
-		return nil, fmt.Errorf("vm %q: %w", vmID, errNotFound)
+		return nil, vmNotFound{vmID}
 	}
 	id, err := newUUID()
 	if err != nil {
@@ -353,9 +353,13 @@ func (s *Server) takeSnapshot(vmID string) (*snapshot, error) {
 		return nil, fmt.Errorf("create snapshot dir: %w", err)
 	}
 	for _, d := range v.disks {
-		if d.spec.CDROM {
-			continue
+		if d.spec.CDROM && d.spec.ISOTyped {
+			_ = os.RemoveAll(snap.dir)
+			return nil, errNoReflink
 		}
+	}
+	for _, d := range v.disks {
+		// An untyped ISO is reflinked like a disk (the real server does).
 		sd, err := snapshotDisk(d, filepath.Join(snap.dir, d.spec.Name))
 		if err != nil {
 			_ = os.RemoveAll(snap.dir)
@@ -366,6 +370,15 @@ func (s *Server) takeSnapshot(vmID string) (*snapshot, error) {
 	v.snapshots = append(v.snapshots, snap)
 	s.log.Debug("coriolis simulator snapshot", "vm", vmID, "snapshot", id)
 	return snap, nil
+}
+
+// DeleteSnapshot deletes one snapshot as DELETE .../snapshots/{id} does (an
+// unknown id is no error), behind the back of any client.
+func (s *Server) DeleteSnapshot(vmID, id string) error {
+	if err := s.deleteSnapshots(vmID, id); err != nil {
+		return fmt.Errorf("coriolistest delete snapshot %s/%s: %w", vmID, id, err)
+	}
+	return nil
 }
 
 // deleteSnapshots removes one snapshot (id != "") or all of the VM's, with
@@ -385,7 +398,7 @@ func (s *Server) deleteSnapshots(vmID, id string) error {
 		}
 		v = owner
 	} else if v = s.findVM(vmID); v == nil {
-		return fmt.Errorf("vm %q: %w", vmID, errNotFound)
+		return vmNotFound{vmID}
 	}
 	kept := v.snapshots[:0:0]
 	for i, snap := range v.snapshots {

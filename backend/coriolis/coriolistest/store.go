@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"sort"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -34,13 +33,33 @@ type VMSpec struct {
 }
 
 // DiskSpec describes one disk of a VM. Device defaults to xvda, xvdb, ...;
-// a CD-ROM gets the ":cdrom" suffix and mode "r" and is never snapshotted.
+// a CD-ROM gets the ":cdrom" suffix and mode "r". Like the real server on a
+// repository whose metadata leaves the ISO untyped, a CD-ROM is reflinked
+// into every snapshot and listed as one of its disks; one typed "not a
+// virtual disk" (ISOTyped) makes snapshot creation of its VM fail with 400
+// "VM does not support reflink cloning".
 type DiskSpec struct {
-	Name   string // the diskID of the disk route
-	Device string
-	Size   int64
-	CDROM  bool
+	Name     string // the diskID of the disk route
+	Device   string
+	Size     int64
+	CDROM    bool
+	ISOTyped bool // CD-ROM only: the repository types it as not a virtual disk
 }
+
+// fsBlock is the block size of the repository's filesystem: FIEMAP reports
+// whole blocks, so the last chunk of a disk whose size is not a multiple of
+// it ends past the end of the file, as on the real server.
+const fsBlock = 4096
+
+// errNoReflink is the server's refusal to snapshot a VM with a typed ISO.
+var errNoReflink = fmt.Errorf("%w: VM does not support reflink cloning", errInvalid)
+
+// vmNotFound is the server's answer for an unknown VM: 500 with details
+// "could not find VM with ID <id>".
+type vmNotFound struct{ id string }
+
+func (e vmNotFound) Error() string { return "could not find VM with ID " + e.id }
+func (e vmNotFound) Unwrap() error { return errNotFound }
 
 // granuleMap maps a granule index to the physical id it was allocated at.
 type granuleMap map[int64]uint64
@@ -192,6 +211,9 @@ func fiemapChunks(m granuleMap, size int64) []Chunk {
 	for _, g := range sortedGranules(m) {
 		p := m[g]
 		start, end := granuleBounds(g, size)
+		// FIEMAP answers in whole filesystem blocks: the last chunk runs
+		// past the end of a file whose size is not a block multiple.
+		end = min(start+Granularity, (size+fsBlock-1)/fsBlock*fsBlock)
 		if end <= start {
 			continue
 		}
@@ -219,37 +241,23 @@ func squashChunks(chunks []Chunk) []Chunk {
 	return out
 }
 
-// diffChunks keeps the parts of cur whose physical location differs from
-// old's for the same logical bytes: what was rewritten after the older
-// reflink copy. Comparing per byte range rather than per chunk matters
-// because a write into a shared extent splits it, and the untouched pieces
-// keep their old physical location. Like the real server it yields nil (JSON
+// diffChunks is the real server's compareTo: a chunk of cur is kept unless
+// base has a chunk with the same start, length and physical start (compared
+// before squashing). So an extent split by copy-on-write is reported whole
+// (64 KiB written inside a 3 MiB extent reports all 3 MiB: its untouched
+// pieces no longer match the base's extent), and a discarded range is never
+// reported (cur has no chunk there). Like the server it yields nil (JSON
 // null) when nothing changed.
 func diffChunks(cur, old []Chunk) []Chunk {
+	same := make(map[Chunk]bool, len(old))
+	for _, o := range old {
+		same[o] = true
+	}
 	var out []Chunk
 	for _, c := range cur {
-		start, end := c.Start, c.Start+c.Length
-		// Pieces of c mapped exactly as in old, in logical order.
-		var same [][2]uint64
-		for _, o := range old {
-			lo, hi := max(start, o.Start), min(end, o.Start+o.Length)
-			if lo >= hi || c.PhysicalStart+(lo-c.Start) != o.PhysicalStart+(lo-o.Start) {
-				continue
-			}
-			same = append(same, [2]uint64{lo, hi})
+		if !same[c] {
+			out = append(out, c)
 		}
-		sort.Slice(same, func(i, j int) bool { return same[i][0] < same[j][0] })
-		pos := start
-		emit := func(to uint64) {
-			if to > pos {
-				out = append(out, Chunk{Start: pos, Length: to - pos, PhysicalStart: c.PhysicalStart + (pos - c.Start)})
-			}
-		}
-		for _, r := range same {
-			emit(r[0])
-			pos = max(pos, r[1])
-		}
-		emit(end)
 	}
 	return out
 }

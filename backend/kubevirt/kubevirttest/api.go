@@ -62,13 +62,15 @@ func (s *Server) serveAPI(w http.ResponseWriter, r *http.Request) {
 		name = parts[2]
 	}
 	want := map[string]string{"secrets": "/v1", "virtualmachines": vmGroup + "/v1",
-		"virtualmachinesnapshots": snapshotGroup + "/v1beta1", "virtualmachineexports": exportGroup + "/" + s.opts.ExportVersion}
-	if want[resource] != group+"/"+version {
+		"virtualmachinesnapshots": snapshotGroup + "/v1beta1", "virtualmachineexports": exportGroup + "/" + s.opts.ExportVersion,
+		"virtualmachinebackups": backupGroup + "/v1alpha1", "virtualmachinebackuptrackers": backupGroup + "/v1alpha1"}
+	if want[resource] != group+"/"+version || group == backupGroup && !s.opts.BackupAPI {
 		writeStatus(w, fmt.Errorf("resource %s/%s %s: %w", group, version, resource, errNotFound))
 		return
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.expireBackups()
 	var (
 		out any
 		err error
@@ -111,45 +113,45 @@ func (s *Server) snapView(sn *snapState) VirtualMachineSnapshot {
 	return out
 }
 
+// getFrom is a GET of a resource kept in m: its list (apiVersion, kind)
+// for name "", else the named object; each shown through view.
+func getFrom[V, T any](m map[string]V, name, apiVersion, kind string, view func(V) T) (any, bool) {
+	if name == "" {
+		l := list[T]{APIVersion: apiVersion, Kind: kind, Items: []T{}}
+		for _, k := range sortedKeys(m) {
+			l.Items = append(l.Items, view(m[k]))
+		}
+		return l, true
+	}
+	if v, ok := m[name]; ok {
+		return view(v), true
+	}
+	return nil, false
+}
+
 func (s *Server) get(resource, name string) (any, error) {
+	var (
+		out any
+		ok  bool
+	)
 	switch resource {
 	case "virtualmachines":
-		if name == "" {
-			l := list[VirtualMachine]{APIVersion: vmGroup + "/v1", Kind: "VirtualMachineList", Items: []VirtualMachine{}}
-			for _, k := range sortedKeys(s.vms) {
-				l.Items = append(l.Items, s.vms[k].obj)
-			}
-			return l, nil
-		}
-		if vm, ok := s.vms[name]; ok {
-			return vm.obj, nil
-		}
+		out, ok = getFrom(s.vms, name, vmGroup+"/v1", "VirtualMachineList", func(vm *vmState) VirtualMachine { return vm.obj })
 	case "virtualmachinesnapshots":
-		if name == "" {
-			l := list[VirtualMachineSnapshot]{APIVersion: snapshotGroup + "/v1beta1", Kind: "VirtualMachineSnapshotList", Items: []VirtualMachineSnapshot{}}
-			for _, k := range sortedKeys(s.snaps) {
-				l.Items = append(l.Items, s.snapView(s.snaps[k]))
-			}
-			return l, nil
-		}
-		if sn, ok := s.snaps[name]; ok {
-			return s.snapView(sn), nil
-		}
+		out, ok = getFrom(s.snaps, name, snapshotGroup+"/v1beta1", "VirtualMachineSnapshotList", s.snapView)
 	case "virtualmachineexports":
-		if name == "" {
-			l := list[VirtualMachineExport]{APIVersion: exportGroup + "/" + s.opts.ExportVersion, Kind: "VirtualMachineExportList", Items: []VirtualMachineExport{}}
-			for _, k := range sortedKeys(s.exports) {
-				l.Items = append(l.Items, s.exportView(s.exports[k]))
-			}
-			return l, nil
-		}
-		if e, ok := s.exports[name]; ok {
-			return s.exportView(e), nil
-		}
+		out, ok = getFrom(s.exports, name, exportGroup+"/"+s.opts.ExportVersion, "VirtualMachineExportList", s.exportView)
+	case "virtualmachinebackups":
+		out, ok = getFrom(s.backups, name, backupGroup+"/v1alpha1", "VirtualMachineBackupList", func(b *backupState) VirtualMachineBackup { return b.obj })
+	case "virtualmachinebackuptrackers":
+		out, ok = getFrom(s.trackers, name, backupGroup+"/v1alpha1", "VirtualMachineBackupTrackerList", func(tr *VirtualMachineBackupTracker) VirtualMachineBackupTracker { return *tr })
 	case "secrets":
-		if sec, ok := s.secrets[name]; ok && name != "" {
+		if sec, found := s.secrets[name]; found && name != "" {
 			return sec, nil
 		}
+	}
+	if ok {
+		return out, nil
 	}
 	return nil, fmt.Errorf("%s %q: %w", resource, name, errNotFound)
 }
@@ -176,6 +178,18 @@ func (s *Server) create(resource string, r *http.Request) (any, error) {
 			return nil, fmt.Errorf("name: %w", errInvalid)
 		}
 		return s.createExport(e)
+	case "virtualmachinebackuptrackers":
+		var tr VirtualMachineBackupTracker
+		if err := dec.Decode(&tr); err != nil {
+			return nil, fmt.Errorf("decode: %w", errInvalid)
+		}
+		return s.addTracker(tr)
+	case "virtualmachinebackups":
+		var req backupRequest
+		if err := dec.Decode(&req); err != nil {
+			return nil, fmt.Errorf("decode: %w", errInvalid)
+		}
+		return s.addBackup(req)
 	case "secrets":
 		var sec Secret
 		if err := dec.Decode(&sec); err != nil {
@@ -246,6 +260,14 @@ func (s *Server) delete(resource, name string) error {
 		uid = e.obj.Metadata.UID
 		e.srv.close()
 		delete(s.exports, name)
+	case "virtualmachinebackups":
+		b, ok := s.backups[name]
+		if !ok {
+			return fmt.Errorf("backup %q: %w", name, errNotFound)
+		}
+		uid = b.obj.Metadata.UID
+		// Its checkpoint stays (checkpoints[name]): the tracker keeps it.
+		delete(s.backups, name)
 	case "secrets":
 		sec, ok := s.secrets[name]
 		if !ok {

@@ -10,11 +10,16 @@ import (
 // the CA's PEM goes into a status cert or kubeconfig, and a rotation replaces
 // both.
 func newCert(caName string) (tls.Certificate, []byte, error) {
+	return newCertFor(caName, testpki.Loopback())
+}
+
+// newCertFor is newCert for the names of leaf.
+func newCertFor(caName string, leaf testpki.Leaf) (tls.Certificate, []byte, error) {
 	ca, err := testpki.NewCA(caName)
 	if err != nil {
 		return tls.Certificate{}, nil, err
 	}
-	cert, err := ca.Issue(testpki.Loopback())
+	cert, err := ca.Issue(leaf)
 	if err != nil {
 		return tls.Certificate{}, nil, err
 	}

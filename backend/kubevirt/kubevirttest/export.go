@@ -15,6 +15,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/vmexportfs/vmexportfs/backend/internal/testpki"
 )
 
 const tokenName = "x-kubevirt-export-token"
@@ -27,6 +29,10 @@ type exportServer struct {
 	token func() (string, bool)
 	ln    net.Listener
 	http  *http.Server
+	// backup is set for a VirtualMachineBackup export: only the map and
+	// data routes exist.
+	backup  *backupState
+	created time.Time
 
 	mu    sync.Mutex
 	cert  tls.Certificate
@@ -35,7 +41,7 @@ type exportServer struct {
 }
 
 func startExportServer(sim *Server, name string, files map[string]string, token func() (string, bool)) (*exportServer, error) {
-	cert, pemBytes, err := newCert("virt-export-" + name + " CA")
+	cert, pemBytes, err := exportCert(sim, name)
 	if err != nil {
 		return nil, err
 	}
@@ -43,7 +49,7 @@ func startExportServer(sim *Server, name string, files map[string]string, token 
 	if err != nil {
 		return nil, fmt.Errorf("listen: %w", err)
 	}
-	e := &exportServer{sim: sim, name: name, files: files, token: token, ln: ln, cert: cert, pem: pemBytes, conns: map[net.Conn]bool{}}
+	e := &exportServer{sim: sim, name: name, files: files, token: token, ln: ln, cert: cert, pem: pemBytes, conns: map[net.Conn]bool{}, created: time.Now()}
 	e.http = &http.Server{Handler: e, ErrorLog: log.New(io.Discard, "", 0), TLSConfig: &tls.Config{GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 		e.mu.Lock()
 		defer e.mu.Unlock()
@@ -64,8 +70,18 @@ func (e *exportServer) certPEM() []byte {
 	return e.pem
 }
 
+// exportCert is an export server's certificate: loopback names, or the
+// pod's service DNS names only with PodOnly.
+func exportCert(sim *Server, name string) (tls.Certificate, []byte, error) {
+	if sim.opts.PodOnly {
+		svc := "virt-export-" + name + "." + sim.opts.Namespace + ".svc"
+		return newCertFor("virt-export-"+name+" CA", testpki.Leaf{DNSNames: []string{svc, svc + ".cluster.local"}})
+	}
+	return newCert("virt-export-" + name + " CA")
+}
+
 func (e *exportServer) rotate() error {
-	cert, pemBytes, err := newCert("virt-export-" + e.name + " CA")
+	cert, pemBytes, err := exportCert(e.sim, e.name)
 	if err != nil {
 		return err
 	}
@@ -105,7 +121,7 @@ func (e *exportServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	path := r.URL.Path
 	// The external link goes through the export proxy, which strips this prefix.
 	proxy := fmt.Sprintf("/api/%s/%s/namespaces/%s/virtualmachineexports/%s/", exportGroup, e.sim.opts.ExportVersion, e.sim.opts.Namespace, e.name)
-	if strings.HasPrefix(path, proxy) {
+	if strings.HasPrefix(path, proxy) && !e.sim.opts.PodOnly {
 		path = "/" + strings.TrimPrefix(path, proxy)
 	}
 	if path == "/exportready" {
@@ -123,6 +139,14 @@ func (e *exportServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	e.sim.mu.Unlock()
 	var handler func(http.ResponseWriter, *http.Request, string)
 	switch {
+	case ok && e.backup != nil && parts[0] == "exports" && parts[2] == "map":
+		vol := parts[1]
+		handler = func(w http.ResponseWriter, r *http.Request, file string) { e.serveBackupMap(w, r, vol, file) }
+	case ok && e.backup != nil && parts[0] == "exports" && parts[2] == "data":
+		handler = e.serveBackupData
+	case e.backup != nil:
+		http.NotFound(w, r)
+		return
 	case ok && parts[0] == "volumes" && parts[2] == "disk.img":
 		handler = e.serveRaw
 	case ok && parts[0] == "volumes" && parts[2] == "disk.img.gz":
@@ -142,18 +166,18 @@ func (e *exportServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	handler(w, r, file)
 }
 
-// authorized checks the query parameter first, then the header, and strips both.
+// authorized tries the query parameter, then the header (either may match,
+// so a wrong query token with the right header passes), and strips both. As
+// on the real server, an empty token file accepts requests with no token.
 func (e *exportServer) authorized(r *http.Request) bool {
 	q := r.URL.Query()
-	got := q.Get(tokenName)
-	if got == "" {
-		got = r.Header.Get(tokenName)
-	}
+	fromQuery := q.Get(tokenName)
+	fromHeader := r.Header.Get(tokenName)
 	q.Del(tokenName)
 	r.URL.RawQuery = q.Encode()
 	r.Header.Del(tokenName)
 	want, ok := e.token()
-	return ok && got != "" && tokenEqual(got, want)
+	return ok && (tokenEqual(fromQuery, want) || tokenEqual(fromHeader, want))
 }
 
 type countingWriter struct {
@@ -167,13 +191,40 @@ func (c countingWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
-func (e *exportServer) serveRaw(w http.ResponseWriter, r *http.Request, file string) {
+// openFile opens a volume's file, answering 500 when it cannot.
+func openFile(w http.ResponseWriter, file string) (*os.File, bool) {
 	f, err := os.Open(file)
 	if err != nil {
 		http.Error(w, "open failed", http.StatusInternalServerError)
+		return nil, false
+	}
+	return f, true
+}
+
+// openSized is openFile with the file's size, answering 500 when it cannot
+// stat it.
+func openSized(w http.ResponseWriter, file string) (*os.File, int64, bool) {
+	f, ok := openFile(w, file)
+	if !ok {
+		return nil, 0, false
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		_ = f.Close()
+		http.Error(w, "stat failed", http.StatusInternalServerError)
+		return nil, 0, false
+	}
+	return f, fi.Size(), true
+}
+
+func (e *exportServer) serveRaw(w http.ResponseWriter, r *http.Request, file string) {
+	f, ok := openFile(w, file)
+	if !ok {
 		return
 	}
 	defer f.Close()
+	// The real server's type comes from the file extension.
+	w.Header().Set("Content-Type", "application/x-raw-disk-image")
 	http.ServeContent(countingWriter{w, e.sim}, r, "", time.Time{}, f)
 }
 
@@ -182,13 +233,12 @@ func (e *exportServer) serveGzip(w http.ResponseWriter, r *http.Request, file st
 		w.WriteHeader(http.StatusBadRequest)
 		return
 	}
-	f, err := os.Open(file)
-	if err != nil {
-		http.Error(w, "open failed", http.StatusInternalServerError)
+	f, ok := openFile(w, file)
+	if !ok {
 		return
 	}
 	defer f.Close()
-	w.Header().Set("Content-Type", "application/gzip")
+	w.Header().Set("Content-Type", "application/x-gzip")
 	// Streamed: flushing the header first keeps net/http from adding a
 	// Content-Length when the whole stream happens to fit its buffer.
 	w.WriteHeader(http.StatusOK)
@@ -212,6 +262,24 @@ type mapPage struct {
 	NextOffset *uint64     `json:"next_offset"`
 }
 
+// add puts the n bytes at pos on the page, merged into the last extent when
+// it has the same description. It is false, with NextOffset at pos, when
+// that takes a new extent and the page already holds pageSize.
+func (p *mapPage) add(pos, n int64, typ uint64, desc string, pageSize uint64) bool {
+	last := len(p.Extents) - 1
+	if last >= 0 && p.Extents[last].Description == desc {
+		p.Extents[last].Length += uint64(n)
+		return true
+	}
+	if uint64(len(p.Extents)) == pageSize {
+		next := uint64(pos)
+		p.NextOffset = &next
+		return false
+	}
+	p.Extents = append(p.Extents, mapExtent{Offset: uint64(pos), Length: uint64(n), Type: typ, Description: desc})
+	return true
+}
+
 func queryInt(r *http.Request, key string, def int64) (int64, error) {
 	v := r.URL.Query().Get(key)
 	if v == "" {
@@ -227,18 +295,11 @@ func queryInt(r *http.Request, key string, def int64) (int64, error) {
 // serveMap reports data/hole extents per 64 KiB chunk, page_size extents per page.
 func (e *exportServer) serveMap(w http.ResponseWriter, r *http.Request, file string) {
 	e.sim.mapQueries.Add(1)
-	f, err := os.Open(file)
-	if err != nil {
-		http.Error(w, "open failed", http.StatusInternalServerError)
+	f, size, ok := openSized(w, file)
+	if !ok {
 		return
 	}
 	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		http.Error(w, "stat failed", http.StatusInternalServerError)
-		return
-	}
-	size := fi.Size()
 	off, err1 := queryInt(r, "offset", 0)
 	length, err2 := queryInt(r, "length", size)
 	pageSize, err3 := queryInt(r, "page_size", 512)
@@ -257,7 +318,7 @@ func (e *exportServer) serveMap(w http.ResponseWriter, r *http.Request, file str
 		desc, typ := "data", uint64(0)
 		if data := dataFrom(f, pos, size); data >= pos+n {
 			// Whole chunks in a hole are one hole, found without reading.
-			desc, typ = "hole", 3
+			desc, typ = "hole,zero", 3
 			if data < end {
 				n = (data - pos) / chunk * chunk
 			} else {
@@ -269,19 +330,11 @@ func (e *exportServer) serveMap(w http.ResponseWriter, r *http.Request, file str
 				return
 			}
 			if allZero(buf[:n]) {
-				desc, typ = "hole", 3
+				desc, typ = "hole,zero", 3
 			}
 		}
-		last := len(page.Extents) - 1
-		if last >= 0 && page.Extents[last].Description == desc {
-			page.Extents[last].Length += uint64(n)
-		} else {
-			if int64(len(page.Extents)) == pageSize {
-				next := uint64(pos)
-				page.NextOffset = &next
-				break
-			}
-			page.Extents = append(page.Extents, mapExtent{Offset: uint64(pos), Length: uint64(n), Type: typ, Description: desc})
+		if !page.add(pos, n, typ, desc, uint64(pageSize)) {
+			break
 		}
 		pos += n
 	}
@@ -290,19 +343,17 @@ func (e *exportServer) serveMap(w http.ResponseWriter, r *http.Request, file str
 }
 
 func (e *exportServer) serveData(w http.ResponseWriter, r *http.Request, file string) {
-	f, err := os.Open(file)
-	if err != nil {
-		http.Error(w, "open failed", http.StatusInternalServerError)
+	f, size, ok := openSized(w, file)
+	if !ok {
 		return
 	}
 	defer f.Close()
-	fi, _ := f.Stat()
 	off, err1 := queryInt(r, "offset", 0)
-	length, err2 := queryInt(r, "length", fi.Size())
-	if err1 != nil || err2 != nil || off > fi.Size() {
+	length, err2 := queryInt(r, "length", size)
+	if err1 != nil || err2 != nil || off > size {
 		http.Error(w, "bad query", http.StatusBadRequest)
 		return
 	}
 	w.Header().Set("Content-Type", "application/octet-stream")
-	_, _ = io.Copy(countingWriter{w, e.sim}, io.NewSectionReader(f, off, min(length, fi.Size()-off)))
+	_, _ = io.Copy(countingWriter{w, e.sim}, io.NewSectionReader(f, off, min(length, size-off)))
 }

@@ -11,11 +11,12 @@ type OwnerReference struct {
 }
 
 type ObjectMeta struct {
-	Name              string           `json:"name"`
-	Namespace         string           `json:"namespace,omitempty"`
-	UID               string           `json:"uid,omitempty"`
-	CreationTimestamp string           `json:"creationTimestamp,omitempty"`
-	OwnerReferences   []OwnerReference `json:"ownerReferences,omitempty"`
+	Name              string            `json:"name"`
+	Namespace         string            `json:"namespace,omitempty"`
+	UID               string            `json:"uid,omitempty"`
+	CreationTimestamp string            `json:"creationTimestamp,omitempty"`
+	Annotations       map[string]string `json:"annotations,omitempty"`
+	OwnerReferences   []OwnerReference  `json:"ownerReferences,omitempty"`
 }
 
 type TypedRef struct {

@@ -49,6 +49,19 @@ type Options struct {
 	// name; a test that takes several in a second and needs them oldest
 	// first gives a clock that never repeats a second.
 	Clock func() time.Time
+	// LauncherDelay is how long a backup export's map and data routes
+	// answer 503 "Backup source (virt-launcher) not connected via tunnel"
+	// after the export is created.
+	LauncherDelay time.Duration
+	// PodOnly makes each export server behave as the export pod itself
+	// reached through kubectl port-forward: root paths only (no proxy
+	// prefix is stripped) and a certificate for the service DNS names only
+	// (virt-export-NAME.NS.svc…), no IP SANs.
+	PodOnly bool
+	// BackupAPI serves backup.kubevirt.io (VirtualMachineBackup and
+	// VirtualMachineBackupTracker, KubeVirt v1.8+); off, those resources
+	// are 404 as on an older cluster.
+	BackupAPI bool
 }
 
 // VolumeSpec declares one disk of a VM.
@@ -59,9 +72,10 @@ type VolumeSpec struct {
 
 // Stats counts what the export servers served.
 type Stats struct {
-	Requests   int64 // export server requests, any route
-	DiskBytes  int64 // raw and data-route bytes written
-	MapQueries int64
+	Requests    int64 // export server requests, any route
+	DiskBytes   int64 // raw and data-route bytes written
+	MapQueries  int64
+	DataQueries int64 // backup data-route requests
 }
 
 type vmState struct {
@@ -83,20 +97,24 @@ type exportState struct {
 
 // Server is a running simulator.
 type Server struct {
-	opts    Options
-	ln      net.Listener
-	http    *http.Server
-	caPEM   []byte
-	mu      sync.Mutex
-	vms     map[string]*vmState
-	snaps   map[string]*snapState
-	exports map[string]*exportState
-	secrets map[string]*Secret
-	backup  bool
-	forced  map[string]string // export -> token the server expects instead of its secret's
-	seq     int
+	opts        Options
+	ln          net.Listener
+	http        *http.Server
+	caPEM       []byte
+	mu          sync.Mutex
+	vms         map[string]*vmState
+	snaps       map[string]*snapState
+	exports     map[string]*exportState
+	secrets     map[string]*Secret
+	backup      bool
+	forced      map[string]string // export -> token the server expects instead of its secret's
+	seq         int
+	backups     map[string]*backupState
+	lastBackup  map[string]string // vm -> its last backup (the checkpoint's)
+	trackers    map[string]*VirtualMachineBackupTracker
+	checkpoints map[string]*backupState // backup -> its data, kept after the backup is deleted
 
-	requests, diskBytes, mapQueries atomic.Int64
+	requests, diskBytes, mapQueries, dataQueries atomic.Int64
 }
 
 // Start runs a simulator on loopback.
@@ -120,7 +138,8 @@ func Start(opts Options) (*Server, error) {
 	}
 	s := &Server{opts: opts, ln: ln, caPEM: caPEM,
 		vms: map[string]*vmState{}, snaps: map[string]*snapState{},
-		exports: map[string]*exportState{}, secrets: map[string]*Secret{}, forced: map[string]string{}}
+		exports: map[string]*exportState{}, secrets: map[string]*Secret{}, forced: map[string]string{},
+		backups: map[string]*backupState{}, lastBackup: map[string]string{}, trackers: map[string]*VirtualMachineBackupTracker{}, checkpoints: map[string]*backupState{}}
 	s.http = &http.Server{Handler: http.HandlerFunc(s.serveAPI), ErrorLog: log.New(io.Discard, "", 0), TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}}}
 	go s.http.ServeTLS(ln, "", "") //nolint:errcheck // ends with Close
 	return s, nil
@@ -150,6 +169,18 @@ func (s *Server) Token() string { return apiToken }
 
 // Kubeconfig is a kubeconfig for the API server with a bearer token and CA.
 func (s *Server) Kubeconfig() []byte {
+	return fmt.Appendf(s.ClusterKubeconfig("sim"), `users:
+- name: sim
+  user:
+    token: %s
+`, apiToken)
+}
+
+// ClusterKubeconfig is the cluster-and-context part of a kubeconfig for the
+// API server: its CA, and a current context "sim" in the simulated
+// namespace for user, whose credentials (a token, an exec plugin) the
+// caller adds or keeps in another file of $KUBECONFIG.
+func (s *Server) ClusterKubeconfig(user string) []byte {
 	return fmt.Appendf(nil, `apiVersion: v1
 kind: Config
 current-context: sim
@@ -162,13 +193,9 @@ contexts:
 - name: sim
   context:
     cluster: sim
-    user: sim
+    user: %s
     namespace: %s
-users:
-- name: sim
-  user:
-    token: %s
-`, s.URL(), base64.StdEncoding.EncodeToString(s.caPEM), s.opts.Namespace, apiToken)
+`, s.URL(), base64.StdEncoding.EncodeToString(s.caPEM), user, s.opts.Namespace)
 }
 
 // SetBackupRoutes turns the backup map/data routes on or off for exports.
@@ -180,7 +207,7 @@ func (s *Server) SetBackupRoutes(on bool) {
 
 // Stats reports export server counters.
 func (s *Server) Stats() Stats {
-	return Stats{Requests: s.requests.Load(), DiskBytes: s.diskBytes.Load(), MapQueries: s.mapQueries.Load()}
+	return Stats{Requests: s.requests.Load(), DiskBytes: s.diskBytes.Load(), MapQueries: s.mapQueries.Load(), DataQueries: s.dataQueries.Load()}
 }
 
 func (s *Server) nextUID() string {
@@ -279,9 +306,15 @@ func (s *Server) CreateLiveExport(name, vm, tokenSecret, token string) error {
 			Metadata: ObjectMeta{Name: tokenSecret, Namespace: s.opts.Namespace, UID: s.nextUID()},
 			Data:     map[string][]byte{"token": []byte(token)}}
 	}
+	return s.exportSource(name, TypedRef{APIGroup: vmGroup, Kind: "VirtualMachine", Name: vm}, tokenSecret)
+}
+
+// exportSource creates a VirtualMachineExport named name of source, with
+// the token secret tokenSecret ("" = a generated one). Caller holds mu.
+func (s *Server) exportSource(name string, source TypedRef, tokenSecret string) error {
 	var e VirtualMachineExport
 	e.Metadata.Name = name
-	e.Spec.Source = TypedRef{APIGroup: vmGroup, Kind: "VirtualMachine", Name: vm}
+	e.Spec.Source = source
 	e.Spec.TokenSecretRef = tokenSecret
 	_, err := s.createExport(e)
 	return err
@@ -320,6 +353,7 @@ func (s *Server) createExport(e VirtualMachineExport) (VirtualMachineExport, err
 		return e, errExists
 	}
 	var files map[string]string
+	var backup *backupState
 	switch e.Spec.Source.Kind {
 	case "VirtualMachine":
 		vm, ok := s.vms[e.Spec.Source.Name]
@@ -343,6 +377,20 @@ func (s *Server) createExport(e VirtualMachineExport) (VirtualMachineExport, err
 		for _, v := range vm.volumes {
 			files[v.Name] = filepath.Join(sn.dir, v.Name+".img")
 		}
+	case "VirtualMachineBackup":
+		b, ok := s.backups[e.Spec.Source.Name]
+		if !ok {
+			return e, errNotFound
+		}
+		vm, ok := s.vms[b.vm]
+		if !ok {
+			return e, errNotFound
+		}
+		files = map[string]string{}
+		for _, v := range vm.volumes {
+			files[v.Name] = filepath.Join(b.dir, v.Name+".img")
+		}
+		backup = b
 	default:
 		return e, errInvalid
 	}
@@ -368,6 +416,7 @@ func (s *Server) createExport(e VirtualMachineExport) (VirtualMachineExport, err
 	if err != nil {
 		return e, err
 	}
+	srv.backup = backup
 	e.APIVersion = exportGroup + "/" + s.opts.ExportVersion
 	e.Kind = "VirtualMachineExport"
 	e.Metadata.Namespace = s.opts.Namespace
@@ -406,6 +455,14 @@ func (s *Server) exportView(e *exportState) VirtualMachineExport {
 	mk := func(prefix string) *ExportLink {
 		l := &ExportLink{Cert: cert}
 		for _, name := range e.srv.volumeNames() {
+			if e.srv.backup != nil {
+				// A backup export: backups only, named after the VM's volumes.
+				l.Backups = append(l.Backups, Backup{Name: name, Endpoints: []Endpoint{
+					{Endpoint: "map", URL: prefix + "/exports/" + name + "/map"},
+					{Endpoint: "data", URL: prefix + "/exports/" + name + "/data"},
+				}})
+				continue
+			}
 			l.Volumes = append(l.Volumes, Volume{Name: name, Formats: []Format{
 				{Format: "raw", URL: prefix + "/volumes/" + name + "/disk.img"},
 				{Format: "gzip", URL: prefix + "/volumes/" + name + "/disk.img.gz"},
