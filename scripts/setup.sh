@@ -3,7 +3,7 @@
 # machine (run as root): FUSE 3 and the tools the tests drive.
 set -euo pipefail
 
-packages=(fuse3 qemu-utils attr rsync libvhdi-utils pigz curl make ca-certificates)
+packages=(fuse3 qemu-utils nbdkit attr rsync libvhdi-utils pigz curl make ca-certificates)
 
 missing=()
 for p in "${packages[@]}"; do
