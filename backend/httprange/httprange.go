@@ -211,8 +211,23 @@ func (c *Client) statusError(resp *http.Response) error {
 	default:
 		sentinel = backend.ErrUnavailable
 	}
-	return fmt.Errorf("%w: status %d: %q", sentinel, resp.StatusCode, c.Secrets.Peer(b))
+	return &StatusError{Code: resp.StatusCode, Kind: sentinel, Text: c.Secrets.Peer(b)}
 }
+
+// StatusError is a non-2xx answer: its status code, the backend sentinel it
+// maps to, and the server's text made safe. Callers that must tell one
+// status from another (a 503 that means "not ready yet") use errors.As.
+type StatusError struct {
+	Code int
+	Kind error  // a backend sentinel
+	Text string // the server's answer, cut, stripped and with secrets masked
+}
+
+func (e *StatusError) Error() string {
+	return fmt.Sprintf("%v: status %d: %q", e.Kind, e.Code, e.Text)
+}
+
+func (e *StatusError) Unwrap() error { return e.Kind }
 
 func classify(status int, idem bool) retry.Kind {
 	switch {

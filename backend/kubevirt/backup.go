@@ -67,7 +67,7 @@ func (c *exportConn) getMapPage(ctx context.Context, mapURL string, off int64, l
 		return http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
 	})
 	if err != nil {
-		if strings.Contains(err.Error(), "status 503") {
+		if se := (*httprange.StatusError)(nil); errors.As(err, &se) && se.Code == http.StatusServiceUnavailable {
 			return mapPage{}, fmt.Errorf("%w: %w", errLauncher, err)
 		}
 		return mapPage{}, fmt.Errorf("backup map: %w", err)
