@@ -208,6 +208,23 @@ func (p *diskPool) closeAll(victims []*openedDisk) {
 	}
 }
 
+// closeSnapshot closes the idle disks of one snapshot (opened plainly or as
+// a delta, or as another's delta base): a platform may refuse to delete a
+// disk still attached (XenServer's VDI_IN_USE while NBD holds it).
+func (p *diskPool) closeSnapshot(vm, snapshot string) {
+	of := func(r backend.DiskRef) bool { return r.VM == vm && r.Snapshot == snapshot }
+	var victims []*openedDisk
+	p.mu.Lock()
+	for k, o := range p.open {
+		if (of(k.ref) || of(k.base)) && p.idleLocked(o) {
+			victims = append(victims, o)
+			delete(p.open, k)
+		}
+	}
+	p.mu.Unlock()
+	p.closeAll(victims)
+}
+
 // count is how many disks are open (or opening).
 func (p *diskPool) count() int {
 	p.mu.Lock()

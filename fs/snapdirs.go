@@ -90,6 +90,7 @@ func (n *snapshotsDir) Rmdir(ctx context.Context, name string) syscall.Errno {
 	if e == nil {
 		return syscall.ENOENT
 	}
+	n.st.pool.closeSnapshot(n.vm, e.snap.ID)
 	if err := deleter.DeleteSnapshot(ctx, n.vm, e.snap.ID); err != nil {
 		return n.st.toErrno(ctx, "rmdir", p, err)
 	}

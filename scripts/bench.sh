@@ -221,6 +221,56 @@ if command -v nbdkit >/dev/null && command -v nbdfuse >/dev/null; then
 	fi
 fi
 
+# 4. XenServer: the same sparse disk over NBD. The admin's tool would be
+# qemu-img convert from an NBD export; qemu-img cannot read from xapi-nbd
+# itself (it sends NBD_OPT_LIST, which xapi-nbd refuses), so the reference
+# is qemu-img convert from qemu-nbd serving the simulator's own file of
+# that snapshot disk (block status on, so qemu-img skips the holes too),
+# against vmexportfs reading the simulator's xapi-nbd (TLS, no block
+# status: holes from the VHD block table).
+declare -a xrows
+xrow() { xrows+=("| $1 | $2 | $3 | $4 |"); }
+if command -v qemu-nbd >/dev/null; then
+	echo "bench: XenServer simulator (same bench dataset) ..." >&2
+	"$BIN" demo --platform xapi --serve-only --dataset bench --data-dir "$work/xsim" --env-file "$work/xenv" \
+		--log-level warn 2>"$work/xsim.log" &
+	pids+=($!)
+	for _ in $(seq 600); do [[ -s $work/xenv ]] && break; sleep 0.1; done
+	[[ -s $work/xenv ]] || { cat "$work/xsim.log" >&2; exit 1; }
+	xurl=$(sed -n 's/^VMEXPORTFS_DEMO_URL=//p' "$work/xenv")
+	xca=$(sed -n 's/^VMEXPORTFS_DEMO_CA=//p' "$work/xenv")
+	xuser=$(sed -n 's/^VMEXPORTFS_DEMO_USER=//p' "$work/xenv")
+	xpw=$(sed -n 's/^VMEXPORTFS_DEMO_PASSWORD_FILE=//p' "$work/xenv")
+	xfile=$(sed -n 's/^VMEXPORTFS_DEMO_SNAPSHOT_FILES=//p' "$work/xenv" | tr ' ' '\n' | sed -n 's/^sparse-1:sparse.img://p')
+	[[ -f $xfile ]] || { echo "bench: no simulator file for sparse-1" >&2; exit 1; }
+	qemu-nbd -r -f raw -x sparse -p 10899 -b 127.0.0.1 -t -e 8 "$xfile" 2>"$work/qemu-nbd.log" &
+	pids+=($!)
+	for _ in $(seq 100); do qemu-img info nbd://127.0.0.1:10899/sparse >/dev/null 2>&1 && break; sleep 0.1; done
+	drop_caches
+	t0=$(now)
+	qemu-img convert -f raw -O raw -S 4k nbd://127.0.0.1:10899/sparse "$work/qemu.img"
+	t1=$(now)
+	qemu_t=$(secs "$t0" "$t1")
+	xrow "qemu-img convert -O raw from qemu-nbd (block status), sparse" "$qemu_t" "$(mbps "$written" "$qemu_t")" "1.00"
+	want=$(sha256sum <"$work/qemu.img" | cut -d' ' -f1)
+	rm -f "$work/qemu.img"
+	xmnt=$work/xmnt
+	mkdir -p "$xmnt"
+	"$BIN" --username "$xuser" --password-file "$xpw" --ca-file "$xca" --state-dir "$work/xstate" \
+		--cache-dir "$work/xcache" --log-file "$work/xmount.log" "xapi+$xurl" "$xmnt"
+	mounts+=("$xmnt")
+	drop_caches
+	t0=$(now)
+	cp --sparse=always "$xmnt/by-name/sparse/snapshots/sparse-1/disk.img" "$work/xcopy.img"
+	t1=$(now)
+	t=$(secs "$t0" "$t1")
+	xrow "vmexportfs cp --sparse=always over xapi-nbd (TLS, 4 connections), sparse" "$t" "$(mbps "$written" "$t")" "$(ratio "$t" "$qemu_t")"
+	got=$(sha256sum <"$work/xcopy.img" | cut -d' ' -f1)
+	[[ $got == "$want" ]] || { echo "bench: XenServer copy differs from qemu-img's" >&2; exit 1; }
+	rm -f "$work/xcopy.img"
+	fusermount3 -u "$xmnt"
+fi
+
 echo
 echo "| what | seconds | MB/s (written bytes) | × reference |"
 echo "|---|---|---|---|"
@@ -234,6 +284,12 @@ echo
 echo "| delta view | seconds | MiB read from network | × whole-disk time |"
 echo "|---|---|---|---|"
 printf '%s\n' "${drows[@]}"
+if ((${#xrows[@]})); then
+	echo
+	echo "| XenServer (NBD) | seconds | MB/s (written bytes) | × qemu-img time |"
+	echo "|---|---|---|---|"
+	printf '%s\n' "${xrows[@]}"
+fi
 echo
 echo "changed bytes (user.vmexport.changed): $((changed / 1048576)) MiB; delta read / changed: $(ratio "$delta_rx" "$changed")"
 echo "written bytes of sparse: $written of $((2 << 30)); vmexportfs peak RSS: $((rss_kib / 1024)) MiB"

@@ -82,6 +82,15 @@ type Capabilities struct {
 	// standalone export). The suite then makes one VM ("conf-a") with one
 	// snapshot, and skips what needs more.
 	OneSnapshot bool
+	// SizeUnit: the platform rounds a new disk's size up to a multiple of
+	// this (XenServer's VHD storage: 2 MiB), so the suite expects the
+	// rounded size. 0 or 1: sizes are kept to the byte.
+	SizeUnit int64
+	// ListedDisk, when set, maps the suite's name of a disk (d0, d1, e0) to
+	// the ID, Key or Device the Source lists it by, for platforms that
+	// name disks by position (XenServer: by userdevice, xvda for the
+	// first). The Platform's AddVM makes the same mapping.
+	ListedDisk func(name string) string
 	// Settle bounds how long the Close check waits for ResourceCounter to
 	// come back (servers see a closed connection a little later); default
 	// 5 s.
@@ -214,6 +223,9 @@ func (f *fixture) addVM(t testing.TB, id string, disks ...DiskSpec) *modelVM {
 	f.p.AddVM(t, id, disks...)
 	v := &modelVM{id: id}
 	for _, d := range disks {
+		if u := f.caps.SizeUnit; u > 1 {
+			d.Size = (d.Size + u - 1) / u * u
+		}
 		v.disks = append(v.disks, &modelDisk{spec: d, live: make([]byte, d.Size)})
 	}
 	f.vms = append(f.vms, v)
@@ -293,9 +305,12 @@ func build(t *testing.T, h Harness) *fixture {
 // ends (go test's -timeout bounds a platform that hangs).
 func ctxFor(t testing.TB) context.Context { return t.Context() }
 
-// findDisk is the listed disk the suite calls name: by ID, else Key, else
-// Device.
-func findDisk(infos []backend.DiskInfo, name string) (backend.DiskInfo, bool) {
+// findDisk is the listed disk the suite calls name (or the platform lists
+// as, see Capabilities.ListedDisk): by ID, else Key, else Device.
+func (f *fixture) findDisk(infos []backend.DiskInfo, name string) (backend.DiskInfo, bool) {
+	if f.caps.ListedDisk != nil {
+		name = f.caps.ListedDisk(name)
+	}
 	for _, match := range []func(backend.DiskInfo) bool{
 		func(d backend.DiskInfo) bool { return d.ID == name },
 		func(d backend.DiskInfo) bool { return d.Key == name },
@@ -317,10 +332,10 @@ func listed(t testing.TB, src backend.Source, vm, snapID string) backend.Snapsho
 	return snaps[i]
 }
 
-func ref(t testing.TB, src backend.Source, vm, snapID, disk string) backend.DiskRef {
+func (f *fixture) ref(t testing.TB, src backend.Source, vm, snapID, disk string) backend.DiskRef {
 	t.Helper()
 	sn := listed(t, src, vm, snapID)
-	info, ok := findDisk(sn.Disks, disk)
+	info, ok := f.findDisk(sn.Disks, disk)
 	require.True(t, ok, "snapshot %s/%s lists no disk %s: %+v", vm, snapID, disk, sn.Disks)
 	return backend.DiskRef{VM: vm, Snapshot: snapID, Disk: info.ID}
 }
@@ -421,7 +436,7 @@ func checkListing(t *testing.T, f *fixture, src backend.Source) {
 		// what is listed must be the VM's.
 		if got := vms[i].Disks; len(got) > 0 {
 			for _, d := range mv.disks {
-				_, ok := findDisk(got, d.spec.Name)
+				_, ok := f.findDisk(got, d.spec.Name)
 				assert.True(t, ok, "VM %s lists disks %+v, without %s", mv.id, got, d.spec.Name)
 			}
 		}
@@ -455,7 +470,7 @@ func checkListing(t *testing.T, f *fixture, src backend.Source) {
 				seenID[d.ID], seenIdentity[d.Identity()] = true, true
 			}
 			for _, md := range mv.disks {
-				d, ok := findDisk(s.Disks, md.spec.Name)
+				d, ok := f.findDisk(s.Disks, md.spec.Name)
 				if !assert.True(t, ok, "snapshot %s/%s does not list disk %s: %+v", mv.id, s.ID, md.spec.Name, s.Disks) {
 					continue
 				}
@@ -470,7 +485,7 @@ func checkListing(t *testing.T, f *fixture, src backend.Source) {
 
 func checkSize(t *testing.T, f *fixture, src backend.Source) {
 	f.each(t, func(t *testing.T, v *modelVM, s *modelSnap, md *modelDisk) {
-		r := ref(t, src, v.id, s.id, md.spec.Name)
+		r := f.ref(t, src, v.id, s.id, md.spec.Name)
 		d := open(t, src, r)
 		assert.Equal(t, md.spec.Size, d.Size(), "Size of %+v", r)
 		again := open(t, src, r)
@@ -480,7 +495,7 @@ func checkSize(t *testing.T, f *fixture, src backend.Source) {
 
 func checkAllocated(t *testing.T, f *fixture, src backend.Source) {
 	f.each(t, func(t *testing.T, v *modelVM, s *modelSnap, md *modelDisk) {
-		r := ref(t, src, v.id, s.id, md.spec.Name)
+		r := f.ref(t, src, v.id, s.id, md.spec.Name)
 		d := open(t, src, r)
 		size := md.spec.Size
 		alloc := d.Allocated()
@@ -571,7 +586,7 @@ func readEqual(t testing.TB, d backend.Disk, r backend.DiskRef, want []byte, e e
 
 func checkReadAt(t *testing.T, f *fixture, src backend.Source) {
 	f.each(t, func(t *testing.T, v *modelVM, s *modelSnap, md *modelDisk) {
-		r := ref(t, src, v.id, s.id, md.spec.Name)
+		r := f.ref(t, src, v.id, s.id, md.spec.Name)
 		d := open(t, src, r)
 		want := s.data[md.spec.Name]
 		cases := readCases(md.spec.Size, md.touched(0, 1<<30))
@@ -592,7 +607,7 @@ func checkReadAt(t *testing.T, f *fixture, src backend.Source) {
 
 func checkOutOfRange(t *testing.T, f *fixture, src backend.Source) {
 	f.each(t, func(t *testing.T, v *modelVM, s *modelSnap, md *modelDisk) {
-		r := ref(t, src, v.id, s.id, md.spec.Name)
+		r := f.ref(t, src, v.id, s.id, md.spec.Name)
 		d := open(t, src, r)
 		size := md.spec.Size
 		for _, c := range []struct{ off, n int64 }{{size - 1, 2}, {size, 1}, {size + 4096, 512}, {-1, 1}, {-4096, 8192}, {0, size + 1}} {
@@ -606,7 +621,7 @@ func checkNotFound(t *testing.T, f *fixture, src backend.Source) {
 	ctx := ctxFor(t)
 	a := f.vm(vmA)
 	snap := a.snaps[0]
-	good := ref(t, src, a.id, snap.id, "d0")
+	good := f.ref(t, src, a.id, snap.id, "d0")
 
 	_, err := src.Snapshots(ctx, unknown)
 	assert.ErrorIs(t, err, backend.ErrNotFound, "Snapshots of an unknown VM")
@@ -628,7 +643,7 @@ func checkNotFound(t *testing.T, f *fixture, src backend.Source) {
 	if !ok || len(a.snaps) < 2 {
 		return
 	}
-	newer := ref(t, src, a.id, a.snaps[1].id, "d0")
+	newer := f.ref(t, src, a.id, a.snaps[1].id, "d0")
 	for what, c := range map[string][2]backend.DiskRef{
 		"unknown base":     {newer, {VM: a.id, Snapshot: unknown, Disk: good.Disk}},
 		"unknown snapshot": {{VM: a.id, Snapshot: unknown, Disk: newer.Disk}, good},
@@ -660,8 +675,8 @@ func checkDelta(t *testing.T, f *fixture, src backend.Source) {
 	base, cur := a.snaps[0], a.snaps[1]
 	for _, md := range a.disks {
 		t.Run(md.spec.Name, func(t *testing.T) {
-			r := ref(t, src, a.id, cur.id, md.spec.Name)
-			b := ref(t, src, a.id, base.id, md.spec.Name)
+			r := f.ref(t, src, a.id, cur.id, md.spec.Name)
+			b := f.ref(t, src, a.id, base.id, md.spec.Name)
 			d, changed, err := do.OpenDelta(ctxFor(t), r, b)
 			if !f.caps.Delta && errors.Is(err, backend.ErrUnsupported) {
 				t.Skipf("the platform cannot compare these snapshots: %v", err)
@@ -724,7 +739,7 @@ func checkCreateDelete(t *testing.T, h Harness) {
 		require.NotEmpty(t, sn.ID, "CreateSnapshot returned no id")
 		assert.NotContains(t, before, sn.ID, "CreateSnapshot returned an existing snapshot's id")
 		for _, md := range a.disks {
-			_, ok := findDisk(sn.Disks, md.spec.Name)
+			_, ok := f.findDisk(sn.Disks, md.spec.Name)
 			assert.True(t, ok, "the created snapshot's disks %+v lack %s", sn.Disks, md.spec.Name)
 		}
 		created := f.recordSnapshot(a, sn.ID)
@@ -748,7 +763,7 @@ func checkCreateDelete(t *testing.T, h Harness) {
 			}
 		}
 		for _, md := range a.disks {
-			r := ref(t, src, a.id, sn.ID, md.spec.Name)
+			r := f.ref(t, src, a.id, sn.ID, md.spec.Name)
 			d := open(t, src, r)
 			assert.Equal(t, md.spec.Size, d.Size(), "Size of %+v", r)
 			readEqual(t, d, r, created.data[md.spec.Name], extent.Extent{Off: 0, Len: md.spec.Size})
@@ -758,7 +773,7 @@ func checkCreateDelete(t *testing.T, h Harness) {
 	if !canDelete {
 		return
 	}
-	r := ref(t, src, a.id, target, "d0")
+	r := f.ref(t, src, a.id, target, "d0")
 	require.NoError(t, deleter.DeleteSnapshot(ctx, a.id, target), "DeleteSnapshot(%s, %s)", a.id, target)
 	assert.NotContains(t, ids(), target, "Snapshots after DeleteSnapshot")
 	d, err := src.OpenDisk(ctx, r)
@@ -801,7 +816,7 @@ func checkClose(t *testing.T, h Harness) {
 	for _, v := range f.vms {
 		for _, s := range v.snaps {
 			for _, md := range v.disks {
-				r := ref(t, src, v.id, s.id, md.spec.Name)
+				r := f.ref(t, src, v.id, s.id, md.spec.Name)
 				d, err := src.OpenDisk(ctx, r)
 				require.NoError(t, err, "OpenDisk(%+v)", r)
 				require.NoError(t, d.ReadAt(ctx, make([]byte, 4096), 0), "ReadAt(%+v)", r)
@@ -811,7 +826,7 @@ func checkClose(t *testing.T, h Harness) {
 	}
 	if do, ok := src.(backend.DeltaOpener); ok && !h.OneSnapshot {
 		a := f.vm(vmA)
-		r, b := ref(t, src, a.id, a.snaps[1].id, "d0"), ref(t, src, a.id, a.snaps[0].id, "d0")
+		r, b := f.ref(t, src, a.id, a.snaps[1].id, "d0"), f.ref(t, src, a.id, a.snaps[0].id, "d0")
 		d, _, err := do.OpenDelta(ctx, r, b)
 		if err == nil {
 			require.NoError(t, d.ReadAt(ctx, make([]byte, 4096), 0), "ReadAt of a delta's disk")

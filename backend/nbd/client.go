@@ -82,6 +82,7 @@ type Client struct {
 
 	slots  []slot
 	rr     atomic.Uint64
+	live   atomic.Int32 // slots holding a connection
 	closed atomic.Bool
 }
 
@@ -122,6 +123,7 @@ func Dial(ctx context.Context, opts Options) (*Client, error) {
 	}
 	cl.info = first.info
 	cl.slots[0].c = first
+	cl.live.Add(1)
 	cl.align = defaultAlign
 	if m := int64(cl.info.minBlock); m > cl.align {
 		cl.align = m
@@ -169,6 +171,7 @@ func (cl *Client) Close() error {
 			s.c.close()
 			cl.release()
 			s.c = nil
+			cl.live.Add(-1)
 		}
 		s.mu.Unlock()
 	}
@@ -297,12 +300,14 @@ func (cl *Client) run(ctx context.Context, op func() string, attempt func(contex
 }
 
 // pick returns a live connection, dialing one into an empty or broken slot.
-// Slots fill round-robin, so load spreads once all are open.
+// Slots fill round-robin, so load spreads once all are open. When the host
+// has no connection to spare (its limit is shared with other disks), a
+// client that has one shares it rather than wait for a slot.
 func (cl *Client) pick(ctx context.Context) (*conn, error) {
 	if cl.closed.Load() {
 		return nil, errClosed
 	}
-	i := int(cl.rr.Add(1) % uint64(len(cl.slots)))
+	i := int((cl.rr.Add(1) - 1) % uint64(len(cl.slots))) // slot 0 first: the connection Dial made
 	s := &cl.slots[i]
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -316,9 +321,24 @@ func (cl *Client) pick(ctx context.Context) (*conn, error) {
 		s.c.close()
 		cl.release()
 		s.c = nil
+		cl.live.Add(-1)
+	}
+	if cl.live.Load() > 0 && !cl.tryAcquire() {
+		if c := cl.anyLive(i); c != nil {
+			return c, nil
+		}
+	} else if cl.live.Load() > 0 {
+		cl.release() // tryAcquire took the room that connect takes again
 	}
 	c, err := cl.connect(ctx)
 	if err != nil {
+		if errors.Is(err, ErrHangUp) && cl.live.Load() > 0 {
+			// The host is full (other clients hold its connections):
+			// make do with the ones this disk has.
+			if c := cl.anyLive(i); c != nil {
+				return c, nil
+			}
+		}
 		return nil, err
 	}
 	// A snapshot does not change: a reconnection that sees another export
@@ -329,7 +349,41 @@ func (cl *Client) pick(ctx context.Context) (*conn, error) {
 		return nil, fmt.Errorf("nbd: %s: %w: export changed on reconnection (size %d, was %d)", cl.opts.Addr, backend.ErrUnavailable, c.info.size, cl.info.size)
 	}
 	s.c = c
+	cl.live.Add(1)
 	return c, nil
+}
+
+// tryAcquire takes room for a connection on the host if there is some now.
+func (cl *Client) tryAcquire() bool {
+	if cl.opts.Host == nil {
+		return true
+	}
+	select {
+	case cl.opts.Host.sem <- struct{}{}:
+		return true
+	default:
+		return false
+	}
+}
+
+// anyLive is a live connection of another slot than skip, or nil. Slots
+// are only tried, never waited for: the caller holds its own slot's lock.
+func (cl *Client) anyLive(skip int) *conn {
+	for j := range cl.slots {
+		if j == skip {
+			continue
+		}
+		o := &cl.slots[j]
+		if !o.mu.TryLock() {
+			continue
+		}
+		c := o.c
+		o.mu.Unlock()
+		if c != nil && !c.isBroken() {
+			return c
+		}
+	}
+	return nil
 }
 
 // ReadAt fills p from off. The range is widened to the alignment, split

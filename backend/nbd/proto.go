@@ -119,6 +119,10 @@ type negotiateConfig struct {
 	structured bool // ask for structured replies and base:allocation
 }
 
+// ErrHangUp is a server closing a connection before its greeting, which is
+// how xapi-nbd refuses one beyond its host's 16: the host is full, for now.
+var ErrHangUp = errors.New("server hung up before its greeting (xapi-nbd does when its host serves 16 connections)")
+
 // negotiate runs the fixed newstyle handshake on rw. startTLS, called after
 // the server acknowledged NBD_OPT_STARTTLS, returns the TLS stream that
 // carries the rest. It takes an io.ReadWriter, not a net.Conn, so the fuzz
@@ -126,7 +130,10 @@ type negotiateConfig struct {
 func negotiate(rw io.ReadWriter, cfg negotiateConfig, startTLS func() (io.ReadWriter, error)) (io.ReadWriter, exportInfo, error) {
 	var info exportInfo
 	var hdr [18]byte
-	if _, err := io.ReadFull(rw, hdr[:]); err != nil {
+	if n, err := io.ReadFull(rw, hdr[:]); err != nil {
+		if n == 0 && errors.Is(err, io.EOF) {
+			return nil, info, fmt.Errorf("nbd: greeting: %w: %w", backend.ErrUnavailable, ErrHangUp)
+		}
 		return nil, info, fmt.Errorf("nbd: greeting: %w: %w", backend.ErrUnavailable, err)
 	}
 	if binary.BigEndian.Uint64(hdr[0:]) != magicNBD {

@@ -14,8 +14,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net/url"
 	"os"
+	"strconv"
+	"strings"
 
 	"github.com/spf13/pflag"
 
@@ -97,6 +100,11 @@ type Common struct {
 	Policy             httprange.Policy // --retries, --read-timeout
 	Logger             *slog.Logger     // never nil; its lines are redacted
 	Secrets            *redact.Secrets  // what the process knows and must never print
+	// CacheDir returns the mount's cache directory (--cache-dir, keyed by
+	// the source), creating it: where a platform that must keep disk data
+	// locally (a stream it cannot read at random) puts it. Only Open may
+	// call it.
+	CacheDir func() (string, error)
 }
 
 // RootCAs reads CAFile; nil (the system roots) when it is not given.
@@ -140,4 +148,35 @@ func ProbeFirstDisk(ctx context.Context, src backend.Source) error {
 		}
 	}
 	return nil
+}
+
+// ParseSize reads a byte count such as 256M, 1.5GiB or 4096.
+func ParseSize(s string) (int64, error) {
+	t := strings.TrimSpace(s)
+	t = strings.TrimSuffix(strings.TrimSuffix(t, "B"), "i")
+	mult := float64(1)
+	if n := len(t); n > 0 {
+		switch t[n-1] {
+		case 'k', 'K':
+			mult = 1 << 10
+		case 'm', 'M':
+			mult = 1 << 20
+		case 'g', 'G':
+			mult = 1 << 30
+		case 't', 'T':
+			mult = 1 << 40
+		}
+		if mult > 1 {
+			t = t[:n-1]
+		}
+	}
+	v, err := strconv.ParseFloat(t, 64)
+	if err != nil || t == "" {
+		return 0, fmt.Errorf("size %q: want a number with an optional K, M, G or T suffix", redact.Cut(s, 32))
+	}
+	bytes := v * mult
+	if math.IsNaN(bytes) || bytes < 0 || bytes >= math.MaxInt64 {
+		return 0, fmt.Errorf("size %q: out of range", redact.Cut(s, 32))
+	}
+	return int64(bytes), nil
 }

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 
@@ -21,6 +22,8 @@ import (
 	"github.com/vmexportfs/vmexportfs/backend/kubevirt/kubevirttest"
 	"github.com/vmexportfs/vmexportfs/backend/platform"
 	"github.com/vmexportfs/vmexportfs/backend/redact"
+	"github.com/vmexportfs/vmexportfs/backend/xapi"
+	"github.com/vmexportfs/vmexportfs/backend/xapi/xapitest"
 )
 
 const (
@@ -43,6 +46,7 @@ func demoPlatforms() []demoPlatform {
 	return []demoPlatform{
 		{"coriolis", "a Coriolis OVM exporter", coriolis.Platform, startCoriolisDemo},
 		{"kubevirt", "a KubeVirt cluster's API server and export servers", kubevirt.Platform, startKubeVirtDemo},
+		{"xapi", "a XenServer pool master: XenAPI JSON-RPC, export_raw_vdi and an xapi-nbd NBD server", xapi.Platform, startXapiDemo},
 	}
 }
 
@@ -278,6 +282,92 @@ func startKubeVirtDemo(dataDir string, populate func(demoTarget) error, _ *slog.
 		about:  fmt.Sprintf("simulated KubeVirt API server at %s, namespace %s (kubeconfig %s)", sim.URL(), demoNamespace, kubeconfig),
 		close:  sim.Close,
 	}, nil
+}
+
+// startXapiDemo runs the XenServer simulator: JSON-RPC on its pool master,
+// data over its NBD server (TLS, with its own self-signed certificate, as
+// hosts have), CBT on every disk so deltas come from changed blocks.
+func startXapiDemo(dataDir string, populate func(demoTarget) error, logger *slog.Logger) (*demoSim, error) {
+	sim, err := xapitest.Start(xapitest.Options{Dir: filepath.Join(dataDir, "simulator"), Logger: logger.With("component", "simulator")})
+	if err != nil {
+		return nil, fmt.Errorf("start simulator: %w", err)
+	}
+	target := &xapiTarget{sim: sim, names: map[string]string{}, devices: map[string]string{}, disks: map[string][]string{}, snaps: map[string]int{}}
+	if err := populate(target); err != nil {
+		sim.Close()
+		return nil, fmt.Errorf("sample data: %w", err)
+	}
+	passwordFile := filepath.Join(dataDir, "password")
+	caFile := filepath.Join(dataDir, "pool-ca.pem")
+	for path, data := range map[string][]byte{passwordFile: []byte(xapitest.DefaultPassword + "\n"), caFile: sim.CAPEM()} {
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			sim.Close()
+			return nil, err
+		}
+	}
+	return &demoSim{
+		source: "xapi+" + sim.URL(),
+		flags:  [][2]string{{"username", xapitest.DefaultUser}, {"password-file", passwordFile}, {"ca-file", caFile}},
+		env: []string{"VMEXPORTFS_DEMO_URL=" + sim.URL(), "VMEXPORTFS_DEMO_CA=" + caFile,
+			"VMEXPORTFS_DEMO_USER=" + xapitest.DefaultUser, "VMEXPORTFS_DEMO_PASSWORD_FILE=" + passwordFile,
+			"VMEXPORTFS_DEMO_SNAPSHOT_FILES=" + strings.Join(target.files, " ")},
+		about: fmt.Sprintf("simulated XenServer pool master at %s (CA %s, user %s, password file %s; NBD at %s)",
+			sim.URL(), caFile, xapitest.DefaultUser, passwordFile, sim.NBDAddr()),
+		close: sim.Close,
+	}, nil
+}
+
+// xapiTarget keeps the demo's VM ids as VM uuids and gives disks their
+// VBD position in order; CD-ROMs are left to the simulator's own empty
+// drive. Snapshots are named <name>-1, <name>-2, ...
+type xapiTarget struct {
+	sim     *xapitest.Server
+	names   map[string]string   // vm id -> name
+	devices map[string]string   // disk id -> userdevice
+	disks   map[string][]string // vm id -> its disk ids
+	snaps   map[string]int
+	files   []string // vm=snapshot-uuid:userdevice:path of every snapshot disk, for the benchmark
+}
+
+func (x *xapiTarget) addVM(vm demoVM) error {
+	spec := xapitest.VMSpec{UUID: vm.id, Name: vm.name}
+	for _, d := range vm.disks {
+		if d.cdrom {
+			continue
+		}
+		x.devices[d.id] = strconv.Itoa(len(spec.Disks))
+		x.disks[vm.id] = append(x.disks[vm.id], d.id)
+		spec.Disks = append(spec.Disks, xapitest.DiskSpec{Userdevice: x.devices[d.id], Size: d.size})
+	}
+	x.names[vm.id] = vm.name
+	if _, err := x.sim.AddVM(spec); err != nil {
+		return err
+	}
+	return x.sim.EnableCBT(vm.id)
+}
+
+func (x *xapiTarget) writeDisk(vm, disk string, off int64, p []byte) error {
+	return x.sim.WriteDisk(vm, x.devices[disk], off, p)
+}
+
+func (x *xapiTarget) discardDisk(vm, disk string, off, n int64) error {
+	return x.sim.DiscardDisk(vm, x.devices[disk], off, n)
+}
+
+func (x *xapiTarget) takeSnapshot(vm string) error {
+	x.snaps[vm]++
+	id, err := x.sim.TakeSnapshot(vm, fmt.Sprintf("%s-%d", x.names[vm], x.snaps[vm]))
+	if err != nil {
+		return err
+	}
+	for _, disk := range x.disks[vm] {
+		path, err := x.sim.SnapshotData(id, x.devices[disk])
+		if err != nil {
+			return err
+		}
+		x.files = append(x.files, x.names[vm]+"-"+strconv.Itoa(x.snaps[vm])+":"+disk+":"+path)
+	}
+	return nil
 }
 
 // demoTarget is a simulator the sample data is written to, in the verbs

@@ -14,6 +14,7 @@ import (
 
 	"github.com/vmexportfs/vmexportfs/backend/coriolis/coriolistest"
 	"github.com/vmexportfs/vmexportfs/backend/kubevirt/kubevirttest"
+	"github.com/vmexportfs/vmexportfs/backend/xapi/xapitest"
 )
 
 // TestDemoPlatforms: `vmexportfs demo -f --platform NAME MOUNTPOINT` mounts
@@ -64,6 +65,22 @@ func TestDemoPlatforms(t *testing.T) {
 			}
 			return refs
 		}, true},
+		{"xapi", func(t *testing.T) []string {
+			sim, err := xapitest.Start(xapitest.Options{Dir: t.TempDir()})
+			require.NoError(t, err)
+			t.Cleanup(func() { sim.Close() })
+			target := &xapiTarget{sim: sim, names: map[string]string{}, devices: map[string]string{}, disks: map[string][]string{}, snaps: map[string]int{}}
+			require.NoError(t, populateDemo(target))
+			ids, err := sim.Snapshots(demoDB)
+			require.NoError(t, err)
+			var refs []string
+			for _, id := range ids {
+				path, err := sim.SnapshotData(id, "0")
+				require.NoError(t, err)
+				refs = append(refs, path)
+			}
+			return refs
+		}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			mnt := filepath.Join(t.TempDir(), "mnt")
@@ -113,5 +130,5 @@ func TestDemoPlatforms(t *testing.T) {
 	}
 	var stdout, stderr bytes.Buffer
 	assert.Equal(t, 2, run(context.Background(), []string{"demo", "--platform", "vmware", t.TempDir()}, &stdout, &stderr))
-	assert.Contains(t, stderr.String(), `--platform "vmware": want one of coriolis, kubevirt`)
+	assert.Contains(t, stderr.String(), `--platform "vmware": want one of coriolis, kubevirt, xapi`)
 }

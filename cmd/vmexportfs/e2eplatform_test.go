@@ -16,6 +16,7 @@ import (
 	"github.com/vmexportfs/vmexportfs/backend/coriolis/coriolistest"
 	"github.com/vmexportfs/vmexportfs/backend/faultproxy"
 	"github.com/vmexportfs/vmexportfs/backend/kubevirt/kubevirttest"
+	"github.com/vmexportfs/vmexportfs/backend/xapi/xapitest"
 )
 
 // simPlatform is one platform's simulator as the end-to-end tests drive it:
@@ -68,6 +69,10 @@ type caps struct {
 	// are never fetched; without one the whole disk is data (copies are
 	// exact, not sparse-aware).
 	allocationMap bool
+	// mapGranularity is the block of the allocation map (XenServer's VHD
+	// block table: 2 MiB); what is fetched is bounded by the written
+	// extents rounded out to it. 0: as fine as the tests write.
+	mapGranularity int64
 	// exactChanges: the platform says which extents changed between two
 	// snapshots (user.vmexport.changed.<base>, a delta of only those);
 	// without it a delta holds everything written in either snapshot.
@@ -94,6 +99,7 @@ type platformCase struct {
 var e2ePlatforms = []platformCase{
 	{"coriolis", func(t *testing.T) simPlatform { return newCoriolis(t) }},
 	{"kubevirt", func(t *testing.T) simPlatform { return newKubeVirt(t, true) }},
+	{"xapi", func(t *testing.T) simPlatform { return newXapi(t, xapitest.Options{}) }},
 }
 
 // forEachPlatform runs test once per platform of table, each on a fresh

@@ -383,3 +383,10 @@ func findAll(t *testing.T, dir, name string) []string {
 	}))
 	return found
 }
+
+func fileSize(t *testing.T, path string) int64 {
+	t.Helper()
+	fi, err := os.Stat(path)
+	require.NoError(t, err)
+	return fi.Size()
+}

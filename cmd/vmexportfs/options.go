@@ -3,9 +3,7 @@ package main
 import (
 	"fmt"
 	"maps"
-	"math"
 	"slices"
-	"strconv"
 	"strings"
 
 	"github.com/spf13/pflag"
@@ -134,35 +132,7 @@ func (t optionTable) spellings() []string {
 }
 
 // parseSize reads a byte count such as 256M, 1.5GiB or 4096.
-func parseSize(s string) (int64, error) {
-	t := strings.TrimSpace(s)
-	t = strings.TrimSuffix(strings.TrimSuffix(t, "B"), "i")
-	mult := float64(1)
-	if n := len(t); n > 0 {
-		switch t[n-1] {
-		case 'k', 'K':
-			mult = 1 << 10
-		case 'm', 'M':
-			mult = 1 << 20
-		case 'g', 'G':
-			mult = 1 << 30
-		case 't', 'T':
-			mult = 1 << 40
-		}
-		if mult > 1 {
-			t = t[:n-1]
-		}
-	}
-	v, err := strconv.ParseFloat(t, 64)
-	if err != nil || t == "" {
-		return 0, fmt.Errorf("size %q: want a number with an optional K, M, G or T suffix", truncate(s, 32))
-	}
-	bytes := v * mult
-	if math.IsNaN(bytes) || bytes < 0 || bytes >= math.MaxInt64 {
-		return 0, fmt.Errorf("size %q: out of range", truncate(s, 32))
-	}
-	return int64(bytes), nil
-}
+func parseSize(s string) (int64, error) { return platform.ParseSize(s) }
 
 // errUsage marks a bad invocation (exit status 2); platforms' checks wrap
 // the same error.

@@ -15,6 +15,7 @@ import (
 	"github.com/vmexportfs/vmexportfs/backend/coriolis"
 	"github.com/vmexportfs/vmexportfs/backend/kubevirt"
 	"github.com/vmexportfs/vmexportfs/backend/platform"
+	"github.com/vmexportfs/vmexportfs/backend/xapi"
 )
 
 // platforms is the registry: one line per platform. Everything the command
@@ -24,6 +25,7 @@ func platforms() []platform.Platform {
 	return []platform.Platform{
 		coriolis.Platform(),
 		kubevirt.Platform(),
+		xapi.Platform(),
 	}
 }
 
@@ -103,6 +105,10 @@ func (cfg mountConfig) common(logger *slog.Logger) platform.Common {
 		Policy:             cfg.policy(),
 		Logger:             logger,
 		Secrets:            cfg.secrets,
+		CacheDir: func() (string, error) {
+			_, cacheDir, err := dataDirs(cfg)
+			return cacheDir, err
+		},
 	}
 }
 
