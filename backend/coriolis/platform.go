@@ -39,12 +39,7 @@ func checkSource(_ *url.URL, c platform.Common) error {
 // openSource logs in once, so a wrong password or an untrusted certificate
 // fails the mount.
 func openSource(ctx context.Context, u *url.URL, c platform.Common) (backend.Source, error) {
-	password, err := c.Password()
-	if err != nil {
-		return nil, err
-	}
-	c.Secrets.Add(password)
-	pool, err := c.RootCAs()
+	password, pool, err := c.Credentials()
 	if err != nil {
 		return nil, err
 	}

@@ -164,17 +164,21 @@ func (cl *Client) BlockStatus() bool { return cl.info.hasMeta }
 // Close disconnects every connection; reads after it fail.
 func (cl *Client) Close() error {
 	cl.closed.Store(true)
+	var wg sync.WaitGroup
 	for i := range cl.slots {
 		s := &cl.slots[i]
-		s.mu.Lock()
-		if s.c != nil {
-			s.c.close()
-			cl.release()
-			s.c = nil
-			cl.live.Add(-1)
-		}
-		s.mu.Unlock()
+		wg.Go(func() {
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			if s.c != nil {
+				s.c.close()
+				cl.release()
+				s.c = nil
+				cl.live.Add(-1)
+			}
+		})
 	}
+	wg.Wait()
 	return nil
 }
 

@@ -9,6 +9,7 @@ import (
 	"io"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/extent"
@@ -171,12 +172,31 @@ func (c *conn) close() {
 		binary.BigEndian.PutUint32(b[0:], magicRequest)
 		binary.BigEndian.PutUint16(b[6:], cmdDisc)
 		c.wmu.Lock()
-		_, _ = c.w.Write(b[:])
+		_, err := c.w.Write(b[:])
 		c.wmu.Unlock()
+		c.mu.Lock()
+		idle := len(c.pending) == 0
+		c.mu.Unlock()
+		// The server counts the connection until it has seen it end: wait
+		// (briefly) for it to hang up, so that the slot this frees in a
+		// host's limit is free on the server too when the next client
+		// dials (xapi-nbd refuses a 17th).
+		if err == nil && idle {
+			t := time.NewTimer(discWait)
+			select {
+			case <-c.exited:
+			case <-t.C:
+			}
+			t.Stop()
+		}
 	}
 	c.fail(fmt.Errorf("nbd: %w: connection closed", backend.ErrUnavailable))
 	<-c.exited
 }
+
+// discWait bounds close's wait for the server to hang up after
+// NBD_CMD_DISC.
+const discWait = 2 * time.Second
 
 // lookup finds the request a reply names; a handle not in flight is a
 // violation (a reply to nothing, or a second final reply).

@@ -123,6 +123,19 @@ func (c Common) RootCAs() (*x509.CertPool, error) {
 	return pool, nil
 }
 
+// Credentials are what a platform that logs in with a password needs: the
+// password, already registered with Secrets, and the CAs (RootCAs).
+func (c Common) Credentials() (password string, roots *x509.CertPool, err error) {
+	if password, err = c.Password(); err != nil {
+		return "", nil, err
+	}
+	c.Secrets.Add(password)
+	if roots, err = c.RootCAs(); err != nil {
+		return "", nil, err
+	}
+	return password, roots, nil
+}
+
 // ProbeFirstDisk opens (and closes) the first disk src lists, which makes a
 // platform whose data server is not the one that lists check the
 // credentials there.

@@ -68,12 +68,7 @@ func (v *sourceFlags) check(u *url.URL, c platform.Common) error {
 }
 
 func (v *sourceFlags) open(ctx context.Context, u *url.URL, c platform.Common) (backend.Source, error) {
-	password, err := c.Password()
-	if err != nil {
-		return nil, err
-	}
-	c.Secrets.Add(password)
-	pool, err := c.RootCAs()
+	password, pool, err := c.Credentials()
 	if err != nil {
 		return nil, err
 	}
