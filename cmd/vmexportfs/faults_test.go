@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -71,41 +72,54 @@ func TestFaultMatrix(t *testing.T) {
 }
 
 // faultedCopies copies one view copies times, each on a fresh mount with the
-// next fault injected: the copy is byte-identical to want, or it fails with
-// EIO, the log names the fault, and once the backend is back the same mount
-// copies correctly. A wrong byte fails the test.
+// next fault injected (see copyTally.faultedCopy).
 func faultedCopies(t *testing.T, proxy *faultproxy.Proxy, copies int, label, want string, mount func() *mounted, path func(*mounted) string) {
 	t.Helper()
-	var identical, eio, wrong int
+	var tally copyTally
 	for i := range copies {
 		fault := faultproxy.Faults[i%len(faultproxy.Faults)]
 		m := mount()
-		src := path(m)
-		dst := filepath.Join(t.TempDir(), "copy")
-		proxy.Set(fault, 0.3)
-		_, err := toolErr("cp", src, dst)
-		proxy.Set(faultproxy.None, 0)
-		switch {
-		case err == nil && sha256File(t, dst) == want:
-			identical++
-		case err == nil:
-			wrong++
-			t.Errorf("copy %d (%s): WRONG BYTES", i, fault)
-		case strings.Contains(err.Error(), "Input/output error"):
-			eio++
-			assert.True(t, m.logged(faultWords[fault]...), "copy %d (%s) failed with EIO but the log does not name the fault:\n%s", i, fault, m.logs.String())
-			// The backend is back: the same mount reads correctly.
-			out, err := toolErr("cp", src, dst)
-			assert.NoError(t, err, "copy %d (%s) after recovery: %s", i, fault, out)
-			assert.Equal(t, want, sha256File(t, dst), "copy %d (%s) after recovery", i, fault)
-		default:
-			t.Errorf("copy %d (%s): failed without EIO: %v", i, fault, err)
-		}
+		tally.faultedCopy(t, m, path(m), want, fmt.Sprintf("copy %d (%s)", i, fault), faultWords[fault],
+			func() { proxy.Set(fault, 0.3) }, func() { proxy.Set(faultproxy.None, 0) })
 		m.stop(t)
 	}
-	t.Logf("%s: %d faulted copies: %d byte-identical, %d EIO, %d wrong (%d faults injected so far)",
-		label, copies, identical, eio, wrong, proxy.Injected())
-	assert.Zero(t, wrong)
+	t.Logf("%s: %d faulted copies: %s (%d faults injected so far)", label, copies, tally, proxy.Injected())
+	assert.Zero(t, tally.wrong)
+}
+
+// copyTally counts what faulted copies came to.
+type copyTally struct{ identical, eio, wrong int }
+
+func (c copyTally) String() string {
+	return fmt.Sprintf("%d byte-identical, %d EIO, %d wrong", c.identical, c.eio, c.wrong)
+}
+
+// faultedCopy copies src with a fault on (start and stop bracket the copy):
+// the copy is byte-identical to want, or it fails with EIO, the log names
+// the fault (one of words), and with the fault off the same mount copies
+// correctly. A wrong byte fails the test.
+func (c *copyTally) faultedCopy(t *testing.T, m *mounted, src, want, label string, words []string, start, stop func()) {
+	t.Helper()
+	dst := filepath.Join(t.TempDir(), "copy")
+	start()
+	_, err := toolErr("cp", src, dst)
+	stop()
+	switch {
+	case err == nil && sha256File(t, dst) == want:
+		c.identical++
+	case err == nil:
+		c.wrong++
+		t.Errorf("%s: WRONG BYTES", label)
+	case strings.Contains(err.Error(), "Input/output error"):
+		c.eio++
+		assert.True(t, m.logged(words...), "%s failed with EIO but the log does not name the fault:\n%s", label, m.logs.String())
+		out, err := toolErr("cp", src, dst)
+		if assert.NoError(t, err, "%s after recovery: %s", label, out) {
+			assert.Equal(t, want, sha256File(t, dst), "%s after recovery", label)
+		}
+	default:
+		t.Errorf("%s: failed without EIO: %v", label, err)
+	}
 }
 
 func containsAny(s string, words []string) bool {

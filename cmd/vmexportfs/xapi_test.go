@@ -754,34 +754,15 @@ func TestXapiNBDFaults(t *testing.T) {
 
 	faults := []nbdFault{nbdReset, nbdStall, nbdFlip, nbdRefuse}
 	copies := envInt(t, "VMEXPORTFS_XAPI_FAULT_COPIES", 24)
-	var identical, eio, wrong int
+	var tally copyTally
 	// explained: some copy's log under this fault names it, even where the
 	// retries hid it from cp (a flip must show TLS catching it).
 	explained := map[nbdFault]bool{}
 	for i := range copies {
 		fault := faults[i%len(faults)]
 		m := mountSim(t, p, "--read-timeout", "1s", "--retries", "4")
-		src := m.path("vms", vm, "snapshots", snap, "disk.img")
-		dst := filepath.Join(t.TempDir(), "copy")
-		proxy.set(fault, 0.3)
-		_, err := toolErr("cp", src, dst)
-		proxy.set(nbdNoFault, 0)
-		switch {
-		case err == nil && sha256File(t, dst) == want:
-			identical++
-		case err == nil:
-			wrong++
-			t.Errorf("copy %d (%s): WRONG BYTES", i, fault)
-		case strings.Contains(err.Error(), "Input/output error"):
-			eio++
-			assert.True(t, m.logged(nbdFaultWords[fault]...), "copy %d (%s) failed with EIO but the log does not say why:\n%s", i, fault, m.logs.String())
-			out, err := toolErr("cp", src, dst)
-			if assert.NoError(t, err, "copy %d (%s) after the faults stopped: %s", i, fault, out) {
-				assert.Equal(t, want, sha256File(t, dst), "copy %d (%s) after the faults stopped", i, fault)
-			}
-		default:
-			t.Errorf("copy %d (%s): failed without EIO: %v", i, fault, err)
-		}
+		tally.faultedCopy(t, m, m.path("vms", vm, "snapshots", snap, "disk.img"), want, fmt.Sprintf("copy %d (%s)", i, fault), nbdFaultWords[fault],
+			func() { proxy.set(fault, 0.3) }, func() { proxy.set(nbdNoFault, 0) })
 		m.stop(t)
 		explained[fault] = explained[fault] || containsAny(m.logs.String(), nbdFaultWords[fault])
 	}
@@ -789,9 +770,9 @@ func TestXapiNBDFaults(t *testing.T) {
 	for _, f := range faults {
 		counts = append(counts, fmt.Sprintf("%s %d", f, proxy.injected[f].Load()))
 	}
-	t.Logf("%d faulted copies: %d byte-identical, %d EIO, %d wrong; %d connections through the proxy, faults injected: %s",
-		copies, identical, eio, wrong, proxy.conns.Load(), strings.Join(counts, ", "))
-	assert.Zero(t, wrong)
+	t.Logf("%d faulted copies: %s; %d connections through the proxy, faults injected: %s",
+		copies, tally, proxy.conns.Load(), strings.Join(counts, ", "))
+	assert.Zero(t, tally.wrong)
 	for _, f := range faults {
 		assert.Positive(t, proxy.injected[f].Load(), "%s was injected", f)
 		assert.True(t, explained[f], "a log of the %s copies says %q", f, nbdFaultWords[f])
