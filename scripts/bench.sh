@@ -271,6 +271,66 @@ if command -v qemu-nbd >/dev/null; then
 	fusermount3 -u "$xmnt"
 fi
 
+# 5. oVirt: the same sparse disk through an image transfer. The reference
+# is what an admin would run instead, the imageio client's algorithm
+# (scripts/imageio-download.py: extents once, 4 workers, requests of at
+# most 128 MiB), on a transfer it creates through the engine with curl.
+declare -a orows
+orow() { orows+=("| $1 | $2 | $3 | $4 |"); }
+if command -v python3 >/dev/null && command -v jq >/dev/null; then
+	echo "bench: oVirt simulator (same bench dataset) ..." >&2
+	"$BIN" demo --platform ovirt --serve-only --dataset bench --data-dir "$work/osim" --env-file "$work/oenv" \
+		--log-level warn 2>"$work/osim.log" &
+	pids+=($!)
+	for _ in $(seq 600); do [[ -s $work/oenv ]] && break; sleep 0.1; done
+	[[ -s $work/oenv ]] || { cat "$work/osim.log" >&2; exit 1; }
+	ourl=$(sed -n 's/^VMEXPORTFS_DEMO_URL=//p' "$work/oenv")
+	oca=$(sed -n 's/^VMEXPORTFS_DEMO_CA=//p' "$work/oenv")
+	ouser=$(sed -n 's/^VMEXPORTFS_DEMO_USER=//p' "$work/oenv")
+	opw=$(sed -n 's/^VMEXPORTFS_DEMO_PASSWORD_FILE=//p' "$work/oenv")
+	api=$ourl/ovirt-engine/api
+	# The SSO form holds the password: a file, never argv.
+	(umask 077; jq -rn --arg u "$ouser" --rawfile p "$opw" \
+		'"grant_type=password&scope=ovirt-app-api&username=\($u|@uri)&password=\($p|rtrimstr("\n")|@uri)"' >"$work/sso.form")
+	otoken=$(curl -sS --cacert "$oca" -H 'Accept: application/json' --data @"$work/sso.form" \
+		"$ourl/ovirt-engine/sso/oauth/token" | jq -r .access_token)
+	(umask 077; printf 'Authorization: Bearer %s\nVersion: 4\nAccept: application/json\nContent-Type: application/json\n' "$otoken" >"$work/oauth.header")
+	ocurl() { curl -sS --fail --cacert "$oca" -H @"$work/oauth.header" "$@"; }
+	osid=$(ocurl "$api/vms/sparse/snapshots" | jq -r '.snapshot[] | select(.description == "sparse-1") | .id')
+	oimage=$(ocurl "$api/vms/sparse/snapshots/$osid/disks" | jq -r '.disk[0].image_id')
+	drop_caches
+	t0=$(now)
+	otid=$(ocurl -d "{\"snapshot\":{\"id\":\"$oimage\"},\"direction\":\"download\",\"format\":\"raw\"}" "$api/imagetransfers" | jq -r .id)
+	turl=
+	for _ in $(seq 600); do
+		turl=$(ocurl "$api/imagetransfers/$otid" | jq -r 'select(.phase == "transferring") | .transfer_url // empty')
+		[[ -n $turl ]] && break
+		sleep 0.05
+	done
+	python3 scripts/imageio-download.py "$turl" "$oca" "$work/imageio.img"
+	ocurl -X POST -d '{}' "$api/imagetransfers/$otid/finalize" >/dev/null
+	t1=$(now)
+	imageio_t=$(secs "$t0" "$t1")
+	orow "imageio client algorithm (python, 4 workers, extents once), sparse" "$imageio_t" "$(mbps "$written" "$imageio_t")" "1.00"
+	owant=$(sha256sum <"$work/imageio.img" | cut -d' ' -f1)
+	rm -f "$work/imageio.img"
+	omnt=$work/omnt
+	mkdir -p "$omnt"
+	"$BIN" --username "$ouser" --password-file "$opw" --ca-file "$oca" --state-dir "$work/ostate" \
+		--cache-dir "$work/ocache" --log-file "$work/omount.log" "ovirt+$ourl" "$omnt"
+	mounts+=("$omnt")
+	drop_caches
+	t0=$(now)
+	cp --sparse=always "$omnt/by-name/sparse/snapshots/sparse-1/disk.img" "$work/ocopy.img"
+	t1=$(now)
+	t=$(secs "$t0" "$t1")
+	orow "vmexportfs cp --sparse=always through an image transfer (4 connections), sparse" "$t" "$(mbps "$written" "$t")" "$(ratio "$t" "$imageio_t")"
+	ogot=$(sha256sum <"$work/ocopy.img" | cut -d' ' -f1)
+	[[ $ogot == "$owant" ]] || { echo "bench: oVirt copy differs from the imageio client's" >&2; exit 1; }
+	rm -f "$work/ocopy.img"
+	fusermount3 -u "$omnt"
+fi
+
 echo
 echo "| what | seconds | MB/s (written bytes) | × reference |"
 echo "|---|---|---|---|"
@@ -284,6 +344,12 @@ echo
 echo "| delta view | seconds | MiB read from network | × whole-disk time |"
 echo "|---|---|---|---|"
 printf '%s\n' "${drows[@]}"
+if ((${#orows[@]})); then
+	echo
+	echo "| oVirt (imageio) | seconds | MB/s (written bytes) | × imageio client time |"
+	echo "|---|---|---|---|"
+	printf '%s\n' "${orows[@]}"
+fi
 if ((${#xrows[@]})); then
 	echo
 	echo "| XenServer (NBD) | seconds | MB/s (written bytes) | × qemu-img time |"

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
-	"sync"
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
@@ -17,12 +16,8 @@ import (
 	"github.com/vmexportfs/vmexportfs/backend/redact"
 )
 
-// renewDebounce: a 401 that arrives this soon after a login was almost
-// certainly sent with the old token, so it does not need another login.
-const renewDebounce = time.Second
-
-// authorizer holds the exporter's JWT and logs in again before it expires
-// or after a 401. One mutex makes concurrent requests share one login.
+// authorizer logs in to the exporter for its JWT, which httprange's
+// TokenAuth renews before it expires or after a 401.
 type authorizer struct {
 	login   *httprange.Client // no Auth: login is how credentials are made
 	url     string
@@ -30,40 +25,13 @@ type authorizer struct {
 	pass    string
 	logger  *slog.Logger
 	secrets *redact.Secrets
-
-	mu       sync.Mutex
-	token    string
-	renewAt  time.Time // log in again from here on
-	loggedIn time.Time
 }
 
-// Authorize adds the bearer token, logging in first when it is near expiry.
-func (a *authorizer) Authorize(ctx context.Context, req *http.Request) error {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.token == "" || !time.Now().Before(a.renewAt) {
-		if err := a.loginLocked(ctx); err != nil {
-			return err
-		}
-	}
-	req.Header.Set("Authorization", "Bearer "+a.token)
-	return nil
-}
-
-// Renew logs in again, unless another request just did.
-func (a *authorizer) Renew(ctx context.Context) error {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.token != "" && time.Since(a.loggedIn) < renewDebounce {
-		return nil
-	}
-	return a.loginLocked(ctx)
-}
-
-func (a *authorizer) loginLocked(ctx context.Context) error {
+// Login logs in and returns the token and when to log in again.
+func (a *authorizer) Login(ctx context.Context) (string, time.Time, error) {
 	body, err := json.Marshal(loginRequest{Username: a.user, Password: a.pass})
 	if err != nil {
-		return fmt.Errorf("coriolis: login: %w", err)
+		return "", time.Time{}, fmt.Errorf("coriolis: login: %w", err)
 	}
 	resp, err := a.login.Do(ctx, func(ctx context.Context) (*http.Request, error) {
 		req, err := http.NewRequestWithContext(ctx, http.MethodPost, a.url, bytes.NewReader(body))
@@ -76,23 +44,21 @@ func (a *authorizer) loginLocked(ctx context.Context) error {
 		return req, nil
 	})
 	if err != nil {
-		return fmt.Errorf("coriolis: login as %q: %w", a.user, err)
+		return "", time.Time{}, fmt.Errorf("coriolis: login as %q: %w", a.user, err)
 	}
 	defer resp.Body.Close()
 	var ans loginAnswer
 	if err := decodeJSON(resp.Body, &ans); err != nil {
-		return fmt.Errorf("coriolis: login: %w", err)
+		return "", time.Time{}, fmt.Errorf("coriolis: login: %w", err)
 	}
 	// Known before anything can quote it, even an error about it.
 	a.secrets.AddRenewed(ans.Token)
-	now := time.Now()
-	renewAt, err := tokenRenewal(ans.Token, now)
+	renewAt, err := tokenRenewal(ans.Token, time.Now())
 	if err != nil {
-		return fmt.Errorf("coriolis: login: %w", err)
+		return "", time.Time{}, fmt.Errorf("coriolis: login: %w", err)
 	}
-	a.token, a.renewAt, a.loggedIn = ans.Token, renewAt, now
 	a.logger.Debug("coriolis: logged in", "user", a.user, "renew_at", renewAt)
-	return nil
+	return ans.Token, renewAt, nil
 }
 
 // tokenRenewal reads the token's exp without verifying it (only the server

@@ -55,7 +55,7 @@ const snapshotCacheTTL = 10 * time.Second
 type Client struct {
 	base   *url.URL
 	http   *httprange.Client
-	auth   *authorizer
+	auth   *httprange.TokenAuth
 	logger *slog.Logger
 
 	mu    sync.Mutex
@@ -102,7 +102,7 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 		secrets = &redact.Secrets{}
 	}
 	secrets.Add(cfg.Password)
-	c.auth = &authorizer{
+	login := &authorizer{
 		login:   &httprange.Client{HTTP: hc, Policy: cfg.Policy, Logger: logger, Secrets: secrets},
 		url:     c.route("auth", "login"),
 		user:    cfg.Username,
@@ -110,6 +110,7 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 		logger:  logger,
 		secrets: secrets,
 	}
+	c.auth = &httprange.TokenAuth{Login: login.Login}
 	c.http = &httprange.Client{HTTP: hc, Auth: c.auth, Policy: cfg.Policy, Logger: logger, Secrets: secrets}
 	if err := c.auth.Renew(ctx); err != nil {
 		return nil, err

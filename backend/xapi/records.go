@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/sync/errgroup"
+
+	"github.com/vmexportfs/vmexportfs/backend/redact"
 )
 
 // The fields of XenAPI records this backend reads; xapi sends many more.
@@ -103,12 +105,7 @@ func (t *xapiTime) UnmarshalJSON(b []byte) error {
 	return nil
 }
 
-func cut(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return s[:n] + "..."
-}
+func cut(s string, n int) string { return redact.Cut(s, n) }
 
 // inventory is one reading of the pool's VMs, VBDs and VDIs.
 type inventory struct {

@@ -20,6 +20,8 @@ import (
 	"github.com/vmexportfs/vmexportfs/backend/coriolis/coriolistest"
 	"github.com/vmexportfs/vmexportfs/backend/kubevirt"
 	"github.com/vmexportfs/vmexportfs/backend/kubevirt/kubevirttest"
+	"github.com/vmexportfs/vmexportfs/backend/ovirt"
+	"github.com/vmexportfs/vmexportfs/backend/ovirt/ovirttest"
 	"github.com/vmexportfs/vmexportfs/backend/platform"
 	"github.com/vmexportfs/vmexportfs/backend/redact"
 	"github.com/vmexportfs/vmexportfs/backend/xapi"
@@ -47,6 +49,7 @@ func demoPlatforms() []demoPlatform {
 		{"coriolis", "a Coriolis OVM exporter", coriolis.Platform, startCoriolisDemo},
 		{"kubevirt", "a KubeVirt cluster's API server and export servers", kubevirt.Platform, startKubeVirtDemo},
 		{"xapi", "a XenServer pool master: XenAPI JSON-RPC, export_raw_vdi and an xapi-nbd NBD server", xapi.Platform, startXapiDemo},
+		{"ovirt", "an oVirt engine (REST, SSO) with its imageio daemon and proxy", ovirt.Platform, startOVirtDemo},
 	}
 }
 
@@ -368,6 +371,72 @@ func (x *xapiTarget) takeSnapshot(vm string) error {
 		x.files = append(x.files, x.names[vm]+"-"+strconv.Itoa(x.snaps[vm])+":"+disk+":"+path)
 	}
 	return nil
+}
+
+// startOVirtDemo runs the oVirt simulator: the engine (SSO, REST) and an
+// imageio daemon and proxy, all signed by one engine CA.
+func startOVirtDemo(dataDir string, populate func(demoTarget) error, logger *slog.Logger) (*demoSim, error) {
+	sim, err := ovirttest.Start(ovirttest.Options{Dir: filepath.Join(dataDir, "simulator"), Logger: logger.With("component", "simulator")})
+	if err != nil {
+		return nil, fmt.Errorf("start simulator: %w", err)
+	}
+	target := &ovirtTarget{sim: sim, names: map[string]string{}, snaps: map[string]int{}}
+	if err := populate(target); err != nil {
+		sim.Close()
+		return nil, fmt.Errorf("sample data: %w", err)
+	}
+	passwordFile := filepath.Join(dataDir, "password")
+	caFile := filepath.Join(dataDir, "engine-ca.pem")
+	for path, data := range map[string][]byte{passwordFile: []byte(ovirttest.DefaultPassword + "\n"), caFile: sim.CAPEM()} {
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			sim.Close()
+			return nil, err
+		}
+	}
+	return &demoSim{
+		source: "ovirt+" + sim.URL(),
+		flags:  [][2]string{{"username", ovirttest.DefaultUser}, {"password-file", passwordFile}, {"ca-file", caFile}},
+		env: []string{"VMEXPORTFS_DEMO_URL=" + sim.URL(), "VMEXPORTFS_DEMO_CA=" + caFile,
+			"VMEXPORTFS_DEMO_USER=" + ovirttest.DefaultUser, "VMEXPORTFS_DEMO_PASSWORD_FILE=" + passwordFile},
+		about: fmt.Sprintf("simulated oVirt engine at %s (CA %s, user %s, password file %s; imageio at %s)",
+			sim.URL(), caFile, ovirttest.DefaultUser, passwordFile, sim.DaemonURL()),
+		close: sim.Close,
+	}, nil
+}
+
+// ovirtTarget keeps the demo's ids as VM and disk ids and its devices as
+// the disks' aliases; CD-ROMs are left out. Snapshots are described
+// <name>-1, <name>-2, ...
+type ovirtTarget struct {
+	sim   *ovirttest.Server
+	names map[string]string // vm id -> name
+	snaps map[string]int
+}
+
+func (o *ovirtTarget) addVM(vm demoVM) error {
+	spec := ovirttest.VMSpec{ID: vm.id, Name: vm.name}
+	for _, d := range vm.disks {
+		if !d.cdrom {
+			spec.Disks = append(spec.Disks, ovirttest.DiskSpec{ID: d.id, Name: d.device, Size: d.size})
+		}
+	}
+	o.names[vm.id] = vm.name
+	_, err := o.sim.AddVM(spec)
+	return err
+}
+
+func (o *ovirtTarget) writeDisk(vm, disk string, off int64, p []byte) error {
+	return o.sim.WriteDisk(vm, disk, off, p)
+}
+
+func (o *ovirtTarget) discardDisk(vm, disk string, off, n int64) error {
+	return o.sim.DiscardDisk(vm, disk, off, n)
+}
+
+func (o *ovirtTarget) takeSnapshot(vm string) error {
+	o.snaps[vm]++
+	_, err := o.sim.TakeSnapshot(vm, fmt.Sprintf("%s-%d", o.names[vm], o.snaps[vm]))
+	return err
 }
 
 // demoTarget is a simulator the sample data is written to, in the verbs

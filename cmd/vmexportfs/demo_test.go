@@ -14,6 +14,7 @@ import (
 
 	"github.com/vmexportfs/vmexportfs/backend/coriolis/coriolistest"
 	"github.com/vmexportfs/vmexportfs/backend/kubevirt/kubevirttest"
+	"github.com/vmexportfs/vmexportfs/backend/ovirt/ovirttest"
 	"github.com/vmexportfs/vmexportfs/backend/xapi/xapitest"
 )
 
@@ -81,6 +82,21 @@ func TestDemoPlatforms(t *testing.T) {
 			}
 			return refs
 		}, false},
+		{"ovirt", func(t *testing.T) []string {
+			sim, err := ovirttest.Start(ovirttest.Options{Dir: t.TempDir()})
+			require.NoError(t, err)
+			t.Cleanup(func() { sim.Close() })
+			require.NoError(t, populateDemo(&ovirtTarget{sim: sim, names: map[string]string{}, snaps: map[string]int{}}))
+			ids, err := sim.Snapshots(demoDB)
+			require.NoError(t, err)
+			var refs []string
+			for _, id := range ids {
+				path, err := sim.SnapshotData(demoDB, id, demoDBRoot)
+				require.NoError(t, err)
+				refs = append(refs, path)
+			}
+			return refs
+		}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			mnt := filepath.Join(t.TempDir(), "mnt")
@@ -130,5 +146,5 @@ func TestDemoPlatforms(t *testing.T) {
 	}
 	var stdout, stderr bytes.Buffer
 	assert.Equal(t, 2, run(context.Background(), []string{"demo", "--platform", "vmware", t.TempDir()}, &stdout, &stderr))
-	assert.Contains(t, stderr.String(), `--platform "vmware": want one of coriolis, kubevirt, xapi`)
+	assert.Contains(t, stderr.String(), `--platform "vmware": want one of coriolis, kubevirt, xapi, ovirt`)
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/vmexportfs/vmexportfs/backend/coriolis/coriolistest"
 	"github.com/vmexportfs/vmexportfs/backend/faultproxy"
 	"github.com/vmexportfs/vmexportfs/backend/kubevirt/kubevirttest"
+	"github.com/vmexportfs/vmexportfs/backend/ovirt/ovirttest"
 	"github.com/vmexportfs/vmexportfs/backend/xapi/xapitest"
 )
 
@@ -100,6 +101,7 @@ var e2ePlatforms = []platformCase{
 	{"coriolis", func(t *testing.T) simPlatform { return newCoriolis(t) }},
 	{"kubevirt", func(t *testing.T) simPlatform { return newKubeVirt(t, true) }},
 	{"xapi", func(t *testing.T) simPlatform { return newXapi(t, xapitest.Options{}) }},
+	{"ovirt", func(t *testing.T) simPlatform { return newOVirt(t, ovirttest.Options{}) }},
 }
 
 // forEachPlatform runs test once per platform of table, each on a fresh

@@ -14,6 +14,7 @@ import (
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/coriolis"
 	"github.com/vmexportfs/vmexportfs/backend/kubevirt"
+	"github.com/vmexportfs/vmexportfs/backend/ovirt"
 	"github.com/vmexportfs/vmexportfs/backend/platform"
 	"github.com/vmexportfs/vmexportfs/backend/xapi"
 )
@@ -26,6 +27,7 @@ func platforms() []platform.Platform {
 		coriolis.Platform(),
 		kubevirt.Platform(),
 		xapi.Platform(),
+		ovirt.Platform(),
 	}
 }
 
