@@ -139,7 +139,7 @@ func TestRegistryInjectable(t *testing.T) {
 
 	// Without its registry line, the platform does not exist.
 	_, err = parseMountArgs([]string{"fake+https://h", "/mnt"}, platforms())
-	assert.ErrorContains(t, err, "unknown platform \"fake\" (known: coriolis, kubevirt, ovirt, xapi)")
+	assert.ErrorContains(t, err, "unknown platform \"fake\" (known: coriolis, kubevirt, ovirt, s3, xapi)")
 	_, err = parseMountArgs([]string{"--fake-pool", "p", "coriolis+https://h", "/mnt"}, platforms())
 	assert.ErrorContains(t, err, "unknown flag: --fake-pool")
 	_, err = parseMountOptions([]string{"fake_pool=p"})
@@ -205,8 +205,8 @@ func TestREADMEFlagTables(t *testing.T) {
 	f := newMountFlags(&cfg, new(string), new([]string), platforms())
 	table := newOptionTable(cfg.platforms)
 	documented := map[string]bool{}
-	flagRe := regexp.MustCompile("--([a-z-]+)")
-	spellingRe := regexp.MustCompile("`([a-z_]+)=?")
+	flagRe := regexp.MustCompile("--([a-z0-9-]+)")
+	spellingRe := regexp.MustCompile("`([a-z0-9_]+)=?")
 	rows := 0
 	for _, line := range strings.Split(string(readme), "\n") {
 		if !strings.HasPrefix(line, "| `-") {

@@ -16,6 +16,7 @@ import (
 	"github.com/vmexportfs/vmexportfs/backend/kubevirt"
 	"github.com/vmexportfs/vmexportfs/backend/ovirt"
 	"github.com/vmexportfs/vmexportfs/backend/platform"
+	"github.com/vmexportfs/vmexportfs/backend/s3images"
 	"github.com/vmexportfs/vmexportfs/backend/xapi"
 )
 
@@ -28,6 +29,7 @@ func platforms() []platform.Platform {
 		kubevirt.Platform(),
 		xapi.Platform(),
 		ovirt.Platform(),
+		s3images.Platform(),
 	}
 }
 
