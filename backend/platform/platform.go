@@ -193,3 +193,17 @@ func ParseSize(s string) (int64, error) {
 	}
 	return int64(bytes), nil
 }
+
+// Key reads a credential from file, else from the environment variable
+// env: how platforms with access keys take them (never from argv). The
+// caller registers it with Secrets.
+func Key(file, env string) (string, error) {
+	if file == "" {
+		return os.Getenv(env), nil
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return "", err
+	}
+	return strings.TrimSpace(string(b)), nil
+}

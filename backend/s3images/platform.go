@@ -79,29 +79,17 @@ func (v *sourceFlags) check(u *url.URL, c platform.Common) error {
 	return nil
 }
 
-// key reads a key from its file, else the environment.
-func key(file, env string) (string, error) {
-	if file == "" {
-		return os.Getenv(env), nil
-	}
-	b, err := os.ReadFile(file)
-	if err != nil {
-		return "", err
-	}
-	return strings.TrimSpace(string(b)), nil
-}
-
 func (v *sourceFlags) open(ctx context.Context, u *url.URL, c platform.Common) (backend.Source, error) {
 	endpoint, bucket, prefix, err := splitSource(u)
 	if err != nil {
 		return nil, err
 	}
-	secret, err := key(v.secretKeyFile, SecretKeyEnv)
+	secret, err := platform.Key(v.secretKeyFile, SecretKeyEnv)
 	if err != nil {
 		return nil, fmt.Errorf("--s3-secret-key-file: %w", err)
 	}
 	c.Secrets.Add(secret)
-	access, err := key(v.accessKeyFile, AccessKeyEnv)
+	access, err := platform.Key(v.accessKeyFile, AccessKeyEnv)
 	if err != nil {
 		return nil, fmt.Errorf("--s3-access-key-file: %w", err)
 	}

@@ -85,6 +85,9 @@ type caps struct {
 	// so a delta view can be faulted (KubeVirt's standalone mode, how its
 	// export proxy is reached, shows one export).
 	proxiedBases bool
+	// oneSnapshot: the platform keeps one snapshot per VM (an image in a
+	// bucket is replaced, not versioned), so there is no delta to take.
+	oneSnapshot bool
 	// faultCopies is the fault matrix's default number of faulted copies
 	// per view (VMEXPORTFS_FAULT_COPIES overrides it).
 	faultCopies int

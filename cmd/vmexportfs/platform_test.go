@@ -139,7 +139,7 @@ func TestRegistryInjectable(t *testing.T) {
 
 	// Without its registry line, the platform does not exist.
 	_, err = parseMountArgs([]string{"fake+https://h", "/mnt"}, platforms())
-	assert.ErrorContains(t, err, "unknown platform \"fake\" (known: coriolis, kubevirt, ovirt, s3, xapi)")
+	assert.ErrorContains(t, err, "unknown platform \"fake\" (known: coriolis, jdcloud, kubevirt, ovirt, s3, xapi)")
 	_, err = parseMountArgs([]string{"--fake-pool", "p", "coriolis+https://h", "/mnt"}, platforms())
 	assert.ErrorContains(t, err, "unknown flag: --fake-pool")
 	_, err = parseMountOptions([]string{"fake_pool=p"})

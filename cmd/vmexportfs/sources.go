@@ -13,6 +13,7 @@ import (
 
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/coriolis"
+	"github.com/vmexportfs/vmexportfs/backend/jdcloud"
 	"github.com/vmexportfs/vmexportfs/backend/kubevirt"
 	"github.com/vmexportfs/vmexportfs/backend/ovirt"
 	"github.com/vmexportfs/vmexportfs/backend/platform"
@@ -30,6 +31,7 @@ func platforms() []platform.Platform {
 		xapi.Platform(),
 		ovirt.Platform(),
 		s3images.Platform(),
+		jdcloud.Platform(),
 	}
 }
 

@@ -1,0 +1,83 @@
+package jdcloud
+
+import (
+	"context"
+	"fmt"
+	"net/url"
+	"os"
+	"strings"
+
+	"github.com/spf13/pflag"
+
+	"github.com/vmexportfs/vmexportfs/backend"
+	"github.com/vmexportfs/vmexportfs/backend/platform"
+)
+
+// Environment variables holding the keys when no key file is given.
+const (
+	AccessKeyEnv = "JDCLOUD_ACCESS_KEY"
+	SecretKeyEnv = "JDCLOUD_SECRET_KEY"
+)
+
+// sourceFlags are the values of the JD Cloud flags of one command line.
+type sourceFlags struct {
+	accessKeyFile, secretKeyFile, ossURL, ossEndpoint string
+}
+
+// Platform describes jdcloud+https://vm.jdcloud-api.com/v1/regions/REGION
+// sources: a region's image exports in one OSS bucket.
+func Platform() platform.Platform {
+	return platform.Platform{
+		Scheme: "jdcloud",
+		Usage: []platform.Usage{{
+			Source: "jdcloud+https://vm.jdcloud-api.com/v1/regions/REGION",
+			Text:   "JD Cloud image exports (--oss-url https://BUCKET.s3.REGION.jdcloud-oss.com, --jdcloud-access-key-file and --jdcloud-secret-key-file or $" + AccessKeyEnv + " and $" + SecretKeyEnv + ")",
+		}},
+		Flags: func(f *pflag.FlagSet) platform.Opener {
+			v := &sourceFlags{}
+			f.StringVar(&v.accessKeyFile, "jdcloud-access-key-file", "", "file holding the JD Cloud access key (else $"+AccessKeyEnv+")")
+			f.StringVar(&v.secretKeyFile, "jdcloud-secret-key-file", "", "file holding the JD Cloud secret key (else $"+SecretKeyEnv+"); never on the command line")
+			f.StringVar(&v.ossURL, "oss-url", "", "the bucket the exports are written to, https://BUCKET.s3[-internal].REGION.jdcloud-oss.com")
+			f.StringVar(&v.ossEndpoint, "oss-endpoint", "", "where the exports are read, path-style (default the public endpoint of --oss-url's region)")
+			return platform.Opener{Check: v.check, Open: v.open}
+		},
+		RefusedOptions: map[string]string{"jdcloud_secret_key": "use jdcloud_secret_key_file=FILE", "jdcloud_access_key": "use jdcloud_access_key_file=FILE"},
+	}
+}
+
+func (v *sourceFlags) check(u *url.URL, _ platform.Common) error {
+	if u.Scheme != "https" || u.Host == "" || u.User != nil || u.RawQuery != "" || !strings.HasPrefix(strings.Trim(u.Path, "/"), "v1/regions/") {
+		return fmt.Errorf("%w: jdcloud source: want jdcloud+https://vm.jdcloud-api.com/v1/regions/REGION", platform.ErrUsage)
+	}
+	if v.ossURL == "" {
+		return fmt.Errorf("%w: jdcloud needs --oss-url, the bucket of the exports", platform.ErrUsage)
+	}
+	if _, _, _, err := parseOSS(v.ossURL, v.ossEndpoint); err != nil {
+		return fmt.Errorf("%w: %w", platform.ErrUsage, err)
+	}
+	if v.secretKeyFile == "" && os.Getenv(SecretKeyEnv) == "" {
+		return fmt.Errorf("%w: jdcloud needs --jdcloud-secret-key-file or $%s", platform.ErrUsage, SecretKeyEnv)
+	}
+	return nil
+}
+
+func (v *sourceFlags) open(ctx context.Context, u *url.URL, c platform.Common) (backend.Source, error) {
+	secret, err := platform.Key(v.secretKeyFile, SecretKeyEnv)
+	if err != nil {
+		return nil, fmt.Errorf("--jdcloud-secret-key-file: %w", err)
+	}
+	c.Secrets.Add(secret)
+	access, err := platform.Key(v.accessKeyFile, AccessKeyEnv)
+	if err != nil {
+		return nil, fmt.Errorf("--jdcloud-access-key-file: %w", err)
+	}
+	roots, err := c.RootCAs()
+	if err != nil {
+		return nil, err
+	}
+	return NewSource(ctx, SourceConfig{
+		API: u.String(), Credentials: Credentials{AccessKey: access, SecretKey: secret},
+		OSSURL: v.ossURL, OSSEndpoint: v.ossEndpoint, RootCAs: roots, InsecureSkipVerify: c.InsecureSkipVerify,
+		Policy: c.Policy, Logger: c.Logger, Secrets: c.Secrets,
+	})
+}

@@ -1,0 +1,189 @@
+package jdcloud_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/json"
+	"io"
+	"net/http"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vmexportfs/vmexportfs/backend"
+	"github.com/vmexportfs/vmexportfs/backend/jdcloud"
+	"github.com/vmexportfs/vmexportfs/backend/jdcloud/jdcloudtest"
+	"github.com/vmexportfs/vmexportfs/backend/redact"
+	"github.com/vmexportfs/vmexportfs/backend/s3/s3test"
+)
+
+const fixture = "../../testdata/qcow2/v3-64k"
+
+// region is the S3 server's: the bucket and the API share it.
+const region = "cn-east-2"
+
+// cloud is the JD Cloud simulator writing its exports into a real S3
+// server, and an admin that calls the API as a user's console would.
+type cloud struct {
+	sim   *jdcloudtest.Server
+	srv   *s3test.Server
+	pool  *x509.CertPool
+	creds jdcloud.Credentials
+	http  *http.Client
+}
+
+func newCloud(t *testing.T) *cloud {
+	return newCloudWith(t, func(string) (string, error) { return fixture + ".qcow2", nil })
+}
+
+// newCloudWith exports the QCOW2 file imageData names for an instance.
+func newCloudWith(t *testing.T, imageData func(instance string) (string, error)) *cloud {
+	srv := s3test.Start(t, s3test.Options{Buckets: []string{"exports"}})
+	creds := jdcloud.Credentials{AccessKey: srv.AccessKey(), SecretKey: srv.SecretKey()}
+	client := srv.Client(t)
+	sim, err := jdcloudtest.Start(jdcloudtest.Options{
+		Region: region, Credentials: map[string]string{creds.AccessKey: creds.SecretKey},
+		ImageDelay: 20 * time.Millisecond, ExportDuration: 100 * time.Millisecond,
+		ImageData: imageData,
+		PutObject: func(ctx context.Context, _, key string, data io.Reader, size int64) error {
+			return client.Put(ctx, "exports", key, data, size)
+		},
+	})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = sim.Close() })
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(sim.CAPEM())
+	pool.AppendCertsFromPEM(srv.CAPEM())
+	return &cloud{sim: sim, srv: srv, pool: pool, creds: creds,
+		http: &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}}
+}
+
+func (c *cloud) api() string { return c.sim.URL() + "/v1/regions/" + region }
+
+// call is a signed API call of the admin.
+func (c *cloud) call(t *testing.T, method, route string, body any, out any) {
+	var payload []byte
+	if body != nil {
+		var err error
+		payload, err = json.Marshal(body)
+		require.NoError(t, err)
+	}
+	req, err := http.NewRequest(method, c.api()+"/"+route, bytes.NewReader(payload))
+	require.NoError(t, err)
+	req.Header.Set("Content-Type", "application/json")
+	require.NoError(t, jdcloud.Sign(req, payload, c.creds, region, "vm", time.Now().UTC(), rand.Text()))
+	resp, err := c.http.Do(req)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	_, err = jdcloud.Decode(resp.Body, resp.StatusCode, out)
+	require.NoError(t, err, "%s %s", method, route)
+}
+
+// export makes an image of instance and exports it, and waits for the
+// export to finish.
+func (c *cloud) export(t *testing.T, instance, name string) {
+	var img jdcloud.CreateImageResult
+	c.call(t, http.MethodPost, "instances/"+instance+":createImage", jdcloud.CreateImageRequest{Name: name}, &img)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var d jdcloud.DescribeImageResult
+		c.call(t, http.MethodGet, "images/"+img.ImageID, nil, &d)
+		if d.Image.Status == jdcloud.ImageReady {
+			break
+		}
+		require.True(t, time.Now().Before(deadline), "image never ready")
+		time.Sleep(10 * time.Millisecond)
+	}
+	var ex jdcloud.ExportImageResult
+	c.call(t, http.MethodPost, "images/"+img.ImageID+":exportImage", jdcloud.ExportImageRequest{
+		RoleName: "vmexportfs-export", OSSURL: "https://exports.s3." + region + ".jdcloud-oss.com", OSSPrefix: "vm", ClientToken: name,
+	}, &ex)
+	for {
+		var ts jdcloud.ImageTasksResult
+		c.call(t, http.MethodGet, "imageTasks?pageNumber=1&pageSize=10&taskAction=ExportImage&taskIds.1="+string(ex.TaskID), nil, &ts)
+		if len(ts.TaskSet) == 1 && ts.TaskSet[0].TaskStatus == jdcloud.TaskFinished {
+			return
+		}
+		require.True(t, time.Now().Before(deadline), "export never finished")
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (c *cloud) source(t *testing.T) *jdcloud.Source {
+	src, err := jdcloud.NewSource(context.Background(), jdcloud.SourceConfig{
+		API: c.api(), Credentials: c.creds, OSSURL: "https://exports.s3." + region + ".jdcloud-oss.com",
+		OSSEndpoint: c.srv.Endpoint(), RootCAs: c.pool, Secrets: &redact.Secrets{},
+	})
+	require.NoError(t, err)
+	return src
+}
+
+func fixtureSum(t *testing.T) string {
+	f, err := os.Open("../../testdata/qcow2/SHA256SUMS")
+	require.NoError(t, err)
+	defer f.Close()
+	for sc := bufio.NewScanner(f); sc.Scan(); {
+		if fields := strings.Fields(sc.Text()); fields[1] == "v3-64k.raw" {
+			return fields[0]
+		}
+	}
+	t.Fatal("no sum for v3-64k")
+	return ""
+}
+
+// TestExportsAsSnapshots: finished exports are snapshots of the instance
+// their image was made from, read as the raw disk qemu-img makes of the
+// QCOW2 object; rmdir deletes the object.
+func TestExportsAsSnapshots(t *testing.T) {
+	c := newCloud(t)
+	require.NoError(t, c.sim.AddInstance("i-web01", "web01"))
+	c.export(t, "i-web01", "web01-monday")
+	c.export(t, "i-web01", "web01-tuesday")
+	src := c.source(t)
+	vms, err := src.VMs(t.Context())
+	require.NoError(t, err)
+	require.Len(t, vms, 1)
+	assert.Equal(t, "i-web01", vms[0].ID)
+	snaps, err := src.Snapshots(t.Context(), "i-web01")
+	require.NoError(t, err)
+	require.Len(t, snaps, 2)
+	assert.Equal(t, []string{"web01-monday", "web01-tuesday"}, []string{snaps[0].Name, snaps[1].Name})
+	d, err := src.OpenDisk(t.Context(), backend.DiskRef{VM: "i-web01", Snapshot: snaps[1].ID, Disk: "disk"})
+	require.NoError(t, err)
+	buf := make([]byte, d.Size())
+	require.NoError(t, d.ReadAt(t.Context(), buf, 0))
+	sum := sha256.Sum256(buf)
+	assert.Equal(t, fixtureSum(t), hex.EncodeToString(sum[:]), "the export reads as qemu-img convert -O raw")
+	assert.Less(t, d.Allocated().Bytes(), d.Size())
+	require.NoError(t, d.Close())
+
+	require.NoError(t, src.DeleteSnapshot(t.Context(), "i-web01", snaps[0].ID))
+	left, err := src.Snapshots(t.Context(), "i-web01")
+	require.NoError(t, err)
+	require.Len(t, left, 1)
+	assert.Equal(t, snaps[1].ID, left[0].ID)
+	assert.ErrorIs(t, src.DeleteSnapshot(t.Context(), "i-web01", snaps[0].ID), backend.ErrNotFound)
+}
+
+// TestWrongKeys: a wrong secret fails NewSource with EACCES, without the
+// secret in the error.
+func TestWrongKeys(t *testing.T) {
+	c := newCloud(t)
+	_, err := jdcloud.NewSource(context.Background(), jdcloud.SourceConfig{
+		API: c.api(), Credentials: jdcloud.Credentials{AccessKey: c.creds.AccessKey, SecretKey: "wrong-secret-0000000000"},
+		OSSURL: "https://exports.s3." + region + ".jdcloud-oss.com", OSSEndpoint: c.srv.Endpoint(), RootCAs: c.pool, Secrets: &redact.Secrets{},
+	})
+	require.ErrorIs(t, err, backend.ErrPermission)
+	assert.NotContains(t, err.Error(), "wrong-secret-0000000000")
+	assert.NotContains(t, err.Error(), c.creds.SecretKey)
+}
