@@ -63,6 +63,12 @@ type Snapshot struct {
 	Name    string    // the platform's own name, "" when it only has ids
 	Created time.Time // zero when the platform does not say
 	Disks   []DiskInfo
+	// Pending, when set, says the snapshot is still being made and what the
+	// platform is doing ("exporting 43%"): it is shown, with no disk and
+	// with that state, and is no delta base, until a listing has it ready.
+	// A platform whose snapshots take minutes returns such a snapshot from
+	// CreateSnapshot rather than keep mkdir waiting.
+	Pending string
 }
 
 // DiskRef addresses one disk of one snapshot.

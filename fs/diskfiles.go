@@ -88,6 +88,9 @@ func (d *diskFiles) bases(ctx context.Context) ([]*snapEntry, error) {
 		if e.snap.ID == d.e.snap.ID {
 			return out, nil
 		}
+		if e.snap.Pending != "" {
+			continue
+		}
 		for _, info := range e.snap.Disks {
 			if info.Identity() == d.disk.info.Identity() {
 				out = append(out, e)

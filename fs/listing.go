@@ -115,7 +115,9 @@ func (st *state) listSnapshots(ctx context.Context, vm string) (*snapListing, er
 				continue
 			}
 			e := &snapEntry{snap: sn, prev: prev, prevName: prevName}
-			prev, prevName = &snaps[i], sn.ID
+			if sn.Pending == "" { // a snapshot still being made is no base
+				prev, prevName = &snaps[i], sn.ID
+			}
 			l.byID[sn.ID] = e
 			for _, cand := range []string{named[sn.ID], sn.Name, sn.ID} {
 				if cand == "" {
@@ -134,7 +136,9 @@ func (st *state) listSnapshots(ctx context.Context, vm string) (*snapListing, er
 			}
 			l.byName[e.name] = e
 			l.entries = append(l.entries, e)
-			prevName = e.name
+			if sn.Pending == "" {
+				prevName = e.name
+			}
 		}
 		st.snapshotTimes(vm, l)
 		st.dropLost(vm, l)
@@ -214,8 +218,12 @@ type diskEntry struct {
 	info backend.DiskInfo
 }
 
-// disksOf returns the usable disks of a snapshot.
+// disksOf returns the usable disks of a snapshot: none while it is still
+// being made.
 func (st *state) disksOf(vm string, sn backend.Snapshot) []diskEntry {
+	if sn.Pending != "" {
+		return nil
+	}
 	var out []diskEntry
 	seen := map[string]bool{}
 	for _, d := range sn.Disks {

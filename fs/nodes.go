@@ -3,6 +3,7 @@ package fs
 import (
 	"context"
 	"path"
+	"sync"
 	"syscall"
 	"time"
 
@@ -226,36 +227,63 @@ func (n *snapshotsDir) Readdir(ctx context.Context) (gofs.DirStream, syscall.Err
 type snapDir struct {
 	dirNode
 	vm string
-	e  *snapEntry
+
+	mu sync.Mutex
+	e  *snapEntry // refreshed from the listing while the snapshot is pending
 }
 
-func (n *snapDir) files(disk diskEntry, multi bool) *diskFiles {
-	dir := path.Join("/vms", n.vm, "snapshots", n.e.name)
+// entry is the snapshot as shown now. A ready snapshot never changes; a
+// pending one is looked up in the listing again (which its TTL keeps
+// fresh), so its files appear once it is ready.
+func (n *snapDir) entry(ctx context.Context) *snapEntry {
+	n.mu.Lock()
+	e := n.e
+	n.mu.Unlock()
+	if e.snap.Pending == "" {
+		return e
+	}
+	l, err := n.st.listSnapshots(ctx, n.vm)
+	if err != nil {
+		return e
+	}
+	if fresh, ok := l.byID[e.snap.ID]; ok {
+		n.mu.Lock()
+		n.e = fresh
+		n.mu.Unlock()
+		return fresh
+	}
+	return e
+}
+
+func (n *snapDir) files(e *snapEntry, disk diskEntry, multi bool) *diskFiles {
+	dir := path.Join("/vms", n.vm, "snapshots", e.name)
 	if multi {
 		dir = path.Join(dir, disk.name)
 	}
-	return &diskFiles{st: n.st, vm: n.vm, e: n.e, disk: disk, dir: dir, multi: multi}
+	return &diskFiles{st: n.st, vm: n.vm, e: e, disk: disk, dir: dir, multi: multi}
 }
 
 func (n *snapDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
-	disks := n.st.disksOf(n.vm, n.e.snap)
+	e := n.entry(ctx)
+	disks := n.st.disksOf(n.vm, e.snap)
 	if len(disks) == 1 {
-		return n.files(disks[0], false).lookup(ctx, &n.Inode, name, out)
+		return n.files(e, disks[0], false).lookup(ctx, &n.Inode, name, out)
 	}
 	for _, d := range disks {
 		if d.name == name {
-			n.st.dirEntryOut(out, 0o555, n.e.mtime, immutableTimeout)
-			dd := &diskDir{dirNode: dirNode{st: n.st, mode: 0o555, mtime: n.e.mtime}, vm: n.vm, e: n.e, disk: d.info, files: n.files(d, true)}
-			return n.NewInode(ctx, dd, stableAttr(syscall.S_IFDIR, "disk", n.vm, n.e.snap.ID, d.info.ID)), 0
+			n.st.dirEntryOut(out, 0o555, e.mtime, immutableTimeout)
+			dd := &diskDir{dirNode: dirNode{st: n.st, mode: 0o555, mtime: e.mtime}, vm: n.vm, e: e, disk: d.info, files: n.files(e, d, true)}
+			return n.NewInode(ctx, dd, stableAttr(syscall.S_IFDIR, "disk", n.vm, e.snap.ID, d.info.ID)), 0
 		}
 	}
 	return nil, syscall.ENOENT
 }
 
 func (n *snapDir) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {
-	disks := n.st.disksOf(n.vm, n.e.snap)
+	e := n.entry(ctx)
+	disks := n.st.disksOf(n.vm, e.snap)
 	if len(disks) == 1 {
-		return n.files(disks[0], false).readdir(ctx)
+		return n.files(e, disks[0], false).readdir(ctx)
 	}
 	es := make([]fuse.DirEntry, 0, len(disks))
 	for _, d := range disks {
@@ -265,17 +293,25 @@ func (n *snapDir) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {
 }
 
 func (n *snapDir) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
+	e := n.entry(ctx)
 	if sz, errno, ok := idXattr(attr, xattrVM, n.vm, dest); ok {
 		return sz, errno
 	}
-	if sz, errno, ok := idXattr(attr, xattrSnapshot, n.e.snap.ID, dest); ok {
+	if sz, errno, ok := idXattr(attr, xattrSnapshot, e.snap.ID, dest); ok {
+		return sz, errno
+	}
+	state := "ready"
+	if e.snap.Pending != "" {
+		state = e.snap.Pending
+	}
+	if sz, errno, ok := idXattr(attr, xattrState, state, dest); ok {
 		return sz, errno
 	}
 	return 0, syscall.ENODATA
 }
 
 func (n *snapDir) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errno) {
-	return xattrList([]string{xattrVM, xattrSnapshot}, dest)
+	return xattrList([]string{xattrVM, xattrSnapshot, xattrState}, dest)
 }
 
 // ---- /vms/<id>/snapshots/<name>/<device>

@@ -16,8 +16,11 @@ import (
 )
 
 const (
-	xattrVM            = "user.vmexport.vm"
-	xattrSnapshot      = "user.vmexport.snapshot"
+	xattrVM       = "user.vmexport.vm"
+	xattrSnapshot = "user.vmexport.snapshot"
+	// xattrState is a snapshot directory's state: "ready", or what the
+	// platform is still doing to make it ("exporting 43%").
+	xattrState         = "user.vmexport.state"
 	xattrDisk          = "user.vmexport.disk"
 	xattrExtents       = "user.vmexport.extents"
 	xattrChangedPrefix = "user.vmexport.changed."

@@ -748,6 +748,9 @@ func checkCreateDelete(t *testing.T, h Harness) {
 		sn, err := creator.CreateSnapshot(ctx, a.id, createdName)
 		require.NoError(t, err, "CreateSnapshot(%s)", a.id)
 		require.NotEmpty(t, sn.ID, "CreateSnapshot returned no id")
+		if sn.Pending != "" {
+			sn = waitReady(t, src, a.id, sn)
+		}
 		assert.NotContains(t, before, sn.ID, "CreateSnapshot returned an existing snapshot's id")
 		for _, md := range a.disks {
 			_, ok := f.findDisk(sn.Disks, md.spec.Name)
@@ -799,6 +802,22 @@ func checkCreateDelete(t *testing.T, h Harness) {
 		other := a.snaps[0].id
 		assert.Error(t, deleter.DeleteSnapshot(ctx, vmB, other), "deleting %s's snapshot %s through %s", a.id, other, vmB)
 		assert.Contains(t, ids(), other, "a snapshot deleted through another VM is gone")
+	}
+}
+
+// waitReady waits until a snapshot CreateSnapshot returned pending is
+// listed ready: still listed (with its id) all the while, and not to be
+// opened before.
+func waitReady(t *testing.T, src backend.Source, vm string, sn backend.Snapshot) backend.Snapshot {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		got := listed(t, src, vm, sn.ID)
+		if got.Pending == "" {
+			return got
+		}
+		require.True(t, time.Now().Before(deadline), "snapshot %s still pending after a minute: %q", sn.ID, got.Pending)
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 

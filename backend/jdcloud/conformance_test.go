@@ -33,16 +33,29 @@ func TestConformance(t *testing.T) {
 
 type conformancePlatform struct {
 	*cloud
-	live   map[string][]byte
-	images map[string]string // instance → the QCOW2 its next export holds
-	dir    string
-	n      int
+	live map[string][]byte
+	dir  string
+	n    int
 }
 
+// newConformancePlatform exports an instance's disk as it is when the
+// simulator asks for it: qemu-img converts the live bytes.
 func newConformancePlatform(t *testing.T) *conformancePlatform {
-	p := &conformancePlatform{live: map[string][]byte{}, images: map[string]string{}, dir: t.TempDir()}
-	p.cloud = newCloudWith(t, func(instance string) (string, error) { return p.images[instance], nil })
+	p := &conformancePlatform{live: map[string][]byte{}, dir: t.TempDir()}
+	p.cloud = newCloudWith(t, p.image)
 	return p
+}
+
+func (p *conformancePlatform) image(instance string) (string, error) {
+	p.n++
+	raw, img := filepath.Join(p.dir, fmt.Sprintf("%d.raw", p.n)), filepath.Join(p.dir, fmt.Sprintf("%d.qcow2", p.n))
+	if err := os.WriteFile(raw, p.live[instance], 0o600); err != nil {
+		return "", err
+	}
+	if out, err := exec.Command("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, img).CombinedOutput(); err != nil {
+		return "", fmt.Errorf("qemu-img: %w: %s", err, out)
+	}
+	return img, nil
 }
 
 func (p *conformancePlatform) AddVM(t testing.TB, vm string, disks ...backendtest.DiskSpec) {
@@ -56,13 +69,7 @@ func (p *conformancePlatform) Write(t testing.TB, vm, _ string, off int64, data 
 }
 
 func (p *conformancePlatform) Snapshot(t testing.TB, vm string) string {
-	p.n++
-	raw, img := filepath.Join(p.dir, fmt.Sprintf("%d.raw", p.n)), filepath.Join(p.dir, fmt.Sprintf("%d.qcow2", p.n))
-	require.NoError(t, os.WriteFile(raw, p.live[vm], 0o600))
-	out, err := exec.Command("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, img).CombinedOutput()
-	require.NoError(t, err, "%s", out)
-	p.images[vm] = img
-	p.export(t.(*testing.T), vm, fmt.Sprintf("%s-%03d", vm, p.n))
+	p.export(t.(*testing.T), vm, fmt.Sprintf("%s-%03d", vm, p.n+1))
 	src := p.source(t.(*testing.T))
 	snaps, err := src.Snapshots(t.(*testing.T).Context(), vm)
 	require.NoError(t, err)

@@ -6,6 +6,7 @@ import (
 	"net/url"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/spf13/pflag"
 
@@ -22,6 +23,8 @@ const (
 // sourceFlags are the values of the JD Cloud flags of one command line.
 type sourceFlags struct {
 	accessKeyFile, secretKeyFile, ossURL, ossEndpoint string
+	exportRole, ossPrefix                             string
+	poll                                              time.Duration
 }
 
 // Platform describes jdcloud+https://vm.jdcloud-api.com/v1/regions/REGION
@@ -39,6 +42,9 @@ func Platform() platform.Platform {
 			f.StringVar(&v.secretKeyFile, "jdcloud-secret-key-file", "", "file holding the JD Cloud secret key (else $"+SecretKeyEnv+"); never on the command line")
 			f.StringVar(&v.ossURL, "oss-url", "", "the bucket the exports are written to, https://BUCKET.s3[-internal].REGION.jdcloud-oss.com")
 			f.StringVar(&v.ossEndpoint, "oss-endpoint", "", "where the exports are read, path-style (default the public endpoint of --oss-url's region)")
+			f.StringVar(&v.exportRole, "jdcloud-export-role", "", "the role exportImage writes the bucket with; mkdir needs it")
+			f.StringVar(&v.ossPrefix, "jdcloud-oss-prefix", "vmexportfs", "the prefix of the objects mkdir's exports write (letters and digits, at most 32)")
+			f.DurationVar(&v.poll, "jdcloud-poll-interval", 10*time.Second, "how often mkdir's image is looked at until it can be exported")
 			return platform.Opener{Check: v.check, Open: v.open}
 		},
 		RefusedOptions: map[string]string{"jdcloud_secret_key": "use jdcloud_secret_key_file=FILE", "jdcloud_access_key": "use jdcloud_access_key_file=FILE"},
@@ -54,6 +60,12 @@ func (v *sourceFlags) check(u *url.URL, _ platform.Common) error {
 	}
 	if _, _, _, err := parseOSS(v.ossURL, v.ossEndpoint); err != nil {
 		return fmt.Errorf("%w: %w", platform.ErrUsage, err)
+	}
+	if len(v.ossPrefix) > 32 || strings.IndexFunc(v.ossPrefix, func(r rune) bool { return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9') }) >= 0 {
+		return fmt.Errorf("%w: --jdcloud-oss-prefix %q: at most 32 letters and digits", platform.ErrUsage, v.ossPrefix)
+	}
+	if v.poll <= 0 {
+		return fmt.Errorf("%w: --jdcloud-poll-interval must be positive", platform.ErrUsage)
 	}
 	if v.secretKeyFile == "" && os.Getenv(SecretKeyEnv) == "" {
 		return fmt.Errorf("%w: jdcloud needs --jdcloud-secret-key-file or $%s", platform.ErrUsage, SecretKeyEnv)
@@ -77,7 +89,8 @@ func (v *sourceFlags) open(ctx context.Context, u *url.URL, c platform.Common) (
 	}
 	return NewSource(ctx, SourceConfig{
 		API: u.String(), Credentials: Credentials{AccessKey: access, SecretKey: secret},
-		OSSURL: v.ossURL, OSSEndpoint: v.ossEndpoint, RootCAs: roots, InsecureSkipVerify: c.InsecureSkipVerify,
+		OSSURL: v.ossURL, OSSEndpoint: v.ossEndpoint, ExportRole: v.exportRole, OSSPrefix: v.ossPrefix, PollInterval: v.poll,
+		RootCAs: roots, InsecureSkipVerify: c.InsecureSkipVerify,
 		Policy: c.Policy, Logger: c.Logger, Secrets: c.Secrets,
 	})
 }

@@ -123,6 +123,7 @@ func (c *cloud) source(t *testing.T) *jdcloud.Source {
 	src, err := jdcloud.NewSource(context.Background(), jdcloud.SourceConfig{
 		API: c.api(), Credentials: c.creds, OSSURL: "https://exports.s3." + region + ".jdcloud-oss.com",
 		OSSEndpoint: c.srv.Endpoint(), RootCAs: c.pool, Secrets: &redact.Secrets{},
+		ExportRole: "vmexportfs-export", OSSPrefix: "vmx", PollInterval: 10 * time.Millisecond,
 	})
 	require.NoError(t, err)
 	return src
@@ -186,4 +187,57 @@ func TestWrongKeys(t *testing.T) {
 	require.ErrorIs(t, err, backend.ErrPermission)
 	assert.NotContains(t, err.Error(), "wrong-secret-0000000000")
 	assert.NotContains(t, err.Error(), c.creds.SecretKey)
+}
+
+// TestMkdirPending: CreateSnapshot returns at once with the snapshot
+// pending; the listing shows it creating the image, then exporting with
+// its progress, then ready, when it reads as the instance's disk.
+func TestMkdirPending(t *testing.T) {
+	c := newCloud(t)
+	require.NoError(t, c.sim.AddInstance("i-db01", "db01"))
+	c.export(t, "i-db01", "db01-first") // so the instance is listed
+	src, err := jdcloud.NewSource(context.Background(), jdcloud.SourceConfig{
+		API: c.api(), Credentials: c.creds, OSSURL: "https://exports.s3." + region + ".jdcloud-oss.com",
+		OSSEndpoint: c.srv.Endpoint(), RootCAs: c.pool, Secrets: &redact.Secrets{},
+		ExportRole: "vmexportfs-export", OSSPrefix: "vmx", PollInterval: 10 * time.Millisecond,
+	})
+	require.NoError(t, err)
+	defer src.Close()
+	_, err = src.CreateSnapshot(t.Context(), "i-db01", "bad name!")
+	assert.ErrorIs(t, err, backend.ErrInvalid)
+	sn, err := src.CreateSnapshot(t.Context(), "i-db01", "db01-nightly")
+	require.NoError(t, err)
+	assert.NotEmpty(t, sn.Pending, "returned before the export")
+	_, err = src.CreateSnapshot(t.Context(), "i-db01", "db01-nightly")
+	assert.ErrorIs(t, err, backend.ErrExists)
+
+	states := map[string]bool{}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		snaps, err := src.Snapshots(t.Context(), "i-db01")
+		require.NoError(t, err)
+		var got *backend.Snapshot
+		for i := range snaps {
+			if snaps[i].ID == sn.ID {
+				got = &snaps[i]
+			}
+		}
+		require.NotNil(t, got, "the pending snapshot is listed: %+v", snaps)
+		if got.Pending == "" {
+			break
+		}
+		states[strings.TrimRight(got.Pending, "0123456789%")] = true
+		_, err = src.OpenDisk(t.Context(), backend.DiskRef{VM: "i-db01", Snapshot: sn.ID, Disk: "disk"})
+		assert.Error(t, err, "a pending snapshot is not read")
+		require.True(t, time.Now().Before(deadline), "never ready; states %v", states)
+		time.Sleep(20 * time.Millisecond)
+	}
+	assert.True(t, states["exporting "], "the export's progress was shown: %v", states)
+	d, err := src.OpenDisk(t.Context(), backend.DiskRef{VM: "i-db01", Snapshot: sn.ID, Disk: "disk"})
+	require.NoError(t, err)
+	defer d.Close()
+	buf := make([]byte, d.Size())
+	require.NoError(t, d.ReadAt(t.Context(), buf, 0))
+	sum := sha256.Sum256(buf)
+	assert.Equal(t, fixtureSum(t), hex.EncodeToString(sum[:]))
 }
