@@ -2,15 +2,13 @@ package jdcloud_test
 
 import (
 	"fmt"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"testing"
 
 	"github.com/stretchr/testify/require"
 
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/backendtest"
+	"github.com/vmexportfs/vmexportfs/backend/qemutest"
 )
 
 // TestConformance runs the backend contract suite against the simulator
@@ -19,7 +17,7 @@ import (
 // listed through their exports, so the suite's VM without a snapshot could
 // not be: it runs with one VM and one snapshot.
 func TestConformance(t *testing.T) {
-	if _, err := exec.LookPath("qemu-img"); err != nil {
+	if !qemutest.Available() {
 		t.Skip("qemu-img makes the images")
 	}
 	backendtest.Run(t, backendtest.Harness{
@@ -35,7 +33,7 @@ type conformancePlatform struct {
 	*cloud
 	live map[string][]byte
 	dir  string
-	n    int
+	n    int // snapshots taken
 }
 
 // newConformancePlatform exports an instance's disk as it is when the
@@ -47,15 +45,7 @@ func newConformancePlatform(t *testing.T) *conformancePlatform {
 }
 
 func (p *conformancePlatform) image(instance string) (string, error) {
-	p.n++
-	raw, img := filepath.Join(p.dir, fmt.Sprintf("%d.raw", p.n)), filepath.Join(p.dir, fmt.Sprintf("%d.qcow2", p.n))
-	if err := os.WriteFile(raw, p.live[instance], 0o600); err != nil {
-		return "", err
-	}
-	if out, err := exec.Command("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, img).CombinedOutput(); err != nil {
-		return "", fmt.Errorf("qemu-img: %w: %s", err, out)
-	}
-	return img, nil
+	return qemutest.QCOW2(p.dir, p.live[instance])
 }
 
 func (p *conformancePlatform) AddVM(t testing.TB, vm string, disks ...backendtest.DiskSpec) {
@@ -69,7 +59,8 @@ func (p *conformancePlatform) Write(t testing.TB, vm, _ string, off int64, data 
 }
 
 func (p *conformancePlatform) Snapshot(t testing.TB, vm string) string {
-	p.export(t.(*testing.T), vm, fmt.Sprintf("%s-%03d", vm, p.n+1))
+	p.n++
+	p.export(t.(*testing.T), vm, fmt.Sprintf("%s-%03d", vm, p.n))
 	src := p.source(t.(*testing.T))
 	snaps, err := src.Snapshots(t.(*testing.T).Context(), vm)
 	require.NoError(t, err)

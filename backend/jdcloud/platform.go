@@ -25,6 +25,7 @@ type sourceFlags struct {
 	accessKeyFile, secretKeyFile, ossURL, ossEndpoint string
 	exportRole, ossPrefix                             string
 	poll                                              time.Duration
+	deleteImage                                       bool
 }
 
 // Platform describes jdcloud+https://vm.jdcloud-api.com/v1/regions/REGION
@@ -45,6 +46,7 @@ func Platform() platform.Platform {
 			f.StringVar(&v.exportRole, "jdcloud-export-role", "", "the role exportImage writes the bucket with; mkdir needs it")
 			f.StringVar(&v.ossPrefix, "jdcloud-oss-prefix", "vmexportfs", "the prefix of the objects mkdir's exports write (letters and digits, at most 32)")
 			f.DurationVar(&v.poll, "jdcloud-poll-interval", 10*time.Second, "how often mkdir's image is looked at until it can be exported")
+			f.BoolVar(&v.deleteImage, "jdcloud-rmdir-image", false, "rmdir deletes the snapshot's image too, not only its exported object")
 			return platform.Opener{Check: v.check, Open: v.open}
 		},
 		RefusedOptions: map[string]string{"jdcloud_secret_key": "use jdcloud_secret_key_file=FILE", "jdcloud_access_key": "use jdcloud_access_key_file=FILE"},
@@ -89,7 +91,7 @@ func (v *sourceFlags) open(ctx context.Context, u *url.URL, c platform.Common) (
 	}
 	return NewSource(ctx, SourceConfig{
 		API: u.String(), Credentials: Credentials{AccessKey: access, SecretKey: secret},
-		OSSURL: v.ossURL, OSSEndpoint: v.ossEndpoint, ExportRole: v.exportRole, OSSPrefix: v.ossPrefix, PollInterval: v.poll,
+		OSSURL: v.ossURL, OSSEndpoint: v.ossEndpoint, ExportRole: v.exportRole, OSSPrefix: v.ossPrefix, PollInterval: v.poll, DeleteImage: v.deleteImage,
 		RootCAs: roots, InsecureSkipVerify: c.InsecureSkipVerify,
 		Policy: c.Policy, Logger: c.Logger, Secrets: c.Secrets,
 	})

@@ -51,6 +51,9 @@ type SourceConfig struct {
 	ExportRole string
 	// OSSPrefix starts the names of the objects mkdir's exports write.
 	OSSPrefix string
+	// DeleteImage makes rmdir delete the snapshot's image too, not only
+	// its exported object.
+	DeleteImage bool
 	// PollInterval is how often mkdir's image and export are looked at
 	// (default 10 s: an export takes minutes).
 	PollInterval       time.Duration
@@ -457,8 +460,9 @@ func (s *Source) OpenDisk(ctx context.Context, ref backend.DiskRef) (backend.Dis
 	return img, nil
 }
 
-// DeleteSnapshot deletes the exported object (the image stays: it is the
-// user's, and exporting it again needs it).
+// DeleteSnapshot deletes the exported object, and its image where
+// DeleteImage says so (by default the image stays: it is the user's, and
+// exporting it again needs it).
 func (s *Source) DeleteSnapshot(ctx context.Context, vmID, snapshotID string) error {
 	e, err := s.find(ctx, vmID, snapshotID)
 	if err != nil {
@@ -479,6 +483,12 @@ func (s *Source) DeleteSnapshot(ctx context.Context, vmID, snapshotID string) er
 		return fmt.Errorf("jdcloud: delete the export %s: %w", e.object.Key, err)
 	}
 	s.logger.Info("jdcloud: export deleted", "object", e.object.Key, "task", string(e.task.TaskID))
+	if s.cfg.DeleteImage {
+		if err := s.call(ctx, http.MethodDelete, "images/"+e.task.ImageID, nil, nil, nil); err != nil {
+			return fmt.Errorf("jdcloud: the export is deleted, its image %s is not: %w", e.task.ImageID, err)
+		}
+		s.logger.Info("jdcloud: image deleted", "image", e.task.ImageID)
+	}
 	return nil
 }
 

@@ -2,16 +2,11 @@ package jdcloud_test
 
 import (
 	"bufio"
-	"bytes"
 	"context"
-	"crypto/rand"
 	"crypto/sha256"
-	"crypto/tls"
 	"crypto/x509"
 	"encoding/hex"
-	"encoding/json"
 	"io"
-	"net/http"
 	"os"
 	"strings"
 	"testing"
@@ -39,7 +34,6 @@ type cloud struct {
 	srv   *s3test.Server
 	pool  *x509.CertPool
 	creds jdcloud.Credentials
-	http  *http.Client
 }
 
 func newCloud(t *testing.T) *cloud {
@@ -64,59 +58,15 @@ func newCloudWith(t *testing.T, imageData func(instance string) (string, error))
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(sim.CAPEM())
 	pool.AppendCertsFromPEM(srv.CAPEM())
-	return &cloud{sim: sim, srv: srv, pool: pool, creds: creds,
-		http: &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}}
+	return &cloud{sim: sim, srv: srv, pool: pool, creds: creds}
 }
 
 func (c *cloud) api() string { return c.sim.URL() + "/v1/regions/" + region }
 
-// call is a signed API call of the admin.
-func (c *cloud) call(t *testing.T, method, route string, body any, out any) {
-	var payload []byte
-	if body != nil {
-		var err error
-		payload, err = json.Marshal(body)
-		require.NoError(t, err)
-	}
-	req, err := http.NewRequest(method, c.api()+"/"+route, bytes.NewReader(payload))
-	require.NoError(t, err)
-	req.Header.Set("Content-Type", "application/json")
-	require.NoError(t, jdcloud.Sign(req, payload, c.creds, region, "vm", time.Now().UTC(), rand.Text()))
-	resp, err := c.http.Do(req)
-	require.NoError(t, err)
-	defer resp.Body.Close()
-	_, err = jdcloud.Decode(resp.Body, resp.StatusCode, out)
-	require.NoError(t, err, "%s %s", method, route)
-}
-
-// export makes an image of instance and exports it, and waits for the
-// export to finish.
+// export makes an image of instance and exports it as the console does,
+// waiting for it.
 func (c *cloud) export(t *testing.T, instance, name string) {
-	var img jdcloud.CreateImageResult
-	c.call(t, http.MethodPost, "instances/"+instance+":createImage", jdcloud.CreateImageRequest{Name: name}, &img)
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		var d jdcloud.DescribeImageResult
-		c.call(t, http.MethodGet, "images/"+img.ImageID, nil, &d)
-		if d.Image.Status == jdcloud.ImageReady {
-			break
-		}
-		require.True(t, time.Now().Before(deadline), "image never ready")
-		time.Sleep(10 * time.Millisecond)
-	}
-	var ex jdcloud.ExportImageResult
-	c.call(t, http.MethodPost, "images/"+img.ImageID+":exportImage", jdcloud.ExportImageRequest{
-		RoleName: "vmexportfs-export", OSSURL: "https://exports.s3." + region + ".jdcloud-oss.com", OSSPrefix: "vm", ClientToken: name,
-	}, &ex)
-	for {
-		var ts jdcloud.ImageTasksResult
-		c.call(t, http.MethodGet, "imageTasks?pageNumber=1&pageSize=10&taskAction=ExportImage&taskIds.1="+string(ex.TaskID), nil, &ts)
-		if len(ts.TaskSet) == 1 && ts.TaskSet[0].TaskStatus == jdcloud.TaskFinished {
-			return
-		}
-		require.True(t, time.Now().Before(deadline), "export never finished")
-		time.Sleep(20 * time.Millisecond)
-	}
+	require.NoError(t, c.sim.Console(c.creds.AccessKey).Export(t.Context(), instance, name, "https://exports.s3."+region+".jdcloud-oss.com", "vm"))
 }
 
 func (c *cloud) source(t *testing.T) *jdcloud.Source {
@@ -240,4 +190,35 @@ func TestMkdirPending(t *testing.T) {
 	require.NoError(t, d.ReadAt(t.Context(), buf, 0))
 	sum := sha256.Sum256(buf)
 	assert.Equal(t, fixtureSum(t), hex.EncodeToString(sum[:]))
+}
+
+// TestRmdirImage: with DeleteImage, rmdir deletes the image as well as the
+// exported object.
+func TestRmdirImage(t *testing.T) {
+	c := newCloud(t)
+	require.NoError(t, c.sim.AddInstance("i-app", "app"))
+	c.export(t, "i-app", "app-once")
+	src, err := jdcloud.NewSource(context.Background(), jdcloud.SourceConfig{
+		API: c.api(), Credentials: c.creds, OSSURL: "https://exports.s3." + region + ".jdcloud-oss.com",
+		OSSEndpoint: c.srv.Endpoint(), RootCAs: c.pool, Secrets: &redact.Secrets{}, DeleteImage: true,
+	})
+	require.NoError(t, err)
+	snaps, err := src.Snapshots(t.Context(), "i-app")
+	require.NoError(t, err)
+	require.Len(t, snaps, 1)
+	private := func() int {
+		n := 0
+		for _, im := range c.sim.Images() {
+			if im.Source == "private" {
+				n++
+			}
+		}
+		return n
+	}
+	require.Equal(t, 1, private())
+	require.NoError(t, src.DeleteSnapshot(t.Context(), "i-app", snaps[0].ID))
+	assert.Zero(t, private(), "the image is deleted too")
+	left, err := src.Snapshots(t.Context(), "i-app")
+	require.NoError(t, err)
+	assert.Empty(t, left)
 }

@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"context"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -13,6 +11,7 @@ import (
 
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/backendtest"
+	"github.com/vmexportfs/vmexportfs/backend/qemutest"
 	"github.com/vmexportfs/vmexportfs/backend/s3/s3test"
 	"github.com/vmexportfs/vmexportfs/backend/s3images"
 )
@@ -22,7 +21,7 @@ import (
 // as it is), made by qemu-img from the suite's writes, so its clusters are
 // what qemu allocates.
 func TestConformance(t *testing.T) {
-	if _, err := exec.LookPath("qemu-img"); err != nil {
+	if !qemutest.Available() {
 		t.Skip("qemu-img makes the images")
 	}
 	backendtest.Run(t, backendtest.Harness{
@@ -61,11 +60,8 @@ func (p *platform) Discard(t testing.TB, vm, _ string, off, n int64) {
 }
 
 func (p *platform) Snapshot(t testing.TB, vm string) string {
-	raw := filepath.Join(p.dir, vm+".raw")
-	img := filepath.Join(p.dir, vm+".qcow2")
-	require.NoError(t, os.WriteFile(raw, p.live[vm], 0o600))
-	out, err := exec.Command("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, img).CombinedOutput()
-	require.NoError(t, err, "%s", out)
+	img, err := qemutest.QCOW2(p.dir, p.live[vm])
+	require.NoError(t, err)
 	data, err := os.ReadFile(img)
 	require.NoError(t, err)
 	c := p.srv.Client(t)

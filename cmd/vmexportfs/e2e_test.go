@@ -84,8 +84,10 @@ var copyPlatforms = append(append([]platformCase{}, e2ePlatforms...),
 	// stream, and must copy exactly the same.
 	platformCase{"xapi-spill", func(t *testing.T) simPlatform { return newXapi(t, xapitest.Options{NBD: xapitest.NBDNone}) }},
 	platformCase{"xapi-insecure-nbd", func(t *testing.T) simPlatform { return newXapi(t, xapitest.Options{NBD: xapitest.NBDInsecure}) }},
-	// A bucket of QCOW2 images in a real S3 server.
-	platformCase{"s3", func(t *testing.T) simPlatform { return newS3Platform(t) }})
+	// A bucket of QCOW2 images in a real S3 server, and JD Cloud's exports
+	// into one.
+	platformCase{"s3", func(t *testing.T) simPlatform { return newS3Platform(t) }},
+	platformCase{"jdcloud", func(t *testing.T) simPlatform { return newJDCloud(t) }})
 
 // copyTool is one way users copy a disk image; copy returns the raw copy.
 type copyTool struct {

@@ -6,14 +6,13 @@ import (
 	"io"
 	"net"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/vmexportfs/vmexportfs/backend/qemutest"
 	"github.com/vmexportfs/vmexportfs/backend/s3/s3test"
 )
 
@@ -30,13 +29,14 @@ type s3Platform struct {
 	dir      string
 	cacheDir string
 	live     map[string][]byte
+	images   map[string]string // VM → the QCOW2 its object holds
 }
 
 func newS3Platform(t *testing.T) *s3Platform {
 	t.Helper()
 	requireTools(t, "qemu-img")
 	m := newS3Mount(t)
-	return &s3Platform{srv: m.srv, relay: startRelay(t, hostPort(m.srv.Endpoint())), files: m, dir: t.TempDir(), cacheDir: t.TempDir(), live: map[string][]byte{}}
+	return &s3Platform{srv: m.srv, relay: startRelay(t, hostPort(m.srv.Endpoint())), files: m, dir: t.TempDir(), cacheDir: t.TempDir(), live: map[string][]byte{}, images: map[string]string{}}
 }
 
 func hostPort(endpoint string) string { return endpoint[len("https://"):] }
@@ -65,10 +65,9 @@ func (s *s3Platform) Discard(t *testing.T, vm, _ string, off, n int64) {
 // Snapshot converts the live disk and puts it as object vm; its name, the
 // object's, is what the mount shows.
 func (s *s3Platform) Snapshot(t *testing.T, vm string) string {
-	raw, img := filepath.Join(s.dir, vm+".raw"), filepath.Join(s.dir, vm+".qcow2")
-	require.NoError(t, os.WriteFile(raw, s.live[vm], 0o600))
-	out, err := exec.Command("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, img).CombinedOutput()
-	require.NoError(t, err, "%s", out)
+	img, err := qemutest.QCOW2(s.dir, s.live[vm])
+	require.NoError(t, err)
+	s.images[vm] = img
 	data, err := os.ReadFile(img)
 	require.NoError(t, err)
 	require.NoError(t, s.srv.Client(t).Put(context.Background(), "vmimages", "exports/"+vm, bytes.NewReader(data), int64(len(data))))
@@ -79,9 +78,8 @@ func (s *s3Platform) Snapshots(t *testing.T, vm string) []string { return []stri
 
 // Reference is qemu-img convert -O raw of the object as the bucket has it.
 func (s *s3Platform) Reference(t *testing.T, vm, _, _ string) string {
-	img, raw := filepath.Join(s.dir, vm+".qcow2"), filepath.Join(t.TempDir(), vm+".ref")
-	out, err := exec.Command("qemu-img", "convert", "-f", "qcow2", "-O", "raw", img, raw).CombinedOutput()
-	require.NoError(t, err, "%s", out)
+	raw, err := qemutest.Raw(t.TempDir(), s.images[vm])
+	require.NoError(t, err)
 	return raw
 }
 
