@@ -43,6 +43,7 @@ func TestBadInvocations(t *testing.T) {
 		{"tiny cache", []string{"--cache-size", "1k", "coriolis+https://h", mnt}, 2, "at least 4M"},
 		{"bad retries", []string{"--retries", "0", "coriolis+https://h", mnt}, 2, "--retries"},
 		{"bad log level", []string{"--log-level", "loud", "coriolis+https://h", mnt}, 2, "--log-level"},
+		{"bad log format", []string{"--log-format", "xml", "coriolis+https://h", mnt}, 2, "--log-format"},
 		{"missing mountpoint", []string{"coriolis+https://h", filepath.Join(mnt, "nope")}, 1, "mountpoint"},
 		{"mountpoint not empty", []string{"coriolis+https://h", full}, 1, "not empty"},
 		{"mountpoint not a directory", []string{"coriolis+https://h", notDir}, 1, "not a directory"},

@@ -52,6 +52,7 @@ type mountConfig struct {
 	foreground        bool
 	allowOther, debug bool
 	logLevel, logFile string
+	logFormat         string
 
 	secrets *redact.Secrets // what the process knows and must never print
 }
@@ -83,6 +84,7 @@ func commonMountFlags(cfg *mountConfig, cacheSize *string, opts *[]string) *pfla
 	f.BoolVar(&cfg.allowOther, "allow-other", false, "let other users see the mount (needs user_allow_other for non-root)")
 	f.BoolVar(&cfg.debug, "debug", false, "log every FUSE request")
 	f.StringVar(&cfg.logLevel, "log-level", "info", "debug, info, warn or error")
+	f.StringVar(&cfg.logFormat, "log-format", "text", "text, or json: one JSON object a line, for log collectors")
 	f.StringVar(&cfg.logFile, "log-file", "", "append logs to this file instead of stderr")
 	f.StringArrayVarP(opts, "options", "o", nil, "mount options, comma separated (fstab style: username=,password_file=,ca_file=,allow_other,...)")
 	return f
@@ -127,6 +129,9 @@ func parseMountArgs(args []string, registry []platform.Platform) (mountConfig, e
 	}
 	if _, err := parseLogLevel(cfg.logLevel); err != nil {
 		return cfg, fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if cfg.logFormat != "text" && cfg.logFormat != "json" {
+		return cfg, fmt.Errorf("%w: --log-format %q: want text or json", errUsage, truncate(cfg.logFormat, 20))
 	}
 	p, _, err := splitSource(cfg.source, cfg.platforms)
 	if err != nil {
@@ -445,7 +450,11 @@ func newLogger(cfg mountConfig, stderr io.Writer) (*slog.Logger, func(), error) 
 		}
 		out, closeOut = f, func() { f.Close() }
 	}
-	return slog.New(cfg.secrets.Handler(slog.NewTextHandler(out, &slog.HandlerOptions{Level: level}))), closeOut, nil
+	var h slog.Handler = slog.NewTextHandler(out, &slog.HandlerOptions{Level: level})
+	if cfg.logFormat == "json" {
+		h = slog.NewJSONHandler(out, &slog.HandlerOptions{Level: level})
+	}
+	return slog.New(cfg.secrets.Handler(h)), closeOut, nil
 }
 
 // printMountHelp derives the help from the registry: each platform's source
