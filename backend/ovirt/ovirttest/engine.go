@@ -431,10 +431,8 @@ func (s *Server) getAttachment(w http.ResponseWriter, r *http.Request) *fault {
 // the disk, as the engine shows it.
 func (s *Server) diskStatus(d *disk) string {
 	now := s.opts.Clock()
-	for _, tr := range s.tOrder {
-		if tr.d == d && !tr.finished() {
-			return "locked"
-		}
+	if s.transferring(d) {
+		return "locked"
 	}
 	for _, sn := range d.vm.snaps {
 		if sn.locked(now) {
@@ -554,10 +552,8 @@ func (s *Server) addSnapshot(w http.ResponseWriter, r *http.Request) *fault {
 		return f
 	}
 	for _, d := range v.disks {
-		for _, tr := range s.tOrder {
-			if tr.d == d && !tr.finished() {
-				return conflict(fmt.Sprintf("[Cannot create Snapshot. The following disks are locked: %s. Please try again in a few minutes.]", d.name))
-			}
+		if s.transferring(d) {
+			return conflict(fmt.Sprintf("[Cannot create Snapshot. The following disks are locked: %s. Please try again in a few minutes.]", d.name))
 		}
 	}
 	sn, err := s.snapshotVM(v, *req.Description, bool(req.PersistMemorystate))
@@ -595,10 +591,8 @@ func (s *Server) deleteSnapshot(w http.ResponseWriter, r *http.Request) *fault {
 		return conflict("[Cannot remove Snapshot: Snapshot is currently being created or removed for VM " + v.name + ".]")
 	}
 	for _, d := range v.disks {
-		for _, tr := range s.tOrder {
-			if tr.d == d && !tr.finished() {
-				return conflict(fmt.Sprintf("[Cannot remove Snapshot. The following disks are locked: %s. Please try again in a few minutes.]", d.name))
-			}
+		if s.transferring(d) {
+			return conflict(fmt.Sprintf("[Cannot remove Snapshot. The following disks are locked: %s. Please try again in a few minutes.]", d.name))
 		}
 	}
 	sn.deleting, sn.goneAt = true, now.Add(s.opts.SnapshotDelay)

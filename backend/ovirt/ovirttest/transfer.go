@@ -3,6 +3,7 @@ package ovirttest
 import (
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 )
@@ -37,6 +38,12 @@ type transfer struct {
 }
 
 func (tr *transfer) finished() bool { return strings.HasPrefix(tr.phase, "finished_") }
+
+// transferring says whether a transfer of d is not finished: the engine
+// keeps the disk locked until then. Callers hold s.mu.
+func (s *Server) transferring(d *disk) bool {
+	return slices.ContainsFunc(s.tOrder, func(tr *transfer) bool { return tr.d == d && !tr.finished() })
+}
 
 // advance moves the transfer through the phases that time alone changes.
 // Each step happens at the instant it was due, so a late call catches up
@@ -164,15 +171,8 @@ func (s *Server) createTransfer(req transferRequest) (*transfer, *fault) {
 		return nil, badRequest(fmt.Sprintf("the simulator downloads format raw only, not %q", format))
 	}
 	now := s.opts.Clock()
-	for _, tr := range s.tOrder {
-		if tr.d == d && !tr.finished() {
-			return nil, conflict(fmt.Sprintf("[Cannot transfer Virtual Disk. The following disks are locked: %s. Please try again in a few minutes.]", d.name))
-		}
-	}
-	for _, sn := range d.vm.snaps {
-		if sn.locked(now) {
-			return nil, conflict(fmt.Sprintf("[Cannot transfer Virtual Disk. The following disks are locked: %s. Please try again in a few minutes.]", d.name))
-		}
+	if s.transferring(d) || slices.ContainsFunc(d.vm.snaps, func(sn *snapshot) bool { return sn.locked(now) }) {
+		return nil, conflict(fmt.Sprintf("[Cannot transfer Virtual Disk. The following disks are locked: %s. Please try again in a few minutes.]", d.name))
 	}
 	inactivity := defaultInactivity
 	if req.InactivityTimeout.set {
