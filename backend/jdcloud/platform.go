@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net/url"
-	"os"
 	"strings"
 	"time"
 
@@ -22,10 +21,11 @@ const (
 
 // sourceFlags are the values of the JD Cloud flags of one command line.
 type sourceFlags struct {
-	accessKeyFile, secretKeyFile, ossURL, ossEndpoint string
-	exportRole, ossPrefix                             string
-	poll                                              time.Duration
-	deleteImage                                       bool
+	keys                  *platform.AccessKeys
+	ossURL, ossEndpoint   string
+	exportRole, ossPrefix string
+	poll                  time.Duration
+	deleteImage           bool
 }
 
 // Platform describes jdcloud+https://vm.jdcloud-api.com/v1/regions/REGION
@@ -38,9 +38,7 @@ func Platform() platform.Platform {
 			Text:   "JD Cloud image exports (--oss-url https://BUCKET.s3.REGION.jdcloud-oss.com, --jdcloud-access-key-file and --jdcloud-secret-key-file or $" + AccessKeyEnv + " and $" + SecretKeyEnv + ")",
 		}},
 		Flags: func(f *pflag.FlagSet) platform.Opener {
-			v := &sourceFlags{}
-			f.StringVar(&v.accessKeyFile, "jdcloud-access-key-file", "", "file holding the JD Cloud access key (else $"+AccessKeyEnv+")")
-			f.StringVar(&v.secretKeyFile, "jdcloud-secret-key-file", "", "file holding the JD Cloud secret key (else $"+SecretKeyEnv+"); never on the command line")
+			v := &sourceFlags{keys: platform.NewAccessKeys(f, "jdcloud", "the JD Cloud", AccessKeyEnv, SecretKeyEnv)}
 			f.StringVar(&v.ossURL, "oss-url", "", "the bucket the exports are written to, https://BUCKET.s3[-internal].REGION.jdcloud-oss.com")
 			f.StringVar(&v.ossEndpoint, "oss-endpoint", "", "where the exports are read, path-style (default the public endpoint of --oss-url's region)")
 			f.StringVar(&v.exportRole, "jdcloud-export-role", "", "the role exportImage writes the bucket with; mkdir needs it")
@@ -49,7 +47,7 @@ func Platform() platform.Platform {
 			f.BoolVar(&v.deleteImage, "jdcloud-rmdir-image", false, "rmdir deletes the snapshot's image too, not only its exported object")
 			return platform.Opener{Check: v.check, Open: v.open}
 		},
-		RefusedOptions: map[string]string{"jdcloud_secret_key": "use jdcloud_secret_key_file=FILE", "jdcloud_access_key": "use jdcloud_access_key_file=FILE"},
+		RefusedOptions: platform.RefusedKeyOptions("jdcloud"),
 	}
 }
 
@@ -69,21 +67,13 @@ func (v *sourceFlags) check(u *url.URL, _ platform.Common) error {
 	if v.poll <= 0 {
 		return fmt.Errorf("%w: --jdcloud-poll-interval must be positive", platform.ErrUsage)
 	}
-	if v.secretKeyFile == "" && os.Getenv(SecretKeyEnv) == "" {
-		return fmt.Errorf("%w: jdcloud needs --jdcloud-secret-key-file or $%s", platform.ErrUsage, SecretKeyEnv)
-	}
-	return nil
+	return v.keys.Check()
 }
 
 func (v *sourceFlags) open(ctx context.Context, u *url.URL, c platform.Common) (backend.Source, error) {
-	secret, err := platform.Key(v.secretKeyFile, SecretKeyEnv)
+	access, secret, err := v.keys.Read(c)
 	if err != nil {
-		return nil, fmt.Errorf("--jdcloud-secret-key-file: %w", err)
-	}
-	c.Secrets.Add(secret)
-	access, err := platform.Key(v.accessKeyFile, AccessKeyEnv)
-	if err != nil {
-		return nil, fmt.Errorf("--jdcloud-access-key-file: %w", err)
+		return nil, err
 	}
 	roots, err := c.RootCAs()
 	if err != nil {

@@ -194,10 +194,64 @@ func ParseSize(s string) (int64, error) {
 	return int64(bytes), nil
 }
 
-// Key reads a credential from file, else from the environment variable
-// env: how platforms with access keys take them (never from argv). The
-// caller registers it with Secrets.
-func Key(file, env string) (string, error) {
+// AccessKeys are the flags of a platform that signs with an access key and
+// a secret key (S3, JD Cloud): --NAME-access-key-file and
+// --NAME-secret-key-file, each key else from its environment variable,
+// never from the command line.
+type AccessKeys struct {
+	name                   string // the flags' prefix: "s3", "jdcloud"
+	accessEnv, secretEnv   string
+	accessFile, secretFile string
+}
+
+// NewAccessKeys defines the two flags on f; what names the keys' owner in
+// their help ("the S3", "the JD Cloud").
+func NewAccessKeys(f *pflag.FlagSet, name, what, accessEnv, secretEnv string) *AccessKeys {
+	k := &AccessKeys{name: name, accessEnv: accessEnv, secretEnv: secretEnv}
+	f.StringVar(&k.accessFile, name+"-access-key-file", "", "file holding "+what+" access key (else $"+accessEnv+")")
+	f.StringVar(&k.secretFile, name+"-secret-key-file", "", "file holding "+what+" secret key (else $"+secretEnv+"); never on the command line")
+	return k
+}
+
+// RefusedKeyOptions are the -o spellings of the keys themselves, for the
+// Platform's RefusedOptions of the AccessKeys named name.
+func RefusedKeyOptions(name string) map[string]string {
+	return map[string]string{
+		name + "_secret_key": "use " + name + "_secret_key_file=FILE",
+		name + "_access_key": "use " + name + "_access_key_file=FILE",
+	}
+}
+
+// Check refuses key files that are not there and a missing secret key.
+func (k *AccessKeys) Check() error {
+	for _, file := range []string{k.accessFile, k.secretFile} {
+		if file == "" {
+			continue
+		}
+		if _, err := os.Stat(file); err != nil {
+			return fmt.Errorf("%w: %w", ErrUsage, err)
+		}
+	}
+	if k.secretFile == "" && os.Getenv(k.secretEnv) == "" {
+		return fmt.Errorf("%w: %s needs --%s-secret-key-file or $%s", ErrUsage, k.name, k.name, k.secretEnv)
+	}
+	return nil
+}
+
+// Read reads both keys and registers the secret one with c.Secrets.
+func (k *AccessKeys) Read(c Common) (access, secret string, err error) {
+	if secret, err = key(k.secretFile, k.secretEnv); err != nil {
+		return "", "", fmt.Errorf("--%s-secret-key-file: %w", k.name, err)
+	}
+	c.Secrets.Add(secret)
+	if access, err = key(k.accessFile, k.accessEnv); err != nil {
+		return "", "", fmt.Errorf("--%s-access-key-file: %w", k.name, err)
+	}
+	return access, secret, nil
+}
+
+// key reads a credential from file, else from the environment variable env.
+func key(file, env string) (string, error) {
 	if file == "" {
 		return os.Getenv(env), nil
 	}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net/url"
-	"os"
 	"strings"
 
 	"github.com/spf13/pflag"
@@ -23,7 +22,8 @@ const (
 
 // sourceFlags are the values of the S3 flags of one command line.
 type sourceFlags struct {
-	accessKeyFile, secretKeyFile, region string
+	keys   *platform.AccessKeys
+	region string
 }
 
 // Platform describes s3+https://ENDPOINT/BUCKET[/PREFIX] sources: a bucket
@@ -36,13 +36,11 @@ func Platform() platform.Platform {
 			Text:   "a bucket of QCOW2 and raw images (--s3-access-key-file and --s3-secret-key-file, or $" + AccessKeyEnv + " and $" + SecretKeyEnv + "; --s3-region)",
 		}},
 		Flags: func(f *pflag.FlagSet) platform.Opener {
-			v := &sourceFlags{}
-			f.StringVar(&v.accessKeyFile, "s3-access-key-file", "", "file holding the S3 access key (else $"+AccessKeyEnv+")")
-			f.StringVar(&v.secretKeyFile, "s3-secret-key-file", "", "file holding the S3 secret key (else $"+SecretKeyEnv+"); never on the command line")
+			v := &sourceFlags{keys: platform.NewAccessKeys(f, "s3", "the S3", AccessKeyEnv, SecretKeyEnv)}
 			f.StringVar(&v.region, "s3-region", "us-east-1", "the bucket's region, as the SigV4 signature names it")
 			return platform.Opener{Check: v.check, Open: v.open}
 		},
-		RefusedOptions: map[string]string{"s3_secret_key": "use s3_secret_key_file=FILE", "s3_access_key": "use s3_access_key_file=FILE"},
+		RefusedOptions: platform.RefusedKeyOptions("s3"),
 	}
 }
 
@@ -65,18 +63,7 @@ func (v *sourceFlags) check(u *url.URL, c platform.Common) error {
 	if _, _, _, err := splitSource(u); err != nil {
 		return err
 	}
-	for _, file := range []string{v.accessKeyFile, v.secretKeyFile} {
-		if file == "" {
-			continue
-		}
-		if _, err := os.Stat(file); err != nil {
-			return fmt.Errorf("%w: %w", platform.ErrUsage, err)
-		}
-	}
-	if v.secretKeyFile == "" && os.Getenv(SecretKeyEnv) == "" {
-		return fmt.Errorf("%w: s3 needs --s3-secret-key-file or $%s", platform.ErrUsage, SecretKeyEnv)
-	}
-	return nil
+	return v.keys.Check()
 }
 
 func (v *sourceFlags) open(ctx context.Context, u *url.URL, c platform.Common) (backend.Source, error) {
@@ -84,14 +71,9 @@ func (v *sourceFlags) open(ctx context.Context, u *url.URL, c platform.Common) (
 	if err != nil {
 		return nil, err
 	}
-	secret, err := platform.Key(v.secretKeyFile, SecretKeyEnv)
+	access, secret, err := v.keys.Read(c)
 	if err != nil {
-		return nil, fmt.Errorf("--s3-secret-key-file: %w", err)
-	}
-	c.Secrets.Add(secret)
-	access, err := platform.Key(v.accessKeyFile, AccessKeyEnv)
-	if err != nil {
-		return nil, fmt.Errorf("--s3-access-key-file: %w", err)
+		return nil, err
 	}
 	roots, err := c.RootCAs()
 	if err != nil {
