@@ -27,15 +27,22 @@ secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 mbps() { awk -v n="$1" -v s="$2" 'BEGIN { printf "%.0f", n / 1048576 / s }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; }
+# serve_demo PLATFORM NAME runs PLATFORM's simulator with the bench dataset
+# in $work/NAME and waits for its environment file, $work/NAME.env.
+serve_demo() {
+	"$BIN" demo --platform "$1" --serve-only --dataset bench --data-dir "$work/$2" --env-file "$work/$2.env" \
+		--log-level warn 2>"$work/$2.log" &
+	pids+=($!)
+	for _ in $(seq 600); do [[ -s $work/$2.env ]] && break; sleep 0.1; done
+	[[ -s $work/$2.env ]] || { cat "$work/$2.log" >&2; exit 1; }
+}
+# demo_env NAME KEY is VMEXPORTFS_DEMO_KEY of serve_demo NAME's environment.
+demo_env() { sed -n "s/^VMEXPORTFS_DEMO_$2=//p" "$work/$1.env"; }
 
 echo "bench: generating data (1.5 GiB written into the simulator) ..." >&2
-"$BIN" demo --serve-only --dataset bench --data-dir "$work/sim" --env-file "$work/env" \
-	--log-level warn 2>"$work/sim.log" &
-pids+=($!)
-for _ in $(seq 600); do [[ -s $work/env ]] && break; sleep 0.1; done
-[[ -s $work/env ]] || { cat "$work/sim.log" >&2; exit 1; }
+serve_demo coriolis sim
 # shellcheck disable=SC1091
-source "$work/env"
+source "$work/sim.env"
 url=$VMEXPORTFS_DEMO_URL
 ca=$VMEXPORTFS_DEMO_CA
 
@@ -232,16 +239,12 @@ declare -a xrows
 xrow() { xrows+=("| $1 | $2 | $3 | $4 |"); }
 if command -v qemu-nbd >/dev/null; then
 	echo "bench: XenServer simulator (same bench dataset) ..." >&2
-	"$BIN" demo --platform xapi --serve-only --dataset bench --data-dir "$work/xsim" --env-file "$work/xenv" \
-		--log-level warn 2>"$work/xsim.log" &
-	pids+=($!)
-	for _ in $(seq 600); do [[ -s $work/xenv ]] && break; sleep 0.1; done
-	[[ -s $work/xenv ]] || { cat "$work/xsim.log" >&2; exit 1; }
-	xurl=$(sed -n 's/^VMEXPORTFS_DEMO_URL=//p' "$work/xenv")
-	xca=$(sed -n 's/^VMEXPORTFS_DEMO_CA=//p' "$work/xenv")
-	xuser=$(sed -n 's/^VMEXPORTFS_DEMO_USER=//p' "$work/xenv")
-	xpw=$(sed -n 's/^VMEXPORTFS_DEMO_PASSWORD_FILE=//p' "$work/xenv")
-	xfile=$(sed -n 's/^VMEXPORTFS_DEMO_SNAPSHOT_FILES=//p' "$work/xenv" | tr ' ' '\n' | sed -n 's/^sparse-1:sparse.img://p')
+	serve_demo xapi xsim
+	xurl=$(demo_env xsim URL)
+	xca=$(demo_env xsim CA)
+	xuser=$(demo_env xsim USER)
+	xpw=$(demo_env xsim PASSWORD_FILE)
+	xfile=$(demo_env xsim SNAPSHOT_FILES | tr ' ' '\n' | sed -n 's/^sparse-1:sparse.img://p')
 	[[ -f $xfile ]] || { echo "bench: no simulator file for sparse-1" >&2; exit 1; }
 	qemu-nbd -r -f raw -x sparse -p 10899 -b 127.0.0.1 -t -e 8 "$xfile" 2>"$work/qemu-nbd.log" &
 	pids+=($!)
@@ -279,15 +282,11 @@ declare -a orows
 orow() { orows+=("| $1 | $2 | $3 | $4 |"); }
 if command -v python3 >/dev/null && command -v jq >/dev/null; then
 	echo "bench: oVirt simulator (same bench dataset) ..." >&2
-	"$BIN" demo --platform ovirt --serve-only --dataset bench --data-dir "$work/osim" --env-file "$work/oenv" \
-		--log-level warn 2>"$work/osim.log" &
-	pids+=($!)
-	for _ in $(seq 600); do [[ -s $work/oenv ]] && break; sleep 0.1; done
-	[[ -s $work/oenv ]] || { cat "$work/osim.log" >&2; exit 1; }
-	ourl=$(sed -n 's/^VMEXPORTFS_DEMO_URL=//p' "$work/oenv")
-	oca=$(sed -n 's/^VMEXPORTFS_DEMO_CA=//p' "$work/oenv")
-	ouser=$(sed -n 's/^VMEXPORTFS_DEMO_USER=//p' "$work/oenv")
-	opw=$(sed -n 's/^VMEXPORTFS_DEMO_PASSWORD_FILE=//p' "$work/oenv")
+	serve_demo ovirt osim
+	ourl=$(demo_env osim URL)
+	oca=$(demo_env osim CA)
+	ouser=$(demo_env osim USER)
+	opw=$(demo_env osim PASSWORD_FILE)
 	api=$ourl/ovirt-engine/api
 	# The SSO form holds the password: a file, never argv.
 	(umask 077; jq -rn --arg u "$ouser" --rawfile p "$opw" \
