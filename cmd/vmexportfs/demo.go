@@ -295,7 +295,7 @@ func startXapiDemo(dataDir string, populate func(demoTarget) error, logger *slog
 	if err != nil {
 		return nil, fmt.Errorf("start simulator: %w", err)
 	}
-	target := &xapiTarget{sim: sim, names: map[string]string{}, devices: map[string]string{}, disks: map[string][]string{}, snaps: map[string]int{}}
+	target := newXapiTarget(sim)
 	if err := populate(target); err != nil {
 		sim.Close()
 		return nil, fmt.Errorf("sample data: %w", err)
@@ -330,6 +330,10 @@ type xapiTarget struct {
 	disks   map[string][]string // vm id -> its disk ids
 	snaps   map[string]int
 	files   []string // vm=snapshot-uuid:userdevice:path of every snapshot disk, for the benchmark
+}
+
+func newXapiTarget(sim *xapitest.Server) *xapiTarget {
+	return &xapiTarget{sim: sim, names: map[string]string{}, devices: map[string]string{}, disks: map[string][]string{}, snaps: map[string]int{}}
 }
 
 func (x *xapiTarget) addVM(vm demoVM) error {
@@ -380,7 +384,7 @@ func startOVirtDemo(dataDir string, populate func(demoTarget) error, logger *slo
 	if err != nil {
 		return nil, fmt.Errorf("start simulator: %w", err)
 	}
-	target := &ovirtTarget{sim: sim, names: map[string]string{}, snaps: map[string]int{}}
+	target := newOVirtTarget(sim)
 	if err := populate(target); err != nil {
 		sim.Close()
 		return nil, fmt.Errorf("sample data: %w", err)
@@ -411,6 +415,10 @@ type ovirtTarget struct {
 	sim   *ovirttest.Server
 	names map[string]string // vm id -> name
 	snaps map[string]int
+}
+
+func newOVirtTarget(sim *ovirttest.Server) *ovirtTarget {
+	return &ovirtTarget{sim: sim, names: map[string]string{}, snaps: map[string]int{}}
 }
 
 func (o *ovirtTarget) addVM(vm demoVM) error {

@@ -42,14 +42,7 @@ func TestDemoPlatforms(t *testing.T) {
 			t.Cleanup(func() { sim.Close() })
 			require.NoError(t, populateDemo(coriolisTarget{sim}))
 			ids, err := sim.Snapshots(demoDB)
-			require.NoError(t, err)
-			var refs []string
-			for _, id := range ids {
-				path, err := sim.SnapshotData(demoDB, id, demoDBRoot)
-				require.NoError(t, err)
-				refs = append(refs, path)
-			}
-			return refs
+			return snapshotFiles(t, ids, err, func(id string) (string, error) { return sim.SnapshotData(demoDB, id, demoDBRoot) })
 		}, false},
 		{"kubevirt", func(t *testing.T) []string {
 			sim, err := kubevirttest.Start(kubevirttest.Options{Dir: t.TempDir(), Namespace: demoNamespace})
@@ -57,45 +50,23 @@ func TestDemoPlatforms(t *testing.T) {
 			t.Cleanup(func() { sim.Close() })
 			require.NoError(t, populateDemo(newKubeVirtTarget(sim)))
 			names, err := sim.Snapshots("db01")
-			require.NoError(t, err)
-			var refs []string
-			for _, name := range names {
-				path, err := sim.SnapshotData(name, "xvda")
-				require.NoError(t, err)
-				refs = append(refs, path)
-			}
-			return refs
+			return snapshotFiles(t, names, err, func(name string) (string, error) { return sim.SnapshotData(name, "xvda") })
 		}, true},
 		{"xapi", func(t *testing.T) []string {
 			sim, err := xapitest.Start(xapitest.Options{Dir: t.TempDir()})
 			require.NoError(t, err)
 			t.Cleanup(func() { sim.Close() })
-			target := &xapiTarget{sim: sim, names: map[string]string{}, devices: map[string]string{}, disks: map[string][]string{}, snaps: map[string]int{}}
-			require.NoError(t, populateDemo(target))
+			require.NoError(t, populateDemo(newXapiTarget(sim)))
 			ids, err := sim.Snapshots(demoDB)
-			require.NoError(t, err)
-			var refs []string
-			for _, id := range ids {
-				path, err := sim.SnapshotData(id, "0")
-				require.NoError(t, err)
-				refs = append(refs, path)
-			}
-			return refs
+			return snapshotFiles(t, ids, err, func(id string) (string, error) { return sim.SnapshotData(id, "0") })
 		}, false},
 		{"ovirt", func(t *testing.T) []string {
 			sim, err := ovirttest.Start(ovirttest.Options{Dir: t.TempDir()})
 			require.NoError(t, err)
 			t.Cleanup(func() { sim.Close() })
-			require.NoError(t, populateDemo(&ovirtTarget{sim: sim, names: map[string]string{}, snaps: map[string]int{}}))
+			require.NoError(t, populateDemo(newOVirtTarget(sim)))
 			ids, err := sim.Snapshots(demoDB)
-			require.NoError(t, err)
-			var refs []string
-			for _, id := range ids {
-				path, err := sim.SnapshotData(demoDB, id, demoDBRoot)
-				require.NoError(t, err)
-				refs = append(refs, path)
-			}
-			return refs
+			return snapshotFiles(t, ids, err, func(id string) (string, error) { return sim.SnapshotData(demoDB, id, demoDBRoot) })
 		}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -147,4 +118,18 @@ func TestDemoPlatforms(t *testing.T) {
 	var stdout, stderr bytes.Buffer
 	assert.Equal(t, 2, run(context.Background(), []string{"demo", "--platform", "vmware", t.TempDir()}, &stdout, &stderr))
 	assert.Contains(t, stderr.String(), `--platform "vmware": want one of coriolis, kubevirt, xapi, ovirt`)
+}
+
+// snapshotFiles are the simulator's files of db01's root disk in the
+// snapshots ids (listed with err), one per snapshot, oldest first.
+func snapshotFiles(t *testing.T, ids []string, err error, data func(id string) (string, error)) []string {
+	t.Helper()
+	require.NoError(t, err)
+	var refs []string
+	for _, id := range ids {
+		path, err := data(id)
+		require.NoError(t, err)
+		refs = append(refs, path)
+	}
+	return refs
 }
