@@ -327,15 +327,24 @@ func (cl *Client) pick(ctx context.Context) (*conn, error) {
 		s.c = nil
 		cl.live.Add(-1)
 	}
-	if cl.live.Load() > 0 && !cl.tryAcquire() {
-		if c := cl.anyLive(i); c != nil {
-			return c, nil
+	// Room on the host: a client that has a connection to share takes room
+	// only if there is some now; one that has none waits for it.
+	held := false
+	if cl.live.Load() > 0 {
+		if held = cl.tryAcquire(); !held {
+			if c := cl.anyLive(i); c != nil {
+				return c, nil
+			}
 		}
-	} else if cl.live.Load() > 0 {
-		cl.release() // tryAcquire took the room that connect takes again
 	}
-	c, err := cl.connect(ctx)
+	if !held {
+		if err := cl.acquire(ctx); err != nil {
+			return nil, err
+		}
+	}
+	c, err := cl.connect1(ctx)
 	if err != nil {
+		cl.release()
 		if errors.Is(err, ErrHangUp) && cl.live.Load() > 0 {
 			// The host is full (other clients hold its connections):
 			// make do with the ones this disk has.
