@@ -36,9 +36,11 @@ type Options struct {
 // ErrClosed is returned by reads after Close.
 var ErrClosed = errors.New("cache closed")
 
-// Stats are cumulative counters, except ResidentBytes which is current.
+// Stats are cumulative counters, except ResidentBytes which is current
+// and Capacity, the budget.
 type Stats struct {
 	Hits, Misses, FetchedBytes, Fetches, Evictions, ResidentBytes int64
+	Capacity                                                      int64
 }
 
 type blockKey struct {
@@ -132,6 +134,7 @@ func (c *Cache) Stats() Stats {
 		Fetches:       c.fetches.Load(),
 		Evictions:     c.evictions.Load(),
 		ResidentBytes: res,
+		Capacity:      c.opts.Capacity,
 	}
 }
 
@@ -159,6 +162,11 @@ func (c *Cache) Close() {
 // key = same bytes); data is the allocated map, everything else reads as
 // zeros without a fetch.
 func (c *Cache) Open(key string, size int64, data extent.Map, f Fetcher) *Reader {
+	return c.OpenCounted(key, size, data, f, nil)
+}
+
+// OpenCounted is Open with the reads counted in t.
+func (c *Cache) OpenCounted(key string, size int64, data extent.Map, f Fetcher, t *Tally) *Reader {
 	c.mu.Lock()
 	id, ok := c.files[key]
 	if !ok {
@@ -168,7 +176,7 @@ func (c *Cache) Open(key string, size int64, data extent.Map, f Fetcher) *Reader
 	closed := c.closed
 	c.mu.Unlock()
 	ctx, cancel := context.WithCancel(c.ctx)
-	r := &Reader{c: c, file: id, size: max(size, 0), data: data, f: f, ctx: ctx, cancel: cancel}
+	r := &Reader{c: c, file: id, size: max(size, 0), data: data, f: f, tally: t, ctx: ctx, cancel: cancel}
 	if closed {
 		r.closed.Store(true)
 	}

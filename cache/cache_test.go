@@ -433,3 +433,43 @@ func TestCoalescedFetches(t *testing.T) {
 		})
 	}
 }
+
+// TestTally: every byte read is counted once, as a hole, as data found in
+// the cache or as data that waited for a fetch; reading again finds it all
+// in the cache.
+func TestTally(t *testing.T) {
+	const bs = 64 << 10
+	size := int64(10*bs + 1000)
+	data, err := extent.Normalize([]extent.Extent{{Off: 100, Len: bs}, {Off: 4*bs + 7, Len: 3 * bs}, {Off: size - 500, Len: 500}}, size)
+	require.NoError(t, err)
+	ref := make([]byte, size)
+	for _, e := range data.Extents() {
+		for i := e.Off; i < e.End(); i++ {
+			ref[i] = byte(i%251 + 1)
+		}
+	}
+	src := &memSource{t: t, ref: ref, data: data}
+	c := New(Options{BlockSize: bs, Capacity: 64 * bs})
+	defer c.Close()
+	var tally Tally
+	r := c.OpenCounted("d", size, data, src, &tally)
+	defer r.Close()
+	read := func() {
+		got := make([]byte, size)
+		for off := int64(0); off < size; off += 10_000 {
+			require.NoError(t, r.ReadAt(context.Background(), got[off:min(off+10_000, size)], off))
+		}
+		require.Equal(t, ref, got)
+	}
+	read()
+	holes := size - data.Bytes()
+	assert.Equal(t, holes, tally.HoleBytes.Load())
+	assert.Equal(t, data.Bytes(), tally.HitBytes.Load()+tally.MissBytes.Load())
+	assert.Positive(t, tally.MissBytes.Load(), "the first reading fetched")
+	assert.Equal(t, (size+9_999)/10_000, tally.Reads.Load())
+	hits, misses := tally.HitBytes.Load(), tally.MissBytes.Load()
+	read()
+	assert.Equal(t, 2*holes, tally.HoleBytes.Load())
+	assert.Equal(t, misses, tally.MissBytes.Load(), "nothing waited the second time")
+	assert.Equal(t, hits+data.Bytes(), tally.HitBytes.Load())
+}

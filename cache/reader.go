@@ -24,6 +24,7 @@ type Reader struct {
 	size   int64
 	data   extent.Map
 	f      Fetcher
+	tally  *Tally          // nil: not counted
 	ctx    context.Context // readahead runs under it; Close cancels it
 	cancel context.CancelFunc
 	closed atomic.Bool
@@ -32,6 +33,16 @@ type Reader struct {
 	lastEnd int64
 	window  int64 // current readahead window in bytes, 0 = not sequential
 	raNext  int64 // first block index readahead has not yet covered
+}
+
+// Tally counts what the reads of one disk were answered from; all of the
+// disk's readers may share one. Every byte read is counted once, in one of
+// the three.
+type Tally struct {
+	Reads     atomic.Int64 // ReadAt calls
+	HitBytes  atomic.Int64 // data found in a cached block
+	MissBytes atomic.Int64 // data that waited for a fetch (its own or one in flight)
+	HoleBytes atomic.Int64 // zeros of holes, never fetched
 }
 
 // Close stops this reader's readahead; later reads fail.
@@ -51,6 +62,10 @@ func (r *Reader) ReadAt(ctx context.Context, p []byte, off int64) error {
 	}
 	if n == 0 {
 		return nil
+	}
+	if r.tally != nil {
+		r.tally.Reads.Add(1)
+		r.tally.HoleBytes.Add(n - r.data.DataIn(off, n))
 	}
 	if !r.data.Overlaps(off, n) {
 		clear(p)
@@ -83,11 +98,13 @@ func (r *Reader) readBlock(ctx context.Context, idx int64, dst []byte, inBlock i
 		if ok {
 			if !counted {
 				c.hits.Add(1)
+				r.count(true, idx, inBlock, len(dst))
 			}
 			return nil
 		}
 		if !counted {
 			c.misses.Add(1)
+			r.count(false, idx, inBlock, len(dst))
 			counted = true
 		}
 		if b == nil {
@@ -109,6 +126,20 @@ func (r *Reader) readBlock(ctx context.Context, idx int64, dst []byte, inBlock i
 			return b.err
 		}
 		// Ready now; loop to copy (or refetch if already evicted).
+	}
+}
+
+// count adds the data bytes of [inBlock, +n) of block idx to the tally's
+// hits or misses.
+func (r *Reader) count(hit bool, idx, inBlock int64, n int) {
+	if r.tally == nil {
+		return
+	}
+	d := r.data.DataIn(idx*r.c.opts.BlockSize+inBlock, int64(n))
+	if hit {
+		r.tally.HitBytes.Add(d)
+	} else {
+		r.tally.MissBytes.Add(d)
 	}
 }
 

@@ -18,18 +18,19 @@ type fetcher interface {
 	ReadAt(ctx context.Context, p []byte, off int64) error
 }
 
-// readerOpener opens a stream over a fetcher whose data extents are data;
-// holes read as zeros without a fetch.
-type readerOpener func(key string, size int64, data extent.Map, f fetcher) stream
+// readerOpener opens a stream over a disk whose data extents are data (its
+// own map, or a part of it); holes read as zeros without a fetch. The
+// stream's reads count in the disk's meter.
+type readerOpener func(key string, d *diskHandle, data extent.Map) stream
 
 func cacheOpener(c *cache.Cache) readerOpener {
 	if c == nil {
-		return func(_ string, _ int64, data extent.Map, f fetcher) stream {
-			return &directStream{data: data, f: f}
+		return func(_ string, d *diskHandle, data extent.Map) stream {
+			return &directStream{data: data, f: d}
 		}
 	}
-	return func(key string, size int64, data extent.Map, f fetcher) stream {
-		return c.Open(key, size, data, f)
+	return func(key string, d *diskHandle, data extent.Map) stream {
+		return c.OpenCounted(key, d.Size(), data, d, &d.meter.tally)
 	}
 }
 

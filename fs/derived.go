@@ -86,7 +86,7 @@ type gzipView struct {
 func newGzipView(raw *rawView, cacheDir, name string) *gzipView {
 	v := &gzipView{}
 	v.lazy = lazyView[*gzipview.View]{raw: raw, build: func(ctx context.Context, d *diskHandle) (*gzipview.View, stream, error) {
-		s := raw.st.open(cacheKey(raw.ref), d.Size(), d.Allocated(), d)
+		s := raw.st.open(cacheKey(raw.ref), d, d.Allocated())
 		opts := gzipview.Options{Logger: raw.st.log, Name: name, OnLayoutChange: v.layoutChanged}
 		if cacheDir != "" {
 			sum := sha256.Sum256([]byte(cacheKey(raw.ref)))
@@ -176,7 +176,7 @@ func vhdID(ref backend.DiskRef) [16]byte {
 func newDynamicVHDView(raw *rawView) *vhdView {
 	v := &vhdView{}
 	v.lazy = lazyView[*vhdview.View]{raw: raw, build: func(ctx context.Context, d *diskHandle) (*vhdview.View, stream, error) {
-		s := raw.st.open(cacheKey(raw.ref), d.Size(), d.Allocated(), d)
+		s := raw.st.open(cacheKey(raw.ref), d, d.Allocated())
 		h, err := vhdview.NewDynamic(s, vhdview.Dynamic{Size: d.Size(), Data: d.Allocated(), ID: vhdID(raw.ref)})
 		return h, s, err
 	}}
@@ -203,7 +203,7 @@ func newDeltaVHDView(raw *rawView, base backend.DiskRef, parentName string) *vhd
 		if err != nil {
 			return nil, nil, fmt.Errorf("delta map: %w", err)
 		}
-		s := raw.st.open(cacheKey(raw.ref)+"/changed-since/"+url.PathEscape(baseID), d.Size(), marked, d)
+		s := raw.st.open(cacheKey(raw.ref)+"/changed-since/"+url.PathEscape(baseID), d, marked)
 		h, err := vhdview.NewDifferencing(s, vhdview.Differencing{
 			Size:       d.Size(),
 			Changed:    changed,

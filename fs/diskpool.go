@@ -232,6 +232,17 @@ func (p *diskPool) count() int {
 	return len(p.open)
 }
 
+// openRefs are the disks open now (by themselves or against a base).
+func (p *diskPool) openRefs() map[backend.DiskRef]bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	refs := make(map[backend.DiskRef]bool, len(p.open))
+	for k := range p.open {
+		refs[k.ref] = true
+	}
+	return refs
+}
+
 // close closes every disk, in use or not (the mount is going: reads still
 // running fail), and stops the reaper.
 func (p *diskPool) close() {

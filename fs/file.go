@@ -99,7 +99,7 @@ func (v *rawView) OpenStream(ctx context.Context) (stream, error) {
 	if err != nil {
 		return nil, err
 	}
-	return v.st.open(cacheKey(v.ref), d.Size(), d.Allocated(), d), nil
+	return v.st.open(cacheKey(v.ref), d, d.Allocated()), nil
 }
 
 func (v *rawView) TracksChanges(context.Context) bool {

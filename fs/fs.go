@@ -23,6 +23,7 @@ import (
 
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/extent"
+	"github.com/vmexportfs/vmexportfs/backend/meter"
 	"github.com/vmexportfs/vmexportfs/cache"
 	"github.com/vmexportfs/vmexportfs/fs/statedir"
 )
@@ -38,7 +39,15 @@ type Options struct {
 	// MaxIdleDisks how many unused ones may (DefaultMaxIdleDisks).
 	DiskIdle     time.Duration
 	MaxIdleDisks int
+	// Meter is the platform's, for the stats document; nil shows none.
+	Meter *meter.Meter
+	// ProgressInterval is how often a snapshot still being made is logged
+	// (DefaultProgressInterval).
+	ProgressInterval time.Duration
 }
+
+// DefaultProgressInterval is how often a long mkdir says how it is doing.
+const DefaultProgressInterval = 15 * time.Second
 
 // DefaultListTTL is how long a VM or snapshot listing is reused.
 const DefaultListTTL = 5 * time.Second
@@ -53,6 +62,9 @@ type state struct {
 	src      backend.Source
 	cacheDir string // derived-view indexes; "" = keep none
 	open     readerOpener
+	cache    *cache.Cache // nil: none (tests)
+	meter    *meter.Meter // the platform's counters, nil: none
+	started  time.Time    // for the stats' uptime
 	store    *statedir.Store
 	log      *slog.Logger
 	ttl      time.Duration
@@ -78,6 +90,15 @@ type state struct {
 	gone    map[string]bool
 	handles map[diskKey]*diskHandle
 	warned  map[string]bool
+
+	meters    meters
+	creations *creations
+	closed    chan struct{} // closed by Root.Close
+	closeOnce sync.Once
+
+	statsMu  sync.Mutex
+	statsDoc []byte
+	statsAt  time.Time
 }
 
 // NewRoot builds the tree over src.
@@ -106,6 +127,10 @@ func NewRoot(src backend.Source, opts Options) (*Root, error) {
 		src:      src,
 		cacheDir: opts.CacheDir,
 		open:     cacheOpener(opts.Cache),
+		cache:    opts.Cache,
+		meter:    opts.Meter,
+		started:  time.Now(),
+		closed:   make(chan struct{}),
 		store:    store,
 		log:      log,
 		ttl:      ttl,
@@ -119,12 +144,20 @@ func NewRoot(src backend.Source, opts Options) (*Root, error) {
 		warned:   map[string]bool{},
 	}
 	st.pool = newDiskPool(src, opts.DiskIdle, opts.MaxIdleDisks, log.Warn)
+	every := opts.ProgressInterval
+	if every <= 0 {
+		every = DefaultProgressInterval
+	}
+	st.creations = &creations{every: every, done: st.closed, log: log.Info}
 	return &Root{dirNode{st: st, mode: 0o555}}, nil
 }
 
 // Close closes every disk the tree has open; call it once the filesystem is
 // unmounted, before closing the source.
-func (r *Root) Close() { r.st.pool.close() }
+func (r *Root) Close() {
+	r.st.closeOnce.Do(func() { close(r.st.closed) })
+	r.st.pool.close()
+}
 
 // OpenDisks is how many backend disks the tree has open now.
 func (r *Root) OpenDisks() int { return r.st.pool.count() }
@@ -216,6 +249,7 @@ func (st *state) toErrno(ctx context.Context, op, path string, err error) syscal
 	default:
 		errno = syscall.EIO
 	}
+	st.meters.errno(errno)
 	st.log.Error("fs: "+op+" failed", "path", path, "err", err, "errno", errno.Error())
 	return errno
 }
@@ -254,6 +288,7 @@ func cacheKey(ref backend.DiskRef) string {
 // size and maps, and reads that borrow the pooled disk while they run.
 type diskHandle struct {
 	pool    *diskPool
+	meter   *diskMeter
 	key     diskKey
 	size    int64
 	alloc   extent.Map
@@ -272,7 +307,15 @@ func (h *diskHandle) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if o.disk.Size() != h.size {
 		return fmt.Errorf("read: %w: disk reopened with size %d, was %d", backend.ErrUnavailable, o.disk.Size(), h.size)
 	}
-	return o.disk.ReadAt(ctx, p, off)
+	h.meter.fetches.Add(1)
+	if err := o.disk.ReadAt(ctx, p, off); err != nil {
+		if ctx.Err() == nil {
+			h.meter.fetchErrors.Add(1)
+		}
+		return err
+	}
+	h.meter.fetchedBytes.Add(int64(len(p)))
+	return nil
 }
 
 // disk returns the handle of ref, opening the disk the first time.
@@ -307,7 +350,7 @@ func (st *state) handle(ctx context.Context, k diskKey) (*diskHandle, error) {
 		st.warnOnce("disk-size:"+cacheKey(ref), "fs: refusing disk with implausible size", "vm", ref.VM, "snapshot", ref.Snapshot, "disk", quoteShort(ref.Disk), "size", size)
 		return nil, fmt.Errorf("open disk: %w: size %d is not plausible (0 to %d bytes)", backend.ErrInvalid, size, int64(MaxDiskSize))
 	}
-	h = &diskHandle{pool: st.pool, key: k, size: o.disk.Size(), alloc: o.disk.Allocated(), changed: o.changed}
+	h = &diskHandle{pool: st.pool, meter: st.meters.disk(ref), key: k, size: o.disk.Size(), alloc: o.disk.Allocated(), changed: o.changed}
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	if prev := st.handles[k]; prev != nil {

@@ -36,13 +36,24 @@ func (n *snapshotsDir) Mkdir(ctx context.Context, name string, mode uint32, out 
 		return nil, syscall.EEXIST
 	}
 	created := time.Now()
-	sn, err := creator.CreateSnapshot(ctx, n.vm, name)
+	cr := n.st.creations.start(n.vm, name, p)
+	go cr.follow()
+	sn, err := creator.CreateSnapshot(backend.WithProgress(ctx, cr.report), n.vm, name)
 	if err != nil {
+		cr.end()
 		return nil, n.st.toErrno(ctx, "mkdir", p, err)
 	}
 	if problem := nameProblem(sn.ID); problem != "" {
+		cr.end()
 		n.st.log.Error("fs: backend created a snapshot with an unusable id", "path", p, "id", quoteShort(sn.ID), "reason", problem)
 		return nil, syscall.EIO
+	}
+	if sn.Pending == "" {
+		cr.end()
+	} else {
+		// mkdir returns now; the platform goes on making it, and the
+		// listing says how far it is.
+		cr.pending(sn.ID, sn.Pending, n.st.pollPending(cr, sn.ID))
 	}
 	live := liveIDs(l, sn.ID)
 	if err := n.st.store.Put(n.vm, name, sn.ID, liveFunc(live)); err != nil {
@@ -69,7 +80,7 @@ func (n *snapshotsDir) Mkdir(ctx context.Context, name string, mode uint32, out 
 	// from a snapshot once shown under this name; drop them without
 	// blocking this request (the directory is locked while we run).
 	go n.invalidate(sn.ID, name)
-	n.st.log.Info("fs: snapshot created", "path", p, "id", sn.ID)
+	n.st.log.Info("fs: snapshot created", "path", p, "id", sn.ID, "took", time.Since(created).Round(time.Millisecond).String(), "pending", sn.Pending)
 	return n.newSnapDir(ctx, e, out), 0
 }
 

@@ -71,7 +71,7 @@ func (p *platform) Snapshot(t testing.TB, vm string) string {
 }
 
 func (p *platform) Source(t testing.TB) backend.Source {
-	tr := httprange.NewTransport(&tls.Config{RootCAs: p.sim.CAPool(), MinVersion: tls.VersionTLS12})
+	tr := httprange.NewTransport(&tls.Config{RootCAs: p.sim.CAPool(), MinVersion: tls.VersionTLS12}, nil)
 	dialer := &net.Dialer{Timeout: 5 * time.Second}
 	tr.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
 		c, err := dialer.DialContext(ctx, network, addr)

@@ -89,7 +89,7 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 	}
 	hc := cfg.HTTP
 	if hc == nil {
-		tr := httprange.NewTransport(&tls.Config{RootCAs: cfg.RootCAs, InsecureSkipVerify: cfg.InsecureSkipVerify, MinVersion: tls.VersionTLS12})
+		tr := httprange.NewTransport(&tls.Config{RootCAs: cfg.RootCAs, InsecureSkipVerify: cfg.InsecureSkipVerify, MinVersion: tls.VersionTLS12}, cfg.Policy.Meter)
 		hc = &http.Client{Transport: tr}
 	}
 	hc = withNotFound(hc)

@@ -210,6 +210,15 @@ func (m Map) Overlaps(off, n int64) bool {
 	return n > 0 && i < len(m.exts) && m.exts[i].Off < off+n
 }
 
+// DataIn is how many bytes of [off, off+n) are data.
+func (m Map) DataIn(off, n int64) int64 {
+	var sum int64
+	for i := m.first(off); i < len(m.exts) && m.exts[i].Off < off+n; i++ {
+		sum += min(m.exts[i].End(), off+n) - max(m.exts[i].Off, off)
+	}
+	return sum
+}
+
 // Clip returns the data extents inside [off, off+n), cut to that range.
 func (m Map) Clip(off, n int64) []Extent {
 	var out []Extent

@@ -19,6 +19,7 @@ import (
 	"sync/atomic"
 
 	"github.com/vmexportfs/vmexportfs/backend"
+	"github.com/vmexportfs/vmexportfs/backend/meter"
 	"github.com/vmexportfs/vmexportfs/backend/redact"
 	"github.com/vmexportfs/vmexportfs/backend/retry"
 )
@@ -228,6 +229,14 @@ func (e *StatusError) Error() string {
 }
 
 func (e *StatusError) Unwrap() error { return e.Kind }
+
+// FaultKind classifies the answer for the meter.
+func (e *StatusError) FaultKind() string {
+	if e.Code == http.StatusUnauthorized || e.Code == http.StatusForbidden {
+		return meter.FaultAuth
+	}
+	return meter.FaultStatus
+}
 
 func classify(status int, idem bool) retry.Kind {
 	switch {

@@ -131,7 +131,7 @@ func NewSource(ctx context.Context, cfg SourceConfig) (*Source, error) {
 	}
 	tlsConfig := &tls.Config{RootCAs: cfg.RootCAs, InsecureSkipVerify: cfg.InsecureSkipVerify, MinVersion: tls.VersionTLS12}
 	s.http = &httprange.Client{
-		HTTP: &http.Client{Transport: httprange.NewTransport(tlsConfig)}, Auth: signer{s},
+		HTTP: &http.Client{Transport: httprange.NewTransport(tlsConfig, cfg.Policy.Meter)}, Auth: signer{s},
 		Policy: cfg.Policy, Logger: cfg.Logger, Secrets: cfg.Secrets,
 	}
 	if s.s3, err = s3.New(ctx, s3.Config{

@@ -40,7 +40,7 @@ type exportConn struct {
 	mu       sync.Mutex
 	tok      string
 	cert     string
-	tr       *http.Transport
+	tr       *httprange.Transport
 	rotating sync.Mutex // one status re-read per failure burst
 
 	httpOnce sync.Once
@@ -63,7 +63,7 @@ func (c *exportConn) setCert(pemCert string) error {
 	if !pool.AppendCertsFromPEM([]byte(pemCert)) {
 		return fmt.Errorf("status cert: %w: no PEM certificate", backend.ErrInvalid)
 	}
-	tr := httprange.NewTransport(&tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12, ServerName: c.serverName})
+	tr := httprange.NewTransport(&tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12, ServerName: c.serverName}, c.policy.Meter)
 	c.mu.Lock()
 	old := c.tr
 	c.tr, c.cert = tr, pemCert

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/vmexportfs/vmexportfs/backend"
+	"github.com/vmexportfs/vmexportfs/backend/redact"
 )
 
 // dnsLabel is what Kubernetes accepts as an object name (kept to a label so
@@ -116,6 +117,9 @@ func (s *Source) CreateSnapshot(ctx context.Context, vmID, name string) (snap ba
 		}
 		d, ok := disksOf(cur.Status, s.cfg.Internal)
 		disks = d
+		if cur.Status != nil && cur.Status.Phase != "" {
+			backend.ReportProgress(ctx, "waiting for export "+name+" Ready: phase "+redact.Cut(s.cfg.Secrets.Peer([]byte(cur.Status.Phase)), 32))
+		}
 		return ok, nil
 	})
 	if err != nil {
@@ -148,6 +152,7 @@ func (s *Source) adoptable(ctx context.Context, vmID, name string) (snapshotObje
 func (s *Source) wait(ctx context.Context, what string, ready func(ctx context.Context) (bool, error)) error {
 	t := time.NewTicker(s.cfg.PollInterval)
 	defer t.Stop()
+	backend.ReportProgress(ctx, "waiting for "+what)
 	for {
 		ok, err := ready(ctx)
 		if err != nil && !errors.Is(err, context.DeadlineExceeded) {

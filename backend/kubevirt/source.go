@@ -150,7 +150,7 @@ func New(cfg Config) (*Source, error) {
 			}
 			tlsCfg.Certificates = []tls.Certificate{cert}
 		}
-		hc = &http.Client{Transport: httprange.NewTransport(tlsCfg)}
+		hc = &http.Client{Transport: httprange.NewTransport(tlsCfg, cfg.Policy.Meter)}
 	}
 	return &Source{
 		cfg:      cfg,

@@ -25,6 +25,7 @@ import (
 
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/extent"
+	"github.com/vmexportfs/vmexportfs/backend/meter"
 	"github.com/vmexportfs/vmexportfs/backend/retry"
 )
 
@@ -227,6 +228,7 @@ func (cl *Client) connect1(ctx context.Context) (*conn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("nbd: dial %s: %w: %w", cl.opts.Addr, backend.ErrUnavailable, err)
 	}
+	nc = cl.opts.Policy.Meter.Conn(meter.NBD, nc)
 	// The handshake runs under the attempt's deadline.
 	stop := context.AfterFunc(ctx, func() { nc.Close() })
 	defer stop()
@@ -437,9 +439,13 @@ func (cl *Client) read(ctx context.Context, p []byte, off int64) error {
 		if err != nil {
 			return classify(err)
 		}
+		mr := cl.opts.Policy.Meter.Begin(meter.NBD)
 		if err := c.do(ctx, &request{typ: cmdRead, off: uint64(off), length: uint32(len(p)), buf: p}); err != nil {
+			mr.End(true)
 			return classify(err)
 		}
+		mr.Received(len(p))
+		mr.End(false)
 		return nil
 	})
 }
@@ -459,7 +465,10 @@ func (cl *Client) blockStatus(ctx context.Context) (extent.Map, error) {
 				return classify(err)
 			}
 			rq = &request{typ: cmdBlockStatus, off: uint64(off), length: uint32(n)}
-			if err := c.do(ctx, rq); err != nil {
+			mr := cl.opts.Policy.Meter.Begin(meter.NBD)
+			err = c.do(ctx, rq)
+			mr.End(err != nil)
+			if err != nil {
 				return classify(err)
 			}
 			return nil

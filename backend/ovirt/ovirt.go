@@ -25,6 +25,7 @@ import (
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/extent"
 	"github.com/vmexportfs/vmexportfs/backend/httprange"
+	"github.com/vmexportfs/vmexportfs/backend/meter"
 	"github.com/vmexportfs/vmexportfs/backend/redact"
 	"github.com/vmexportfs/vmexportfs/backend/retry"
 )
@@ -78,6 +79,8 @@ type Source struct {
 	allocs map[string]extent.Map // disk snapshot image id → data extents
 	disks  map[*disk]bool        // open disks, for Close
 	slots  map[string]*disk      // disk id → the disk whose transfer locks it
+
+	transfers *meter.Gauge // image transfers open on the engine
 }
 
 var (
@@ -112,8 +115,9 @@ func New(ctx context.Context, cfg Config) (*Source, error) {
 		cfg: cfg, api: base.JoinPath("ovirt-engine", "api"), logger: cfg.Logger,
 		tls:    &tls.Config{RootCAs: cfg.RootCAs, InsecureSkipVerify: cfg.InsecureSkipVerify, MinVersion: tls.VersionTLS12},
 		allocs: map[string]extent.Map{}, disks: map[*disk]bool{}, slots: map[string]*disk{},
+		transfers: cfg.Policy.Meter.Gauge("transfers"),
 	}
-	transport := &http.Client{Transport: httprange.NewTransport(s.tls)}
+	transport := &http.Client{Transport: httprange.NewTransport(s.tls, cfg.Policy.Meter)}
 	sso := &ssoAuth{
 		sso:  &httprange.Client{HTTP: transport, Policy: cfg.Policy, Logger: cfg.Logger, Secrets: cfg.Secrets},
 		url:  base.JoinPath("ovirt-engine", "sso", "oauth", "token").String(),
@@ -484,7 +488,10 @@ func (s *Source) waitSnapshot(ctx context.Context, vmID, snapID string, gone boo
 			s.logger.Info("ovirt: snapshot ready", "vm", vmID, "snapshot", snapID, "waited", time.Since(start).Round(time.Millisecond))
 			return sn, nil
 		}
-		if time.Since(logged) > 30*time.Second {
+		if !gone && sn.Status != "" {
+			// mkdir's caller logs it at a steady pace and shows it in stats.
+			backend.ReportProgress(ctx, "engine: snapshot "+cut(sn.Status, 32))
+		} else if gone && time.Since(logged) > 30*time.Second {
 			s.logger.Info("ovirt: still waiting for the engine", "vm", vmID, "snapshot", snapID, "status", sn.Status, "deleting", gone)
 			logged = time.Now()
 		}

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/url"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/vmexportfs/vmexportfs/backend"
@@ -26,10 +27,11 @@ type transfer struct {
 	name    string
 	url     string
 	readers int
-	http    *http.Transport
+	http    *httprange.Transport
 	client  *httprange.Client
 	// extents has the long deadline the extents answer needs.
 	extentsClient *httprange.Client
+	ended         atomic.Bool // finalized or cancelled: no longer held
 }
 
 // startTransfer creates a download transfer of a disk snapshot (shallow:
@@ -50,6 +52,7 @@ func (s *Source) startTransfer(ctx context.Context, name, imageID string, shallo
 		return nil, fmt.Errorf("ovirt: %s: %w: image transfer without a usable id", name, backend.ErrUnavailable)
 	}
 	t := &transfer{id: tj.ID, name: name}
+	s.transfers.Add(1)
 	wait, cancel := context.WithTimeout(ctx, transferTimeout)
 	defer cancel()
 	for poll := s.firstPoll(); tj.Phase != "transferring"; poll = s.nextPoll(poll) {
@@ -151,7 +154,7 @@ func (s *Source) connect(ctx context.Context, t *transfer, tj transferJSON) erro
 		// The ticket in the path is the credential.
 		s.cfg.Secrets.AddRenewed(u.Path)
 		s.cfg.Secrets.AddRenewed(lastSegment(u.Path))
-		tr := httprange.NewTransport(s.tls)
+		tr := httprange.NewTransport(s.tls, s.cfg.Policy.Meter)
 		client := &httprange.Client{HTTP: &http.Client{Transport: tr}, Policy: s.cfg.Policy, Logger: s.logger, Secrets: s.cfg.Secrets}
 		readers, err := s.options(ctx, client, raw)
 		if err != nil {
@@ -222,6 +225,7 @@ func (s *Source) finalize(t *transfer) {
 	if t.id == "" {
 		return
 	}
+	s.let(t)
 	if t.http != nil {
 		t.http.CloseIdleConnections()
 	}
@@ -269,8 +273,16 @@ func (s *Source) finalize(t *transfer) {
 	}
 }
 
+// let counts t no longer held, once.
+func (s *Source) let(t *transfer) {
+	if !t.ended.Swap(true) {
+		s.transfers.Add(-1)
+	}
+}
+
 // cancelTransfer gives a transfer up.
 func (s *Source) cancelTransfer(t *transfer) {
+	s.let(t)
 	if t.http != nil {
 		t.http.CloseIdleConnections()
 	}

@@ -13,6 +13,8 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"time"
+
+	"github.com/vmexportfs/vmexportfs/backend/meter"
 )
 
 // Policy bounds the retries of one operation.
@@ -21,6 +23,10 @@ type Policy struct {
 	BaseDelay      time.Duration // first backoff; default 100ms (exponential, full jitter)
 	MaxDelay       time.Duration // backoff cap; default 5s
 	AttemptTimeout time.Duration // deadline of one attempt including its body; default 30s
+	// Meter, when set, counts the faults, retries and operations that ran
+	// out of attempts. It travels with the policy so that every transport
+	// built from the mount's policy counts into the mount's meter.
+	Meter *meter.Meter
 }
 
 // WithDefaults fills in the zero fields.
@@ -92,6 +98,7 @@ func (r Runner) Do(ctx context.Context, op func() string, attempt func(ctx conte
 	renewed := false
 	for try := 0; try < pol.Attempts; try++ {
 		if try > 0 {
+			pol.Meter.Retry()
 			t := time.NewTimer(pol.Backoff(try - 1))
 			select {
 			case <-ctx.Done():
@@ -108,6 +115,9 @@ func (r Runner) Do(ctx context.Context, op func() string, attempt func(ctx conte
 		}
 		if err := ctx.Err(); err != nil {
 			return last, fmt.Errorf("%s: %w", op(), err)
+		}
+		if last.Kind != Stop {
+			pol.Meter.Fault(last.Err, last.Kind == Renew)
 		}
 		switch last.Kind {
 		case Stop:
@@ -134,6 +144,7 @@ func (r Runner) Do(ctx context.Context, op func() string, attempt func(ctx conte
 			r.logger().Warn("retry: retrying", "op", op(), "attempt", try+1, "of", pol.Attempts, "fault", last.Error())
 		}
 	}
+	pol.Meter.Exhausted()
 	return last, fmt.Errorf("%s: %w after %d attempts: %w", op(), ErrExhausted, pol.Attempts, last)
 }
 

@@ -117,7 +117,7 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 		RootCAs:            cfg.RootCAs,
 		InsecureSkipVerify: cfg.InsecureSkipVerify, //nolint:gosec // the user asked for it
 		MinVersion:         tls.VersionTLS12,
-	})
+	}, cfg.Policy.Meter)
 	c := &Client{
 		base:    &url.URL{Scheme: u.Scheme, Host: u.Host},
 		region:  cfg.Region,

@@ -137,7 +137,7 @@ func New(ctx context.Context, cfg Config) (*Source, error) {
 	}
 	cfg.Secrets.Add(cfg.Password)
 	tlsConfig := &tls.Config{RootCAs: cfg.RootCAs, InsecureSkipVerify: cfg.InsecureSkipVerify, MinVersion: tls.VersionTLS12}
-	transport := httprange.NewTransport(tlsConfig)
+	transport := httprange.NewTransport(tlsConfig, cfg.Policy.Meter)
 	s := &Source{
 		cfg: cfg, base: base, logger: cfg.Logger,
 		members: map[string]bool{}, hosts: map[string]*nbd.HostLimit{},

@@ -44,6 +44,8 @@ func TestBadInvocations(t *testing.T) {
 		{"bad retries", []string{"--retries", "0", "coriolis+https://h", mnt}, 2, "--retries"},
 		{"bad log level", []string{"--log-level", "loud", "coriolis+https://h", mnt}, 2, "--log-level"},
 		{"bad log format", []string{"--log-format", "xml", "coriolis+https://h", mnt}, 2, "--log-format"},
+		{"bad metrics address", []string{"--metrics-addr", "9464", "coriolis+https://h", mnt}, 2, "--metrics-addr"},
+		{"tiny progress interval", []string{"--progress-interval", "1ms", "coriolis+https://h", mnt}, 2, "--progress-interval"},
 		{"missing mountpoint", []string{"coriolis+https://h", filepath.Join(mnt, "nope")}, 1, "mountpoint"},
 		{"mountpoint not empty", []string{"coriolis+https://h", full}, 1, "not empty"},
 		{"mountpoint not a directory", []string{"coriolis+https://h", notDir}, 1, "not a directory"},

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"strings"
@@ -67,13 +69,45 @@ func readyPipe() *os.File {
 	return os.NewFile(3, "ready")
 }
 
-// signalReady tells a waiting parent that the mount is up.
-func signalReady() {
+// signalReady tells a waiting parent that the mount is up, and systemd
+// too when it runs the command as a Type=notify service.
+func signalReady(logger *slog.Logger) {
 	if f := readyPipe(); f != nil {
 		f.WriteString("ok")
 		f.Close()
 		os.Unsetenv(readyFDEnv)
 	}
+	if err := notifySystemd("READY=1\nSTATUS=mounted"); err != nil {
+		logger.Warn("could not tell systemd the mount is ready", "err", err)
+	}
+}
+
+// notifySocketEnv is where systemd listens for a Type=notify service's
+// state (sd_notify(3)): a datagram socket's path, or "@name" for an
+// abstract one.
+const notifySocketEnv = "NOTIFY_SOCKET"
+
+// notifySystemd sends state ("READY=1", "STOPPING=1") to systemd's
+// notification socket; without $NOTIFY_SOCKET it does nothing.
+func notifySystemd(state string) error {
+	name := os.Getenv(notifySocketEnv)
+	if name == "" {
+		return nil
+	}
+	if name[0] == '@' {
+		name = "\x00" + name[1:]
+	} else if name[0] != '/' {
+		return fmt.Errorf("$%s %q: want an absolute path or @name", notifySocketEnv, redact.Cut(name, 64))
+	}
+	c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: name, Net: "unixgram"})
+	if err != nil {
+		return fmt.Errorf("notify systemd: %w", err)
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte(state)); err != nil {
+		return fmt.Errorf("notify systemd: %w", err)
+	}
+	return nil
 }
 
 // notifyReady passes a startup error, its secrets masked, to a waiting parent

@@ -202,6 +202,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secre
 	if cfg.cacheDir == "" {
 		cfg.cacheDir = filepath.Join(dataDir, "cache")
 	}
+	cfg.meter = newMeter(cfg)
 	src, err := openSource(ctx, cfg, logger)
 	if err != nil {
 		return notifyReady(cfg.secrets, err)
@@ -212,7 +213,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secre
 			"        cp --sparse=always %[2]s/by-name/web01/snapshots/*/disk.img /tmp/\n"+
 			"        getfattr -d -m - %[2]s/by-name/web01/snapshots/*/disk.img\n"+
 			"  stop: fusermount3 -u %[2]s\n", sim.about, cfg.mountpoint)
-		signalReady()
+		signalReady(logger)
 	}
 	return notifyReady(cfg.secrets, serve(ctx, src, cfg, logger, ready))
 }

@@ -88,6 +88,10 @@ type caps struct {
 	// oneSnapshot: the platform keeps one snapshot per VM (an image in a
 	// bucket is replaced, not versioned), so there is no delta to take.
 	oneSnapshot bool
+	// readsAsServed: each disk read is answered by the simulator with
+	// those bytes and no others (no decoding, spilling or widening in
+	// between), so the simulator's byte count is the disk's.
+	readsAsServed bool
 	// faultCopies is the fault matrix's default number of faulted copies
 	// per view (VMEXPORTFS_FAULT_COPIES overrides it).
 	faultCopies int
@@ -135,7 +139,7 @@ func newCoriolis(t *testing.T) *coriolisPlatform {
 }
 
 func (c *coriolisPlatform) Caps() caps {
-	return caps{allocationMap: true, exactChanges: true, proxiedBases: true, faultCopies: 50}
+	return caps{allocationMap: true, exactChanges: true, proxiedBases: true, faultCopies: 50, readsAsServed: true}
 }
 
 // coriolisDisk is the simulator's name of a disk, whose device is spec's name.
@@ -230,7 +234,7 @@ func newKubeVirt(t *testing.T, withMap bool) *kubevirtPlatform {
 
 func (k *kubevirtPlatform) Caps() caps {
 	// Object names are DNS labels.
-	return caps{allocationMap: k.withMap, exactChanges: false, invalidNames: []string{"Not_A_Label"}, faultCopies: 24}
+	return caps{allocationMap: k.withMap, exactChanges: false, invalidNames: []string{"Not_A_Label"}, faultCopies: 24, readsAsServed: true}
 }
 
 func (k *kubevirtPlatform) AddVM(t *testing.T, vm string, disks ...diskSpec) {

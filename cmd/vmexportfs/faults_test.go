@@ -85,10 +85,17 @@ func faultedCopies(t *testing.T, proxy *faultproxy.Proxy, copies int, label, wan
 	}
 	t.Logf("%s: %d faulted copies: %s (%d faults injected so far)", label, copies, tally, proxy.Injected())
 	assert.Zero(t, tally.wrong)
+	if proxy.Injected() > 0 {
+		assert.Positive(t, tally.faults, "the mounts' stats counted the faults")
+	}
 }
 
-// copyTally counts what faulted copies came to.
-type copyTally struct{ identical, eio, wrong int }
+// copyTally counts what faulted copies came to, and the faults the mounts'
+// stats counted.
+type copyTally struct {
+	identical, eio, wrong int
+	faults                int64
+}
 
 func (c copyTally) String() string {
 	return fmt.Sprintf("%d byte-identical, %d EIO, %d wrong", c.identical, c.eio, c.wrong)
@@ -104,6 +111,10 @@ func (c *copyTally) faultedCopy(t *testing.T, m *mounted, src, want, label strin
 	start()
 	_, err := toolErr("cp", src, dst)
 	stop()
+	doc := mountStats(t, m)
+	for _, n := range doc.Faults {
+		c.faults += n
+	}
 	switch {
 	case err == nil && sha256File(t, dst) == want:
 		c.identical++
@@ -113,6 +124,7 @@ func (c *copyTally) faultedCopy(t *testing.T, m *mounted, src, want, label strin
 	case strings.Contains(err.Error(), "Input/output error"):
 		c.eio++
 		assert.True(t, m.logged(words...), "%s failed with EIO but the log does not name the fault:\n%s", label, m.logs.String())
+		assert.Positive(t, doc.Errors["EIO"], "%s: the stats count the EIO", label)
 		out, err := toolErr("cp", src, dst)
 		if assert.NoError(t, err, "%s after recovery: %s", label, out) {
 			assert.Equal(t, want, sha256File(t, dst), "%s after recovery", label)

@@ -27,7 +27,7 @@ func TestJDCloudMkdirShowsProgress(t *testing.T) {
 	p.Write(t, vm, "disk", 5*mib, 64*kib)
 	console := p.Snapshot(t, vm)
 
-	m := mountSim(t, p, "--list-ttl", "100ms")
+	m := mountSim(t, p, "--list-ttl", "100ms", "--progress-interval", "200ms")
 	snaps := m.path("vms", vm, "snapshots")
 	assert.Equal(t, console+"\n", tool(t, "ls", snaps))
 	copied := filepath.Join(t.TempDir(), "copy")
@@ -47,12 +47,21 @@ func TestJDCloudMkdirShowsProgress(t *testing.T) {
 	assert.NotEqual(t, "ready", first)
 	assert.Empty(t, strings.TrimSpace(tool(t, "ls", nightly)), "no files while %q", first)
 	seen := map[string]bool{strings.TrimRight(first, "0123456789%"): true}
+	inStats := map[string]bool{}
 	require.Eventually(t, func() bool {
 		s := state(nightly)
 		seen[strings.TrimRight(s, "0123456789%")] = true
+		for _, c := range mountStats(t, m).Creating {
+			if c.Name == "web01-nightly" {
+				inStats[strings.TrimRight(c.State, "0123456789%")] = true
+			}
+		}
 		return s == "ready"
 	}, 30*time.Second, 20*time.Millisecond, "never ready")
 	assert.True(t, seen["exporting "], "the export's progress was shown: %v", seen)
+	assert.True(t, inStats["exporting "], "and in the stats: %v", inStats)
+	require.Eventually(t, func() bool { return len(mountStats(t, m).Creating) == 0 }, 5*time.Second, 100*time.Millisecond, "ready: gone from the stats")
+	assert.True(t, m.logged("fs: snapshot ready"), "the log says when it is ready")
 	require.Eventually(t, func() bool { return strings.Contains(tool(t, "ls", nightly), "disk.img") }, 5*time.Second, 100*time.Millisecond)
 	tool(t, "cp", "--sparse=always", filepath.Join(nightly, "disk.img"), copied)
 	p.mu.Lock()

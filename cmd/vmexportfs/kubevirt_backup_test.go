@@ -20,7 +20,10 @@ import (
 func newKVFixtureWith(t *testing.T, opts kubevirttest.Options) *kvFixture {
 	t.Helper()
 	requireRoot(t)
-	opts.Dir, opts.Namespace, opts.ReadyDelay, opts.Clock = t.TempDir(), "backups", kvReadyDelay, steppingClock()
+	opts.Dir, opts.Namespace, opts.Clock = t.TempDir(), "backups", steppingClock()
+	if opts.ReadyDelay == 0 {
+		opts.ReadyDelay = kvReadyDelay
+	}
 	sim, err := kubevirttest.Start(opts)
 	require.NoError(t, err)
 	t.Cleanup(func() { sim.Close() })

@@ -4,6 +4,7 @@
 //	vmexportfs [flags] SOURCE MOUNTPOINT     mount a platform
 //	vmexportfs demo [flags] MOUNTPOINT       mount a built-in simulator with sample VMs
 //	vmexportfs extents [--since BASE] PATH   print a file's extent map in full
+//	vmexportfs stats [--watch] MOUNTPOINT    what a mount is doing
 package main
 
 import (
@@ -37,6 +38,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = runDemo(ctx, args[1:], stdout, stderr, secrets)
 	case len(args) > 0 && args[0] == "extents":
 		err = runExtents(args[1:], stdout)
+	case len(args) > 0 && args[0] == "stats":
+		err = runStats(ctx, args[1:], stdout)
 	default:
 		err = runMount(ctx, args, stdout, stderr, secrets)
 	}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -24,6 +25,7 @@ import (
 
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/httprange"
+	"github.com/vmexportfs/vmexportfs/backend/meter"
 	"github.com/vmexportfs/vmexportfs/backend/platform"
 	"github.com/vmexportfs/vmexportfs/backend/redact"
 	"github.com/vmexportfs/vmexportfs/cache"
@@ -53,6 +55,12 @@ type mountConfig struct {
 	allowOther, debug bool
 	logLevel, logFile string
 	logFormat         string
+	metricsAddr       string        // --metrics-addr; "" serves none
+	progressInterval  time.Duration // how often a long mkdir is logged
+
+	// meter counts the platform requests of this mount; set (newMeter)
+	// once the source is known, before it is opened.
+	meter *meter.Meter
 
 	secrets *redact.Secrets // what the process knows and must never print
 }
@@ -86,6 +94,8 @@ func commonMountFlags(cfg *mountConfig, cacheSize *string, opts *[]string) *pfla
 	f.StringVar(&cfg.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&cfg.logFormat, "log-format", "text", "text, or json: one JSON object a line, for log collectors")
 	f.StringVar(&cfg.logFile, "log-file", "", "append logs to this file instead of stderr")
+	f.StringVar(&cfg.metricsAddr, "metrics-addr", "", "serve Prometheus metrics on HOST:PORT/metrics (e.g. localhost:9464); off by default")
+	f.DurationVar(&cfg.progressInterval, "progress-interval", fs.DefaultProgressInterval, "how often a snapshot that takes long to make is logged")
 	f.StringArrayVarP(opts, "options", "o", nil, "mount options, comma separated (fstab style: username=,password_file=,ca_file=,allow_other,...)")
 	return f
 }
@@ -129,6 +139,14 @@ func parseMountArgs(args []string, registry []platform.Platform) (mountConfig, e
 	}
 	if _, err := parseLogLevel(cfg.logLevel); err != nil {
 		return cfg, fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if cfg.progressInterval < 100*time.Millisecond {
+		return cfg, fmt.Errorf("%w: --progress-interval %s: want at least 100ms", errUsage, cfg.progressInterval)
+	}
+	if cfg.metricsAddr != "" {
+		if _, _, err := net.SplitHostPort(cfg.metricsAddr); err != nil {
+			return cfg, fmt.Errorf("%w: --metrics-addr %q: want HOST:PORT, e.g. localhost:9464", errUsage, truncate(cfg.metricsAddr, 40))
+		}
 	}
 	if cfg.logFormat != "text" && cfg.logFormat != "json" {
 		return cfg, fmt.Errorf("%w: --log-format %q: want text or json", errUsage, truncate(cfg.logFormat, 20))
@@ -230,6 +248,7 @@ func runMount(ctx context.Context, args []string, stdout, stderr io.Writer, secr
 	if cfg.insecureSkipVerify {
 		logger.Warn("TLS VERIFICATION IS OFF (--insecure-skip-tls-verify): anyone on the path can read and alter your disks")
 	}
+	cfg.meter = newMeter(cfg)
 	src, err := openSource(ctx, cfg, logger)
 	if err != nil {
 		return notifyReady(cfg.secrets, err)
@@ -268,9 +287,17 @@ func serve(ctx context.Context, src backend.Source, cfg mountConfig, logger *slo
 	defer closeAll()
 	root, err = fs.NewRoot(src, fs.Options{
 		Cache: blocks, StateDir: stateDir, CacheDir: cacheDir, ListTTL: cfg.listTTL, Logger: logger,
+		Meter: cfg.meter, ProgressInterval: cfg.progressInterval,
 	})
 	if err != nil {
 		return err
+	}
+	if cfg.metricsAddr != "" {
+		stop, err := serveMetrics(cfg.metricsAddr, root, cfg.meter, logger)
+		if err != nil {
+			return err
+		}
+		defer stop()
 	}
 	server, err := fs.Mount(cfg.mountpoint, root, fs.MountOptions{AllowOther: cfg.allowOther, Debug: cfg.debug})
 	if err != nil {
@@ -280,7 +307,7 @@ func serve(ctx context.Context, src backend.Source, cfg mountConfig, logger *slo
 	if ready != nil {
 		ready()
 	} else {
-		signalReady()
+		signalReady(logger)
 	}
 	unmounted := make(chan struct{})
 	go func() { server.Wait(); close(unmounted) }()
@@ -426,7 +453,17 @@ func (cfg mountConfig) password() (string, error) {
 }
 
 func (cfg mountConfig) policy() httprange.Policy {
-	return httprange.Policy{Attempts: cfg.retries, AttemptTimeout: cfg.readTimeout}
+	return httprange.Policy{Attempts: cfg.retries, AttemptTimeout: cfg.readTimeout, Meter: cfg.meter}
+}
+
+// newMeter is the meter of a mount of cfg.source, labelled with its
+// platform's scheme (never the URL).
+func newMeter(cfg mountConfig) *meter.Meter {
+	name := "unknown"
+	if p, _, err := splitSource(cfg.source, cfg.platforms); err == nil {
+		name = p.Scheme
+	}
+	return meter.New(name)
 }
 
 func parseLogLevel(s string) (slog.Level, error) {
@@ -463,7 +500,7 @@ func printMountHelp(w io.Writer, registry []platform.Platform) error {
 	var cfg mountConfig
 	newMountFlags(&cfg, new(string), new([]string), registry)
 	common := commonMountFlags(&mountConfig{}, new(string), new([]string))
-	fmt.Fprintf(w, "Usage:\n  vmexportfs [flags] SOURCE MOUNTPOINT\n  vmexportfs demo [flags] MOUNTPOINT\n  vmexportfs extents [--since BASE] PATH\n\nSources:\n")
+	fmt.Fprintf(w, "Usage:\n  vmexportfs [flags] SOURCE MOUNTPOINT\n  vmexportfs demo [flags] MOUNTPOINT\n  vmexportfs extents [--since BASE] PATH\n  vmexportfs stats [--watch] MOUNTPOINT\n\nSources:\n")
 	tw := tabwriter.NewWriter(w, 0, 0, 3, ' ', 0)
 	for _, p := range cfg.platforms {
 		for _, u := range p.Usage {

@@ -33,7 +33,7 @@ var ignoredMountOptions = map[string]bool{
 // platform flag has one too (see optionTable).
 var commonOptions = []string{
 	"username", "password-file", "ca-file", "cache-size", "state-dir", "cache-dir", "list-ttl",
-	"log-level", "log-file", "log-format", "read-timeout", "retries",
+	"log-level", "log-file", "log-format", "read-timeout", "retries", "metrics-addr", "progress-interval",
 }
 
 // commonRefused are the secrets of the common flags, which must never be

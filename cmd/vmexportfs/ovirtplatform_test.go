@@ -57,7 +57,7 @@ func newOVirt(t *testing.T, opts ovirttest.Options) *ovirtPlatform {
 }
 
 func (o *ovirtPlatform) Caps() caps {
-	return caps{allocationMap: true, exactChanges: true, proxiedBases: true, faultCopies: 24}
+	return caps{allocationMap: true, exactChanges: true, proxiedBases: true, faultCopies: 24, readsAsServed: true}
 }
 
 func (o *ovirtPlatform) AddVM(t *testing.T, vm string, disks ...diskSpec) {

@@ -201,6 +201,9 @@ func openedBy(ids map[string]bool) bool {
 // keeps for a copy of the mount in another namespace has nothing of ours
 // left to wait for once no file operation runs: our exit ends it.
 func shutdown(unmounted <-chan struct{}, closeAll func(), root *fs.Root, logger *slog.Logger) {
+	if err := notifySystemd("STOPPING=1"); err != nil {
+		logger.Warn("could not tell systemd the mount is stopping", "err", err)
+	}
 	closed := make(chan struct{})
 	go func() { closeAll(); close(closed) }()
 	deadline := time.NewTimer(shutdownGrace)

@@ -59,7 +59,8 @@ func xapiUserdevice(t testing.TB, disk string) string {
 }
 
 func (x *xapiPlatform) Caps() caps {
-	return caps{allocationMap: true, mapGranularity: xapiBlock, exactChanges: !x.opts.NoCBT, proxiedBases: true}
+	// Without NBD a disk is read from its spilled VHD stream.
+	return caps{allocationMap: true, mapGranularity: xapiBlock, exactChanges: !x.opts.NoCBT, proxiedBases: true, readsAsServed: x.opts.NBD != xapitest.NBDNone}
 }
 
 func (x *xapiPlatform) AddVM(t *testing.T, vm string, disks ...diskSpec) {

@@ -493,6 +493,9 @@ func (c countingWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }
 
 func (s *Server) serveDisk(w http.ResponseWriter, r *http.Request, rt route) {
 	s.diskRequests.Add(1)
+	if r.Method == http.MethodHead {
+		s.diskHeads.Add(1)
+	}
 	s.mu.RLock()
 	v, snap, err := s.lookupSnapshot(rt.vmID, rt.snapID)
 	var sd *snapDisk

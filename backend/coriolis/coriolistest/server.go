@@ -39,6 +39,7 @@ type Options struct {
 type Stats struct {
 	DiskBytes    int64 // body bytes of disk GETs actually written
 	DiskRequests int64 // GET/HEAD requests on the disk route
+	DiskHeads    int64 // the HEADs among them
 	Logins       int64 // successful logins (tokens issued)
 	APIRequests  int64 // every other routed request (metadata, snapshots)
 }
@@ -63,7 +64,7 @@ type Server struct {
 	nextPID uint64
 	nextSeq uint64
 
-	diskBytes, diskRequests, logins, apiRequests atomic.Int64
+	diskBytes, diskRequests, diskHeads, logins, apiRequests atomic.Int64
 }
 
 // Start creates the TLS material, listens and serves in the background.
@@ -169,6 +170,7 @@ func (s *Server) Stats() Stats {
 	return Stats{
 		DiskBytes:    s.diskBytes.Load(),
 		DiskRequests: s.diskRequests.Load(),
+		DiskHeads:    s.diskHeads.Load(),
 		Logins:       s.logins.Load(),
 		APIRequests:  s.apiRequests.Load(),
 	}
@@ -178,6 +180,7 @@ func (s *Server) Stats() Stats {
 func (s *Server) ResetStats() {
 	s.diskBytes.Store(0)
 	s.diskRequests.Store(0)
+	s.diskHeads.Store(0)
 	s.logins.Store(0)
 	s.apiRequests.Store(0)
 }
