@@ -37,6 +37,7 @@ func TestOVirtTransferFinalizedWhenIdle(t *testing.T) {
 	assert.Equal(t, sha256File(t, ref), sha256File(t, dst))
 	st := o.sim.Stats()
 	require.Equal(t, 1, st.OpenTransfers, "the transfer is open right after the copy")
+	assert.Equal(t, int64(1), mountStats(t, m).Open["transfers"], "and the mount's stats say so")
 	deadline := time.Now().Add(20 * time.Second)
 	for o.sim.Stats().OpenTransfers > 0 && time.Now().Before(deadline) {
 		time.Sleep(100 * time.Millisecond)
@@ -44,6 +45,7 @@ func TestOVirtTransferFinalizedWhenIdle(t *testing.T) {
 	st = o.sim.Stats()
 	assert.Zero(t, st.OpenTransfers, "the idle transfer was finalized")
 	assert.Equal(t, st.Transfers, st.Finalized, "every transfer was finalized, none cancelled by the engine")
+	assert.Zero(t, mountStats(t, m).Open["transfers"], "the stats too")
 	tool(t, "dd", "if="+img, "of=/dev/null", "bs=1M", "count=1", "iflag=direct")
 	assert.Greater(t, o.sim.Stats().Transfers, st.Transfers, "a read after the finalize made a new transfer")
 	m.stop(t)
@@ -85,17 +87,19 @@ func TestOVirtTicketExpiresMidCopy(t *testing.T) {
 }
 
 // TestOVirtSnapshotWaits: mkdir and rmdir wait for the engine's job (the
-// snapshot stays locked for a while) and say so in the log.
+// snapshot stays locked for a while) and say so in the log, mkdir at the
+// set pace with the engine's status.
 func TestOVirtSnapshotWaits(t *testing.T) {
 	o := newOVirt(t, ovirttest.Options{SnapshotDelay: 800 * time.Millisecond})
 	o.AddVM(t, "vm-wait", diskSpec{"xvda", 8 * mib})
 	o.Write(t, "vm-wait", "xvda", 0, 1*mib)
-	m := mountSim(t, o)
+	m := mountSim(t, o, "--progress-interval", "200ms")
 	dir := m.path("vms", "vm-wait", "snapshots", "nightly")
 	start := time.Now()
 	tool(t, "mkdir", dir)
 	assert.GreaterOrEqual(t, time.Since(start), 800*time.Millisecond, "mkdir returned before the snapshot was ok")
 	assert.True(t, m.logged("snapshot ready"), m.logs.String())
+	assert.Contains(t, m.logs.String(), `state="engine: snapshot locked"`, "the engine's status, logged while mkdir waits")
 	ids := o.Snapshots(t, "vm-wait")
 	require.Len(t, ids, 1)
 	ref, err := o.sim.SnapshotData("vm-wait", ids[0], "vm-wait-xvda")
