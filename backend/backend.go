@@ -128,6 +128,14 @@ type SnapshotCreator interface {
 	CreateSnapshot(ctx context.Context, vmID, name string) (Snapshot, error)
 }
 
+// CheapOpener is implemented by a Source that can say whether OpenDisk
+// costs the platform next to nothing (a HEAD for the size, no transfer,
+// attachment or connection held). The filesystem then opens disks ahead of
+// a walk of the tree, as it lists their snapshots ahead.
+type CheapOpener interface {
+	CheapOpen() bool
+}
+
 // SnapshotDeleter is implemented by a Source that can delete snapshots.
 type SnapshotDeleter interface {
 	DeleteSnapshot(ctx context.Context, vmID, snapshotID string) error

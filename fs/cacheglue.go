@@ -30,7 +30,7 @@ func cacheOpener(c *cache.Cache) readerOpener {
 		}
 	}
 	return func(key string, d *diskHandle, data extent.Map) stream {
-		return c.OpenCounted(key, d.Size(), data, d, &d.meter.tally)
+		return c.OpenCounted(key, d.Size(), data, d, &d.meter().tally)
 	}
 }
 

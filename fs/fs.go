@@ -93,6 +93,11 @@ type state struct {
 
 	meters    meters
 	creations *creations
+	walk      *walkAhead
+	// bg is the tree's own context, for work nobody waits for (listing
+	// ahead of a walk); Close cancels it.
+	bg        context.Context
+	cancelBg  context.CancelFunc
 	closed    chan struct{} // closed by Root.Close
 	closeOnce sync.Once
 
@@ -149,13 +154,15 @@ func NewRoot(src backend.Source, opts Options) (*Root, error) {
 		every = DefaultProgressInterval
 	}
 	st.creations = &creations{every: every, done: st.closed, log: log.Info}
+	st.bg, st.cancelBg = context.WithCancel(context.Background())
+	st.walk = newWalkAhead(st)
 	return &Root{dirNode{st: st, mode: 0o555}}, nil
 }
 
 // Close closes every disk the tree has open; call it once the filesystem is
 // unmounted, before closing the source.
 func (r *Root) Close() {
-	r.st.closeOnce.Do(func() { close(r.st.closed) })
+	r.st.closeOnce.Do(func() { close(r.st.closed); r.st.cancelBg() })
 	r.st.pool.close()
 }
 
@@ -288,11 +295,14 @@ func cacheKey(ref backend.DiskRef) string {
 // size and maps, and reads that borrow the pooled disk while they run.
 type diskHandle struct {
 	pool    *diskPool
-	meter   *diskMeter
+	meters  *meters
 	key     diskKey
 	size    int64
 	alloc   extent.Map
 	changed extent.Map // of a delta opening
+
+	meterOnce sync.Once
+	counted   *diskMeter
 }
 
 func (h *diskHandle) Size() int64           { return h.size }
@@ -307,15 +317,23 @@ func (h *diskHandle) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if o.disk.Size() != h.size {
 		return fmt.Errorf("read: %w: disk reopened with size %d, was %d", backend.ErrUnavailable, o.disk.Size(), h.size)
 	}
-	h.meter.fetches.Add(1)
+	m := h.meter()
+	m.fetches.Add(1)
 	if err := o.disk.ReadAt(ctx, p, off); err != nil {
 		if ctx.Err() == nil {
-			h.meter.fetchErrors.Add(1)
+			m.fetchErrors.Add(1)
 		}
 		return err
 	}
-	h.meter.fetchedBytes.Add(int64(len(p)))
+	m.fetchedBytes.Add(int64(len(p)))
 	return nil
+}
+
+// meter is the disk's counters, made when it is first read: the stats list
+// the disks read, not every disk a walk of the tree looked at.
+func (h *diskHandle) meter() *diskMeter {
+	h.meterOnce.Do(func() { h.counted = h.meters.disk(h.key.ref) })
+	return h.counted
 }
 
 // disk returns the handle of ref, opening the disk the first time.
@@ -350,7 +368,7 @@ func (st *state) handle(ctx context.Context, k diskKey) (*diskHandle, error) {
 		st.warnOnce("disk-size:"+cacheKey(ref), "fs: refusing disk with implausible size", "vm", ref.VM, "snapshot", ref.Snapshot, "disk", quoteShort(ref.Disk), "size", size)
 		return nil, fmt.Errorf("open disk: %w: size %d is not plausible (0 to %d bytes)", backend.ErrInvalid, size, int64(MaxDiskSize))
 	}
-	h = &diskHandle{pool: st.pool, meter: st.meters.disk(ref), key: k, size: o.disk.Size(), alloc: o.disk.Allocated(), changed: o.changed}
+	h = &diskHandle{pool: st.pool, meters: &st.meters, key: k, size: o.disk.Size(), alloc: o.disk.Allocated(), changed: o.changed}
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	if prev := st.handles[k]; prev != nil {
@@ -366,6 +384,7 @@ type cachedList[T any] struct {
 	mu    sync.Mutex
 	val   T
 	at    time.Time
+	took  time.Duration // how long the last fetch took
 	valid bool
 	fetch singleflight.Group
 }
@@ -378,15 +397,36 @@ func (c *cachedList[T]) get(ctx context.Context, ttl time.Duration, fetch func(c
 		return v, nil
 	}
 	c.mu.Unlock()
+	return c.refresh(ctx, fetch)
+}
+
+// getKnown is get for a lookup that the listing answers when known says
+// so: a listing that knows it answers at once even when expired, and is
+// then refreshed in the background. A walk of a large estate (100,000 VMs
+// in a listing of tens of MB) then never waits for the whole listing again,
+// while a lookup the last listing cannot answer waits for a fresh one, so
+// what just appeared is found.
+func (c *cachedList[T]) getKnown(ctx context.Context, ttl time.Duration, fetch func(context.Context) (T, error), known func(T) bool) (T, error) {
+	c.mu.Lock()
+	// A listing that takes long to fetch is refreshed behind lookups at
+	// most every ten fetches' time, so that its refreshes cost a walk at
+	// most a tenth of its time.
+	v, ok, expired := c.val, c.valid && known(c.val), time.Since(c.at) >= max(ttl, 10*c.took)
+	c.mu.Unlock()
+	if !ok {
+		return c.get(ctx, ttl, fetch)
+	}
+	if expired {
+		c.fetch.DoChan("", func() (any, error) { return c.fill(context.WithoutCancel(ctx), fetch) })
+	}
+	return v, nil
+}
+
+// refresh fetches the listing, shared by concurrent callers.
+func (c *cachedList[T]) refresh(ctx context.Context, fetch func(context.Context) (T, error)) (T, error) {
 	done := c.fetch.DoChan("", func() (any, error) {
 		// Detached so one interrupted caller does not fail the others.
-		v, err := fetch(context.WithoutCancel(ctx))
-		if err == nil {
-			c.mu.Lock()
-			c.val, c.at, c.valid = v, time.Now(), true
-			c.mu.Unlock()
-		}
-		return v, err
+		return c.fill(context.WithoutCancel(ctx), fetch)
 	})
 	var zero T
 	select {
@@ -398,6 +438,18 @@ func (c *cachedList[T]) get(ctx context.Context, ttl time.Duration, fetch func(c
 	case <-ctx.Done():
 		return zero, ctx.Err()
 	}
+}
+
+// fill fetches the listing and keeps it.
+func (c *cachedList[T]) fill(ctx context.Context, fetch func(context.Context) (T, error)) (T, error) {
+	start := time.Now()
+	v, err := fetch(ctx)
+	if err == nil {
+		c.mu.Lock()
+		c.val, c.at, c.valid, c.took = v, time.Now(), true, time.Since(start)
+		c.mu.Unlock()
+	}
+	return v, err
 }
 
 // forgetSnapshot records that snapshot id of vm is gone and drops the

@@ -12,52 +12,64 @@ import (
 // first of any duplicates.
 type vmListing struct {
 	ids    []string
+	index  map[string]int // id -> position in ids
 	byID   map[string]backend.VM
 	byName map[string]string // friendly name -> id, valid and unique names only
 	names  []string
 }
 
 func (st *state) listVMs(ctx context.Context) (*vmListing, error) {
-	return st.vms.get(ctx, st.ttl, func(ctx context.Context) (*vmListing, error) {
-		vms, err := st.src.VMs(ctx)
-		if err != nil {
-			return nil, fmt.Errorf("list vms: %w", err)
-		}
-		l := &vmListing{byID: map[string]backend.VM{}, byName: map[string]string{}}
-		nameCount := map[string]int{}
-		for _, vm := range vms {
-			if p := nameProblem(vm.ID); p != "" {
-				st.warnOnce("vm-id:"+vm.ID, "fs: skipping vm with unusable id", "id", quoteShort(vm.ID), "reason", p)
-				continue
-			}
-			if _, dup := l.byID[vm.ID]; dup {
-				st.warnOnce("vm-dup:"+vm.ID, "fs: skipping duplicate vm id", "id", quoteShort(vm.ID))
-				continue
-			}
-			l.byID[vm.ID] = vm
-			l.ids = append(l.ids, vm.ID)
-			if vm.Name != "" {
-				nameCount[vm.Name]++
-			}
-		}
-		for _, id := range l.ids {
-			name := l.byID[id].Name
-			if name == "" {
-				continue
-			}
-			if p := nameProblem(name); p != "" {
-				st.warnOnce("vm-name:"+name, "fs: no by-name link for vm", "id", quoteShort(id), "name", quoteShort(name), "reason", p)
-				continue
-			}
-			if nameCount[name] > 1 {
-				st.warnOnce("vm-name-dup:"+name, "fs: no by-name link for ambiguous vm name", "name", quoteShort(name))
-				continue
-			}
-			l.byName[name] = id
-			l.names = append(l.names, name)
-		}
-		return l, nil
+	return st.vms.get(ctx, st.ttl, st.fetchVMs)
+}
+
+// lookupVM is the listing for a lookup of vm: the last one if it has vm.
+func (st *state) lookupVM(ctx context.Context, vm string) (*vmListing, error) {
+	return st.vms.getKnown(ctx, st.ttl, st.fetchVMs, func(l *vmListing) bool {
+		_, ok := l.byID[vm]
+		return ok
 	})
+}
+
+func (st *state) fetchVMs(ctx context.Context) (*vmListing, error) {
+	vms, err := st.src.VMs(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("list vms: %w", err)
+	}
+	l := &vmListing{byID: map[string]backend.VM{}, byName: map[string]string{}, index: map[string]int{}}
+	nameCount := map[string]int{}
+	for _, vm := range vms {
+		if p := nameProblem(vm.ID); p != "" {
+			st.warnOnce("vm-id:"+vm.ID, "fs: skipping vm with unusable id", "id", quoteShort(vm.ID), "reason", p)
+			continue
+		}
+		if _, dup := l.byID[vm.ID]; dup {
+			st.warnOnce("vm-dup:"+vm.ID, "fs: skipping duplicate vm id", "id", quoteShort(vm.ID))
+			continue
+		}
+		l.byID[vm.ID] = vm
+		l.index[vm.ID] = len(l.ids)
+		l.ids = append(l.ids, vm.ID)
+		if vm.Name != "" {
+			nameCount[vm.Name]++
+		}
+	}
+	for _, id := range l.ids {
+		name := l.byID[id].Name
+		if name == "" {
+			continue
+		}
+		if p := nameProblem(name); p != "" {
+			st.warnOnce("vm-name:"+name, "fs: no by-name link for vm", "id", quoteShort(id), "name", quoteShort(name), "reason", p)
+			continue
+		}
+		if nameCount[name] > 1 {
+			st.warnOnce("vm-name-dup:"+name, "fs: no by-name link for ambiguous vm name", "name", quoteShort(name))
+			continue
+		}
+		l.byName[name] = id
+		l.names = append(l.names, name)
+	}
+	return l, nil
 }
 
 // snapEntry is one shown snapshot.

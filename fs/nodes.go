@@ -124,7 +124,7 @@ func idXattr(attr, want, value string, dest []byte) (uint32, syscall.Errno, bool
 type vmsDir struct{ dirNode }
 
 func (n *vmsDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
-	l, err := n.st.listVMs(ctx)
+	l, err := n.st.lookupVM(ctx, name)
 	if err != nil {
 		return nil, n.st.toErrno(ctx, "lookup", "/vms/"+name, err)
 	}
@@ -211,6 +211,7 @@ func (n *snapshotsDir) newSnapDir(ctx context.Context, e *snapEntry, out *fuse.E
 }
 
 func (n *snapshotsDir) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {
+	n.st.walk.read(n.vm)
 	l, err := n.st.listSnapshots(ctx, n.vm)
 	if err != nil {
 		return nil, n.st.toErrno(ctx, "readdir", path.Join("/vms", n.vm, "snapshots"), err)

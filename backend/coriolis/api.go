@@ -100,6 +100,17 @@ func (s apiSnapshot) toBackend(v apiVM) backend.Snapshot {
 	return out
 }
 
+// complete says every disk's chunk list was kept whole: the snapshot can
+// stand for a GET of it.
+func (s apiSnapshot) complete() bool {
+	for _, d := range s.Disks {
+		if d.Chunks.dropped {
+			return false
+		}
+	}
+	return true
+}
+
 func (s apiSnapshot) disk(name string) (apiDiskSnapshot, bool) {
 	for _, d := range s.Disks {
 		if d.Name == name {

@@ -60,6 +60,11 @@ type Client struct {
 
 	mu    sync.Mutex
 	cache map[[2]string]cachedSnapshot
+	// listed is the last VM listing, by id, and when it was fetched: a
+	// snapshot listing soon after takes its VM's snapshot order from it
+	// instead of asking for the VM again.
+	listed   map[string]apiVM
+	listedAt time.Time
 	// clipLogged holds the disks whose chunk map ran past the end of the
 	// disk (FIEMAP's last whole block) and was clipped: logged once each.
 	clipLogged sync.Map
@@ -75,6 +80,7 @@ var (
 	_ backend.SnapshotCreator = (*Client)(nil)
 	_ backend.SnapshotDeleter = (*Client)(nil)
 	_ backend.DeltaOpener     = (*Client)(nil)
+	_ backend.CheapOpener     = (*Client)(nil)
 )
 
 // New builds a client and logs in once, so bad credentials fail here.
@@ -217,10 +223,29 @@ func (c *Client) VMs(ctx context.Context) ([]backend.VM, error) {
 		return nil, fmt.Errorf("coriolis: list VMs: %w", err)
 	}
 	out := make([]backend.VM, 0, len(vms))
+	byID := make(map[string]apiVM, len(vms))
 	for _, v := range vms {
 		out = append(out, v.toBackend())
+		byID[v.Name] = v
 	}
+	c.mu.Lock()
+	c.listed, c.listedAt = byID, time.Now()
+	c.mu.Unlock()
 	return out, nil
+}
+
+// listedVMReuse is how long the VM listing answers for a VM's snapshot
+// order. Snapshots are ordered by the VM's list of ids; one made since the
+// listing is not in it and goes last, which is where the newest belongs.
+const listedVMReuse = 30 * time.Second
+
+// listedVM is vmID as the last VM listing had it (its snapshot order and
+// its disks' devices), if that is recent.
+func (c *Client) listedVM(vmID string) (apiVM, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	v, ok := c.listed[vmID]
+	return v, ok && time.Since(c.listedAt) < listedVMReuse
 }
 
 func (c *Client) vm(ctx context.Context, vmID string) (apiVM, error) {
@@ -234,13 +259,24 @@ func (c *Client) vm(ctx context.Context, vmID string) (apiVM, error) {
 // Snapshots lists a VM's snapshots oldest first (the VM's own snapshot id
 // order; any it does not list go last).
 func (c *Client) Snapshots(ctx context.Context, vmID string) ([]backend.Snapshot, error) {
-	v, err := c.vm(ctx, vmID)
-	if err != nil {
-		return nil, err
+	v, ok := c.listedVM(vmID)
+	if !ok {
+		var err error
+		if v, err = c.vm(ctx, vmID); err != nil {
+			return nil, err
+		}
 	}
 	var snaps []apiSnapshot
 	if err := c.call(ctx, http.MethodGet, c.route("vms", vmID, "snapshots"), &snaps); err != nil {
 		return nil, fmt.Errorf("coriolis: list snapshots: %w", err)
+	}
+	// The listing carries each snapshot's chunks: the disks opened next
+	// need not ask for the snapshot again, unless a map was too long to
+	// keep (decodeSnapshots).
+	for _, s := range snaps {
+		if s.complete() {
+			c.remember(vmID, s)
+		}
 	}
 	return orderSnapshots(v, snaps), nil
 }
@@ -331,6 +367,16 @@ func (c *Client) snapshot(ctx context.Context, vmID, sid string) (apiSnapshot, e
 	if err := c.call(ctx, http.MethodGet, c.snapshotURL(vmID, sid, ""), &s); err != nil {
 		return apiSnapshot{}, fmt.Errorf("coriolis: get snapshot: %w", notThisVM(err))
 	}
+	c.remember(vmID, s)
+	return s, nil
+}
+
+// remember keeps a snapshot answer for snapshotCacheTTL.
+func (c *Client) remember(vmID string, s apiSnapshot) {
+	if s.ID == "" {
+		return
+	}
+	key := [2]string{vmID, s.ID}
 	c.mu.Lock()
 	for k, v := range c.cache {
 		if time.Since(v.fetched) >= snapshotCacheTTL {
@@ -350,7 +396,6 @@ func (c *Client) snapshot(ctx context.Context, vmID, sid string) (apiSnapshot, e
 		}
 		c.mu.Unlock()
 	})
-	return s, nil
 }
 
 // OpenDisk opens one snapshot disk: its size from HEAD and its allocation
@@ -386,6 +431,11 @@ func (c *Client) OpenDisk(ctx context.Context, ref backend.DiskRef) (backend.Dis
 	// server.
 	return c.http.Disk(u, size, alloc, httprange.DiskOptions{Name: "coriolis: disk " + ref.Disk}), nil
 }
+
+// CheapOpen implements backend.CheapOpener: a disk is a HEAD and the chunk
+// map its snapshot's listing already brought; reads are independent Range
+// requests, so an open disk holds nothing on the exporter.
+func (c *Client) CheapOpen() bool { return true }
 
 // logClipped says once per disk that its chunk map ran past the disk's end.
 func (c *Client) logClipped(ref backend.DiskRef, n int, size int64) {

@@ -42,16 +42,25 @@ type chunkList struct {
 	// unsquashed answer decoded for a delta (8 more bytes per chunk, never
 	// cached); nil when not asked for or when some chunk lacks a usable one.
 	phys []int64
+	// dropped says the list was not kept (a listing keeps only short ones):
+	// exts is nil and says nothing of the disk.
+	dropped bool
 }
 
 // chunkMode says what a decode keeps of chunk lists.
 type chunkMode int
 
 const (
-	chunksSkip chunkMode = iota // listing: names only
-	chunksKeep                  // extents
-	chunksPhys                  // extents and physical starts
+	chunksSkip  chunkMode = iota // names only
+	chunksShort                  // extents of lists up to keptChunks long; longer ones dropped
+	chunksKeep                   // extents
+	chunksPhys                   // extents and physical starts
 )
+
+// keptChunks is the longest chunk list a snapshot listing keeps (64 KiB of
+// extents): enough for the disks opened next to need no snapshot GET, while
+// the listing of million-extent snapshots (hundreds of MB) keeps nothing.
+const keptChunks = 4096
 
 // extents returns the chunks; the slice must not be modified.
 func (l chunkList) extents() []extent.Extent { return l.exts }
@@ -88,13 +97,14 @@ func (p *chunkPages) flatten() []extent.Extent {
 }
 
 // decodeSnapshots reads a JSON array of snapshots, the list route's answer.
-// The list carries every snapshot's chunks, but listing needs only ids and
-// disk names: the chunks are skipped, not decoded.
+// The list carries every snapshot's chunks; listing needs only ids and disk
+// names, so only short lists are kept (see keptChunks), for the disks
+// opened next.
 func decodeSnapshots(dec *json.Decoder, out *[]apiSnapshot) error {
 	*out = nil
 	return decodeArray(dec, "snapshots", func() error {
 		var s apiSnapshot
-		err := decodeSnapshotChunks(dec, &s, chunksSkip)
+		err := decodeSnapshotChunks(dec, &s, chunksShort)
 		*out = append(*out, s)
 		return err
 	})
@@ -154,7 +164,11 @@ func decodeDiskSnapshotChunks(dec *json.Decoder, d *apiDiskSnapshot, chunks chun
 		case strings.EqualFold(key, "snapshotID"):
 			return dec.Decode(&sidAlt)
 		case strings.EqualFold(key, "chunks") && chunks != chunksSkip:
-			return decodeChunksMode(dec, &d.Chunks, chunks == chunksPhys)
+			limit := 0
+			if chunks == chunksShort {
+				limit = keptChunks
+			}
+			return decodeChunksMode(dec, &d.Chunks, chunks == chunksPhys, limit)
 		}
 		return skipValue(dec)
 	})
@@ -166,12 +180,13 @@ func decodeDiskSnapshotChunks(dec *json.Decoder, d *apiDiskSnapshot, chunks chun
 
 // decodeChunks reads a chunk array (null is empty), one element at a time.
 func decodeChunks(dec *json.Decoder, l *chunkList) error {
-	return decodeChunksMode(dec, l, false)
+	return decodeChunksMode(dec, l, false, 0)
 }
 
 // decodeChunksMode is decodeChunks that also keeps the physical starts when
-// phys is set (all of them, or none when one is missing or unusable).
-func decodeChunksMode(dec *json.Decoder, l *chunkList, phys bool) error {
+// phys is set (all of them, or none when one is missing or unusable), and
+// drops a list longer than limit (0: no limit).
+func decodeChunksMode(dec *json.Decoder, l *chunkList, phys bool, limit int) error {
 	*l = chunkList{}
 	var pages chunkPages
 	var physPages []int64
@@ -183,7 +198,9 @@ func decodeChunksMode(dec *json.Decoder, l *chunkList, phys bool) error {
 			return err
 		}
 		switch {
-		case l.bad != nil:
+		case l.bad != nil, l.dropped:
+		case limit > 0 && i >= limit:
+			l.dropped, pages, physOK, physPages = true, chunkPages{}, false, nil
 		case c.err != nil:
 			l.bad = fmt.Errorf("%w %d: %w", errHostile, i, c.err)
 			pages = chunkPages{} // the map is not used: the whole disk is read
@@ -200,7 +217,7 @@ func decodeChunksMode(dec *json.Decoder, l *chunkList, phys bool) error {
 		i++
 		return nil
 	})
-	if err == nil && l.bad == nil {
+	if err == nil && l.bad == nil && !l.dropped {
 		l.exts = pages.flatten()
 		if physOK {
 			l.phys = physPages[:len(physPages):len(physPages)]

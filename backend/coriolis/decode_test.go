@@ -176,9 +176,10 @@ func TestDecodeSnapshotStream(t *testing.T) {
 	}
 }
 
-// TestDecodeSnapshotList: the list route decodes as a stream too, without
-// its chunks (listing needs none, and even hostile ones do not matter), and
-// otherwise as json.Unmarshal (through UnmarshalJSON) does.
+// TestDecodeSnapshotList: the list route decodes as a stream too, keeping
+// short chunk lists as a snapshot GET would (hostile ones included, which
+// make the map untrusted) and dropping long ones, and otherwise as
+// json.Unmarshal (through UnmarshalJSON) does.
 func TestDecodeSnapshotList(t *testing.T) {
 	body := `[{"id":"a","vm_id":"v","disks":[{"name":"d","chunks":[{"start":0,"length":1}]}]},null,{"id":"b","vmID":"v","disks":[{"name":"e","chunks":[{"start":-1}]}]}]`
 	var streamed, unmarshaled []apiSnapshot
@@ -187,15 +188,26 @@ func TestDecodeSnapshotList(t *testing.T) {
 	require.Len(t, streamed, 3)
 	assert.Equal(t, []extent.Extent{{Off: 0, Len: 1}}, unmarshaled[0].Disks[0].Chunks.extents())
 	require.ErrorIs(t, unmarshaled[2].Disks[0].Chunks.bad, errHostile)
-	for i := range unmarshaled {
-		for j := range unmarshaled[i].Disks {
-			assert.Equal(t, chunkList{}, streamed[i].Disks[j].Chunks, "chunks skipped")
-			unmarshaled[i].Disks[j].Chunks = chunkList{}
-		}
-	}
 	assert.Equal(t, unmarshaled, streamed)
 	assert.Equal(t, "b", streamed[2].ID)
 	assert.Equal(t, "v", streamed[2].VMID)
+	assert.True(t, streamed[0].complete())
+
+	var long strings.Builder
+	long.WriteString(`[{"id":"c","disks":[{"name":"d","chunks":[`)
+	for i := range keptChunks + 1 {
+		if i > 0 {
+			long.WriteByte(',')
+		}
+		fmt.Fprintf(&long, `{"start":%d,"length":1}`, 2*i)
+	}
+	long.WriteString(`]},{"name":"e","chunks":[{"start":0,"length":1}]}]}]`)
+	require.NoError(t, decodeJSON(strings.NewReader(long.String()), &streamed))
+	require.Len(t, streamed, 1)
+	assert.True(t, streamed[0].Disks[0].Chunks.dropped)
+	assert.Nil(t, streamed[0].Disks[0].Chunks.extents(), "a dropped list says nothing")
+	assert.False(t, streamed[0].complete(), "so the snapshot cannot stand for a GET")
+	assert.Equal(t, []extent.Extent{{Off: 0, Len: 1}}, streamed[0].Disks[1].Chunks.extents())
 }
 
 // millionChunks is a snapshot answer of n chunks of 16 bytes 256 apart, as
@@ -301,13 +313,15 @@ func FuzzDecodeSnapshotStream(f *testing.F) {
 	f.Add(`{"disks":[{"chunks":null,"chunks":[{}]}]} `)
 	f.Fuzz(func(t *testing.T, s string) {
 		checkAgainstReference(t, s)
-		checkListAgainstReference(t, "["+s+"]")
+		checkListAgainstReference(t, s)
 	})
 }
 
 // checkListAgainstReference is checkAgainstReference for the list route,
-// whose chunks are skipped: ids and disk names must agree.
-func checkListAgainstReference(t *testing.T, s string) {
+// of a list holding the one snapshot one: ids and disk names must agree,
+// and a kept chunk list must be what the snapshot's own decode gives.
+func checkListAgainstReference(t *testing.T, one string) {
+	s := "[" + one + "]"
 	var ref []refSnapshot
 	dec := json.NewDecoder(strings.NewReader(s))
 	if dec.Decode(&ref) != nil || dec.More() {
@@ -324,9 +338,13 @@ func checkListAgainstReference(t *testing.T, s string) {
 		require.Equal(t, ref[i].ID, got[i].ID)
 		require.Equal(t, vmID, got[i].VMID)
 		require.Len(t, got[i].Disks, len(ref[i].Disks))
+		var alone apiSnapshot
+		require.NoError(t, decodeJSON(strings.NewReader(one), &alone))
 		for j, d := range got[i].Disks {
 			require.Equal(t, ref[i].Disks[j].Name, d.Name)
-			require.Equal(t, chunkList{}, d.Chunks)
+			if !d.Chunks.dropped {
+				require.Equal(t, alone.Disks[j].Chunks, d.Chunks)
+			}
 		}
 	}
 }

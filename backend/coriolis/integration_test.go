@@ -65,3 +65,38 @@ func TestAgainstSimulator(t *testing.T) {
 	require.NoError(t, err)
 	assert.Len(t, snaps, 1)
 }
+
+// TestListingRequests: listing a VM's snapshots after the VM listing costs
+// one request (the VM's snapshot order comes from the listing), and opening
+// a disk of a listed snapshot costs a HEAD only (its chunks came with the
+// listing) — what a walk of a large estate pays per snapshot.
+func TestListingRequests(t *testing.T) {
+	sim, err := coriolistest.Start(coriolistest.Options{Dir: t.TempDir(), Username: "op", Password: "pw-sim"})
+	require.NoError(t, err)
+	defer sim.Close()
+	require.NoError(t, sim.AddVM(coriolistest.VMSpec{ID: "vm-a", Disks: []coriolistest.DiskSpec{{Name: "a0.img", Size: 4 << 20}}}))
+	require.NoError(t, sim.WriteDisk("vm-a", "a0.img", 1<<20, []byte("data")))
+	sid, err := sim.TakeSnapshot("vm-a")
+	require.NoError(t, err)
+
+	ctx := context.Background()
+	c, err := New(ctx, Config{URL: sim.URL(), Username: "op", Password: "pw-sim", RootCAs: sim.CAPool()})
+	require.NoError(t, err)
+	_, err = c.VMs(ctx)
+	require.NoError(t, err)
+	sim.ResetStats()
+	snaps, err := c.Snapshots(ctx, "vm-a")
+	require.NoError(t, err)
+	require.Len(t, snaps, 1)
+	assert.Equal(t, int64(1), sim.Stats().APIRequests, "the snapshot list only")
+	d, err := c.OpenDisk(ctx, backend.DiskRef{VM: "vm-a", Snapshot: sid, Disk: "a0.img"})
+	require.NoError(t, err)
+	st := sim.Stats()
+	assert.Equal(t, int64(1), st.APIRequests, "no snapshot GET")
+	assert.Equal(t, int64(1), st.DiskHeads)
+	assert.True(t, d.Allocated().Contains(1<<20, 4), "the map from the listing's chunks")
+	assert.False(t, d.Allocated().Overlaps(2<<20, 4096))
+	got := make([]byte, 4)
+	require.NoError(t, d.ReadAt(ctx, got, 1<<20))
+	assert.Equal(t, "data", string(got))
+}

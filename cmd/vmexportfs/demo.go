@@ -92,7 +92,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secre
 		p.flags.VisitAll(func(fl *pflag.Flag) { _ = f.MarkHidden(fl.Name) })
 	}
 	f.StringVar(&platformName, "platform", demos[0].name, "the platform to simulate: "+strings.Join(demoPlatformNames(), ", "))
-	f.StringVar(&dataset, "dataset", "demo", "sample data: demo (two VMs, snapshots with changes) or bench (2 GiB with 512 MiB in 64 extents, and 1 GiB fully written)")
+	f.StringVar(&dataset, "dataset", "demo", "sample data: demo (two VMs, snapshots with changes), bench (2 GiB with 512 MiB in 64 extents, and 1 GiB fully written), scale (1 TiB and 2 GiB disks with the same 1 GiB written, 16 fully written 128 MiB disks) or vms-100k (100,000 VMs of one snapshot)")
 	f.StringVar(&dataDir, "data-dir", "", "where the simulator keeps its disk files (default: a temporary directory removed on exit)")
 	f.BoolVar(&serveOnly, "serve-only", false, "run only the simulator, do not mount (MOUNTPOINT not needed)")
 	f.StringVar(&envFile, "env-file", "", "write how to reach the simulator (source URL, CA, credentials' files) here as shell variables")
@@ -127,7 +127,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secre
 	}
 	populate, ok := demoDatasets()[dataset]
 	if !ok {
-		return fmt.Errorf("%w: demo: --dataset %q: want demo or bench", errUsage, truncate(dataset, 20))
+		return fmt.Errorf("%w: demo: --dataset %q: want demo, bench, scale or vms-100k", errUsage, truncate(dataset, 20))
 	}
 	var err error
 	if cfg.cacheSize, err = parseSize(cacheSize); err != nil || cfg.cacheSize < 4<<20 {
@@ -536,8 +536,10 @@ func (k *kubevirtTarget) takeSnapshot(vm string) error {
 // demoDatasets are the sample histories the demo can serve.
 func demoDatasets() map[string]func(demoTarget) error {
 	return map[string]func(demoTarget) error{
-		"demo":  populateDemo,
-		"bench": populateBench,
+		"demo":     populateDemo,
+		"bench":    populateBench,
+		"scale":    populateScale,
+		"vms-100k": func(sim demoTarget) error { return populateVMs(sim, 100_000) },
 	}
 }
 
@@ -630,6 +632,48 @@ func populateDemo(sim demoTarget) error {
 	w.write(db, dbData, 8*mib, 2*mib)
 	w.write(db, dbRoot, 20*mib-1000, 3000) // unaligned rewrite
 	w.snapshot(db)
+	return w.err
+}
+
+// The scale dataset, for scripts/bench-scale.sh: the same 1 GiB written, in
+// 64 extents spread evenly, on a 1 TiB disk and on a 2 GiB one; and
+// readerDisks fully written disks for many readers at once.
+const (
+	scaleWritten, scaleExtents = 1 * gib, 64
+	readerDisks, readerDiskSize = 16, 128 * mib
+)
+
+func populateScale(sim demoTarget) error {
+	w := newDemoWriter(sim, "vmexportfs scale")
+	for _, d := range []struct {
+		vm   string
+		size int64
+	}{{"tib", 1 << 40}, {"two-gib", 2 * gib}} {
+		w.addVM(demoVM{id: d.vm, name: d.vm, disks: []demoDisk{{id: d.vm + ".img", device: "xvda", size: d.size}}})
+		for i := range int64(scaleExtents) {
+			w.write(d.vm, d.vm+".img", i*(d.size/scaleExtents), scaleWritten/scaleExtents)
+		}
+		w.snapshot(d.vm)
+	}
+	for i := range readerDisks {
+		vm := fmt.Sprintf("reader-%02d", i)
+		w.addVM(demoVM{id: vm, name: vm, disks: []demoDisk{{id: vm + ".img", device: "xvda", size: readerDiskSize}}})
+		w.write(vm, vm+".img", 0, readerDiskSize)
+		w.snapshot(vm)
+	}
+	return w.err
+}
+
+// populateVMs makes n VMs of one snapshot each, a 1 MiB disk with 64 KiB
+// written: a large estate, for the listing rows of scripts/bench-scale.sh.
+func populateVMs(sim demoTarget, n int) error {
+	w := newDemoWriter(sim, "vmexportfs vms")
+	for i := range n {
+		vm := fmt.Sprintf("vm-%06d", i)
+		w.addVM(demoVM{id: vm, name: vm, disks: []demoDisk{{id: vm + ".img", device: "xvda", size: 1 * mib}}})
+		w.write(vm, vm+".img", 0, 64<<10)
+		w.snapshot(vm)
+	}
 	return w.err
 }
 

@@ -366,7 +366,7 @@ func (v *vm) snapshotAPI(snap, base *snapshot, squash bool) apiSnapshot {
 // (not checking that vmID exists) and reports a snapshot of another VM as a
 // conflict.
 func (s *Server) lookupSnapshot(vmID, snapID string) (*vm, *snapshot, error) {
-	for _, v := range s.vms {
+	if v := s.owners[snapID]; v != nil {
 		if snap := v.snapshot(snapID); snap != nil {
 			if v.spec.ID != vmID {
 				return nil, nil, fmt.Errorf("%w: VM id missmatch", errConflict)
