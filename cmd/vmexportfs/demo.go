@@ -639,7 +639,7 @@ func populateDemo(sim demoTarget) error {
 // 64 extents spread evenly, on a 1 TiB disk and on a 2 GiB one; and
 // readerDisks fully written disks for many readers at once.
 const (
-	scaleWritten, scaleExtents = 1 * gib, 64
+	scaleWritten, scaleExtents  = 1 * gib, 64
 	readerDisks, readerDiskSize = 16, 128 * mib
 )
 
