@@ -10,7 +10,7 @@
 #      the tree, requests per snapshot, peak RSS
 # Needs root (FUSE), python3 and ~20 GB free in /tmp (sparse files). Prints a
 # Markdown table; exits 1 when a copy differs from the wire. SCALE_ROUNDS
-# (default 2): rounds of rows 1 and 3, best time counts; FIND_TIMEOUT
+# (default 3): rounds of rows 1 and 3, best time counts; FIND_TIMEOUT
 # (default 600): seconds row 4's find may take.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ export PATH="/usr/local/go/bin:$PATH"
 BIN=${BIN:-bin/vmexportfs}
 SCALE_VMS=${SCALE_VMS:-1}
 FIND_TIMEOUT=${FIND_TIMEOUT:-600}
-ROUNDS=${SCALE_ROUNDS:-2}
+ROUNDS=${SCALE_ROUNDS:-3}
 [[ -x $BIN ]] || go build -o "$BIN" ./cmd/vmexportfs
 
 work=$(mktemp -d /tmp/vmexportfs-bench-scale.XXXXXX)
@@ -387,14 +387,22 @@ if [[ $SCALE_VMS != 0 ]]; then
 	http=$(stats "$mnt" http)
 	fetches=$(stats "$mnt" fetches)
 	per=$(awk -v h="$http" -v f="$fetches" 'BEGIN { printf "%.3f", (h - f) / 100000 }')
+	per_found=$(awk -v h="$http" -v f="$fetches" -v n="$nfind" 'BEGIN { printf "%.3f", n ? (h - f) / n : 0 }')
 	big_rss=$(hwm_mib)
 	fusermount3 -u "$mnt"
+	lv=$(verdict "$ls_over" '<=' 5)
+	((nls == 100000)) || lv="MISS (count)"
 	row "4a. curl GET /api/v1/vms (100,000 VMs) to /dev/null: the API's own time" "$api_t s" "reference" "—"
-	row "4b. ls MNT/vms \| wc -l, fresh mount" "$ls_t s ($nls VMs); $ls_over s over the API" "≤ 5 s over the API" "$(verdict "$ls_over" '<=' 5) $( ((nls == 100000)) || echo "(count MISS)")"
+	row "4b. ls MNT/vms \| wc -l, fresh mount" "$ls_t s ($nls VMs); $ls_over s over the API" "≤ 5 s over the API, 100000 VMs" "$lv"
 	fv=$(verdict "$find_t" '<=' 60)
 	((find_rc == 0 && nfind == 100000)) || fv="MISS"
 	row "4c. find MNT/vms -name disk.img \| wc -l (timeout $FIND_TIMEOUT s)" "$find_t s, $nfind found, $find_state" "≤ 60 s, 100000 found" "$fv"
-	row "4d. listing requests per snapshot: (http requests − data fetches) / 100,000 ¹" "$per (http $http, data fetches $fetches)" "≤ 1.2" "$(verdict "$per" '<=' 1.2)"
+	if ((find_rc == 0)); then
+		row "4d. listing requests per snapshot: (http requests − data fetches) / 100,000 ¹" "$per (http $http, data fetches $fetches)" "≤ 1.2" "$(verdict "$per" '<=' 1.2)"
+	else
+		# Over 100,000 a find cut short looks cheap: count per snapshot found.
+		row "4d. listing requests per snapshot found: (http requests − data fetches) / $nfind found (find cut short) ¹" "$per_found (http $http, data fetches $fetches)" "≤ 1.2" "$(verdict "$per_found" '<=' 1.2)"
+	fi
 	lim=$((cache / 1048576 + 128))
 	row "4e. peak RSS of the daemon, 100,000 VMs (cache $((cache / 1048576)) MiB)" "$big_rss MiB" "≤ $lim MiB (cache + 128)" "$(verdict "$big_rss" '<=' "$lim")"
 	notes+=("¹ 4d counts every request of the mount's http transport after the find (login, VM list, per-VM and per-snapshot lookups, and any HEAD for a disk's size) less the data fetches: HEADs for disk sizes count as listing requests here, as the stats document does not tell them apart.")
