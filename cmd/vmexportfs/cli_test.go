@@ -99,10 +99,7 @@ func TestMountCommand(t *testing.T) {
 		t.Cleanup(func() { exec.Command("fusermount3", "-u", "-z", mnt).Run() })
 		assert.Equal(t, "c\n", tool(t, "ls", filepath.Join(mnt, "by-name")))
 		tool(t, "fusermount3", "-u", mnt)
-		assert.Eventually(t, func() bool {
-			mounts, _ := os.ReadFile("/proc/self/mountinfo")
-			return !strings.Contains(string(mounts), " "+mnt+" ")
-		}, 10*time.Second, 100*time.Millisecond)
+		assert.Eventually(t, func() bool { return !isMounted(t, mnt) }, 10*time.Second, 100*time.Millisecond)
 	})
 
 	t.Run("mount -t fuse", func(t *testing.T) {

@@ -26,11 +26,6 @@ import (
 )
 
 const (
-	statsXattr   = fs.StatsXattr
-	statsVersion = fs.DocumentVersion // the version this command understands
-)
-
-const (
 	statsIntervalDefault = 2 * time.Second
 	statsIntervalMin     = 200 * time.Millisecond
 	// statsClear moves the cursor home and clears the screen.
@@ -51,7 +46,7 @@ func runStats(ctx context.Context, args []string, stdout io.Writer) error {
 	asJSON := f.Bool("json", false, "print the stats document itself (indented JSON) once, instead of the table")
 	if err := f.Parse(args); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
-			_, werr := fmt.Fprintf(stdout, "usage: %s\n\nWhat a mounted vmexportfs is doing, from its %s xattr.\n\n%s", statsSynopsis, statsXattr, f.FlagUsages())
+			_, werr := fmt.Fprintf(stdout, "usage: %s\n\nWhat a mounted vmexportfs is doing, from its %s xattr.\n\n%s", statsSynopsis, fs.StatsXattr, f.FlagUsages())
 			return werr
 		}
 		return fmt.Errorf("%w: stats: %v", errUsage, err)
@@ -94,7 +89,7 @@ func runStats(ctx context.Context, args []string, stdout io.Writer) error {
 		// Once, the rates are averaged over the whole uptime: against a
 		// document of zero counters at uptime zero.
 		var buf bytes.Buffer
-		renderStats(&buf, mountpoint, doc, &fs.Document{Version: statsVersion})
+		renderStats(&buf, mountpoint, doc, &fs.Document{Version: fs.DocumentVersion})
 		_, err = stdout.Write(buf.Bytes())
 		return err
 	}
@@ -140,11 +135,11 @@ func watchStats(ctx context.Context, mountpoint string, interval time.Duration, 
 // readStats reads and decodes the stats document of a mountpoint; raw is
 // the document as the mount gave it.
 func readStats(mountpoint string) (raw []byte, doc fs.Document, err error) {
-	raw, err = xattr.Get(mountpoint, statsXattr)
+	raw, err = xattr.Get(mountpoint, fs.StatsXattr)
 	if err != nil {
 		name := safePath(mountpoint)
 		if isNoXattr(err) {
-			return nil, fs.Document{}, fmt.Errorf("%s: not a vmexportfs mount (no %s)", name, statsXattr)
+			return nil, fs.Document{}, fmt.Errorf("%s: not a vmexportfs mount (no %s)", name, fs.StatsXattr)
 		}
 		var xe *xattr.Error
 		if errors.As(err, &xe) {
@@ -178,8 +173,8 @@ func decodeStats(b []byte) (fs.Document, error) {
 	if err := json.Unmarshal(b, &d); err != nil {
 		return fs.Document{}, fmt.Errorf("stats document is not valid JSON: %v", err)
 	}
-	if d.Version != statsVersion {
-		return fs.Document{}, fmt.Errorf("stats document version %d, this vmexportfs knows version %d", d.Version, statsVersion)
+	if d.Version != fs.DocumentVersion {
+		return fs.Document{}, fmt.Errorf("stats document version %d, this vmexportfs knows version %d", d.Version, fs.DocumentVersion)
 	}
 	if d.Error != "" {
 		return fs.Document{}, fmt.Errorf("mount reports: %s", safeString(d.Error))

@@ -437,7 +437,7 @@ func TestStatsNotAMount(t *testing.T) {
 func fakeMount(t *testing.T, doc []byte) string {
 	t.Helper()
 	dir := t.TempDir()
-	if err := xattr.Set(dir, statsXattr, doc); err != nil {
+	if err := xattr.Set(dir, fs.StatsXattr, doc); err != nil {
 		if errors.Is(err, syscall.ENOTSUP) || errors.Is(err, syscall.EOPNOTSUPP) {
 			t.Skip("no user xattrs on", dir)
 		}
@@ -468,7 +468,7 @@ func TestStatsOnce(t *testing.T) {
 
 	// A document that is not one.
 	for _, bad := range []string{"garbage", `{"version":7}`} {
-		require.NoError(t, xattr.Set(dir, statsXattr, []byte(bad)))
+		require.NoError(t, xattr.Set(dir, fs.StatsXattr, []byte(bad)))
 		for _, args := range [][]string{{dir}, {"--json", dir}} {
 			err := runStats(context.Background(), args, &bytes.Buffer{})
 			require.Error(t, err)
@@ -482,7 +482,7 @@ func TestStatsWatch(t *testing.T) {
 	set := func(t *testing.T, dir string, d fs.Document) {
 		b, err := json.Marshal(d)
 		require.NoError(t, err)
-		require.NoError(t, xattr.Set(dir, statsXattr, b))
+		require.NoError(t, xattr.Set(dir, fs.StatsXattr, b))
 	}
 	b, err := json.Marshal(doc)
 	require.NoError(t, err)
@@ -528,7 +528,7 @@ func TestStatsWatch(t *testing.T) {
 		done := make(chan error, 1)
 		go func() { done <- runStats(context.Background(), []string{"--watch", "--interval", "200ms", dir}, &out) }()
 		require.Eventually(t, func() bool { return strings.Contains(out.String(), "vmexportfs on") }, 5*time.Second, 10*time.Millisecond)
-		require.NoError(t, xattr.Remove(dir, statsXattr))
+		require.NoError(t, xattr.Remove(dir, fs.StatsXattr))
 		select {
 		case err := <-done:
 			require.Error(t, err)
