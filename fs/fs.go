@@ -164,6 +164,7 @@ func NewRoot(src backend.Source, opts Options) (*Root, error) {
 func (r *Root) Close() {
 	r.st.closeOnce.Do(func() { close(r.st.closed); r.st.cancelBg() })
 	r.st.pool.close()
+	_ = r.st.store.Close() // logs what it could not write
 }
 
 // OpenDisks is how many backend disks the tree has open now.

@@ -167,10 +167,7 @@ func (st *state) snapshotTimes(vm string, l *snapListing) {
 	for id := range l.byID {
 		ids = append(ids, id)
 	}
-	times, err := st.store.Times(vm, ids, time.Now())
-	if err != nil {
-		st.warnOnce("snap-times:"+vm, "fs: snapshot first-seen times not saved", "vm", vm, "err", err)
-	}
+	times := st.store.Times(vm, ids, time.Now())
 	for id, e := range l.byID {
 		e.mtime = e.snap.Created
 		if e.mtime.IsZero() {

@@ -2,10 +2,14 @@
 // created through mkdir, so the names survive remounts, and each snapshot's
 // time (its creation time when made through mkdir, else when vmexportfs
 // first saw it), for st_mtime on platforms that do not tell. One JSON file
-// per VM, written atomically.
+// per VM, written atomically. Names and creation times are written before
+// the call returns; first-seen times, which a walk of 100,000 VMs records
+// for every VM, are written in batches a moment later (Flush), with one
+// sync per batch instead of two per file.
 package statedir
 
 import (
+	"cmp"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -16,9 +20,21 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
+
+// FlushDelay is how long first-seen times wait in memory for others to
+// join their batch.
+const FlushDelay = 2 * time.Second
+
+// keepLoaded is how many VMs' states stay in memory once written: beyond
+// it, the written ones are dropped and read again from their files when
+// next needed, so memory does not grow with the number of VMs ever seen.
+const keepLoaded = 4096
 
 // Store maps snapshot names to snapshot ids per VM. An empty dir keeps the
 // maps in memory only.
@@ -26,14 +42,24 @@ type Store struct {
 	dir string
 	log *slog.Logger
 
-	mu     sync.Mutex
-	loaded map[string]*vmState
+	flushing sync.Mutex // one batch at a time, so Close waits for a running one
+	syncFS   func(dir string) error
+
+	mu      sync.Mutex
+	loaded  map[string]*vmState
+	dirty   map[string]bool // VMs whose first-seen times are not written yet
+	flusher *time.Timer     // pending Flush, nil when none
+	staging bool            // a batch is being synced: keep its states loaded
+	closed  bool
 }
 
 type vmState struct {
 	names   map[string]string    // name -> snapshot id
 	times   map[string]time.Time // snapshot id -> created (mkdir) or first seen
 	corrupt bool                 // the file on disk could not be parsed
+	// gen counts changes, so a batch staged before a change does not
+	// overwrite the file that change wrote.
+	gen uint64
 }
 
 type fileFormat struct {
@@ -53,7 +79,7 @@ func Open(dir string, log *slog.Logger) (*Store, error) {
 			return nil, fmt.Errorf("statedir open: %w", err)
 		}
 	}
-	return &Store{dir: dir, log: log, loaded: map[string]*vmState{}}, nil
+	return &Store{dir: dir, log: log, loaded: map[string]*vmState{}, dirty: map[string]bool{}, syncFS: syncFS}, nil
 }
 
 // fileFor hashes the id so hostile VM ids cannot escape dir or collide with
@@ -111,9 +137,10 @@ func (s *Store) SetCreated(vm, id string, t time.Time) error {
 
 // Times returns the recorded time of each of ids, the VM's complete list of
 // snapshot ids: those without one are recorded as first seen at now, and
-// times of ids no longer listed are dropped. The file is written only when
-// that changed something.
-func (s *Store) Times(vm string, ids []string, now time.Time) (map[string]time.Time, error) {
+// times of ids no longer listed are dropped. When that changed something
+// the file is written in the next batch (FlushDelay); a crash before then
+// loses only those first sightings, which the next listing records again.
+func (s *Store) Times(vm string, ids []string, now time.Time) map[string]time.Time {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	st := s.load(vm)
@@ -129,12 +156,124 @@ func (s *Store) Times(vm string, ids []string, now time.Time) (map[string]time.T
 	if len(next) != len(st.times) {
 		changed = true
 	}
-	var err error
 	if changed {
-		err = s.write(vm, st, st.names, next)
 		st.times = next
+		st.gen++
+		s.markDirty(vm)
 	}
-	return maps.Clone(next), err
+	s.trim()
+	return maps.Clone(next)
+}
+
+// markDirty queues vm's file for the next batch.
+func (s *Store) markDirty(vm string) {
+	if s.dir == "" {
+		return
+	}
+	s.dirty[vm] = true
+	if s.flusher == nil && !s.closed {
+		s.flusher = time.AfterFunc(FlushDelay, func() { _ = s.Flush() })
+	}
+}
+
+// trim drops written states once more than keepLoaded are in memory.
+func (s *Store) trim() {
+	if s.dir == "" || s.staging || len(s.loaded) <= keepLoaded {
+		return
+	}
+	maps.DeleteFunc(s.loaded, func(vm string, st *vmState) bool { return !s.dirty[vm] && !st.corrupt })
+}
+
+// Flush writes the first-seen times still in memory: every file of the
+// batch is written, then one sync of the filesystem makes them durable
+// before they are renamed into place, so a crash leaves each VM's old file
+// or its new one, never an empty one.
+//
+// The sync runs without the store's lock, so listings go on meanwhile; a
+// VM whose state changed during it keeps the newer file.
+func (s *Store) Flush() error {
+	s.flushing.Lock()
+	defer s.flushing.Unlock()
+	s.mu.Lock()
+	if s.flusher != nil {
+		s.flusher.Stop()
+		s.flusher = nil
+	}
+	vms := slices.SortedFunc(maps.Keys(s.dirty), cmp.Compare)
+	clear(s.dirty)
+	type stagedState struct {
+		stagedFile
+		st  *vmState
+		gen uint64
+	}
+	var staged []stagedState
+	var errs []error
+	for _, vm := range vms {
+		st, ok := s.loaded[vm]
+		if !ok {
+			continue
+		}
+		f, err := s.stage(vm, st, st.names, st.times, false)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		staged = append(staged, stagedState{f, st, st.gen})
+	}
+	s.staging = true
+	s.mu.Unlock()
+
+	var syncErr error
+	if len(staged) > 0 {
+		syncErr = s.syncFS(s.dir)
+	}
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.staging = false
+	for _, f := range staged {
+		if syncErr != nil || f.st.gen != f.gen {
+			os.Remove(f.tmp)
+			continue
+		}
+		if err := os.Rename(f.tmp, f.path); err != nil {
+			os.Remove(f.tmp)
+			errs = append(errs, fmt.Errorf("statedir rename %s: %w", f.path, err))
+		}
+	}
+	if syncErr != nil {
+		errs = append(errs, syncErr)
+	}
+	if len(staged) > 0 {
+		s.syncDir()
+	}
+	s.trim()
+	err := errors.Join(errs...)
+	if err != nil {
+		s.log.Warn("statedir: snapshot first-seen times not saved", "vms", len(vms), "err", err)
+	}
+	return err
+}
+
+// Close writes what is pending; later first sightings stay in memory.
+func (s *Store) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
+	return s.Flush()
+}
+
+// syncFS flushes the filesystem holding dir: one call for a whole batch.
+func syncFS(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("statedir sync: %w", err)
+	}
+	defer d.Close()
+	if err := unix.Syncfs(int(d.Fd())); err != nil {
+		return fmt.Errorf("statedir sync: %w", err)
+	}
+	return nil
 }
 
 // Names returns a copy of the VM's name -> snapshot id map.
@@ -176,41 +315,62 @@ func (s *Store) write(vm string, st *vmState, names map[string]string, times map
 		return nil
 	}
 	path := s.fileFor(vm)
+	f, err := s.stage(vm, st, names, times, true)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.tmp) // no-op after a successful rename
+	if err := os.Rename(f.tmp, path); err != nil {
+		return fmt.Errorf("statedir rename %s: %w", path, err)
+	}
+	st.gen++
+	delete(s.dirty, vm) // the times went with it
+	s.syncDir()
+	return nil
+}
+
+// stagedFile is a VM's new state written to tmp, not yet renamed to path.
+type stagedFile struct{ tmp, path string }
+
+// stage writes vm's state to a temporary file beside its own, synced when
+// sync says so (a batch syncs them all at once).
+func (s *Store) stage(vm string, st *vmState, names map[string]string, times map[string]time.Time, sync bool) (stagedFile, error) {
+	path := s.fileFor(vm)
 	if st.corrupt {
 		// Keep the unreadable file for a human instead of overwriting it.
 		aside := fmt.Sprintf("%s.corrupt-%d", path, time.Now().UnixNano())
 		if err := os.Rename(path, aside); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("statedir: move aside corrupt %s: %w", path, err)
+			return stagedFile{}, fmt.Errorf("statedir: move aside corrupt %s: %w", path, err)
 		}
 		s.log.Warn("statedir: moved corrupt state file aside", "vm", vm, "file", aside)
 		st.corrupt = false
 	}
 	b, err := json.MarshalIndent(fileFormat{VM: vm, Names: names, Times: times}, "", "  ")
 	if err != nil {
-		return fmt.Errorf("statedir write %s: %w", path, err)
+		return stagedFile{}, fmt.Errorf("statedir write %s: %w", path, err)
 	}
 	tmp, err := os.CreateTemp(s.dir, ".tmp-*")
 	if err != nil {
-		return fmt.Errorf("statedir write %s: %w", path, err)
+		return stagedFile{}, fmt.Errorf("statedir write %s: %w", path, err)
 	}
-	defer os.Remove(tmp.Name()) // no-op after a successful rename
-	if _, err := tmp.Write(b); err != nil {
-		tmp.Close()
-		return fmt.Errorf("statedir write %s: %w", path, err)
+	_, err = tmp.Write(b)
+	if err == nil && sync {
+		err = tmp.Sync()
 	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return fmt.Errorf("statedir fsync %s: %w", path, err)
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
 	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("statedir write %s: %w", path, err)
+	if err != nil {
+		os.Remove(tmp.Name())
+		return stagedFile{}, fmt.Errorf("statedir write %s: %w", path, err)
 	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("statedir rename %s: %w", path, err)
-	}
+	return stagedFile{tmp: tmp.Name(), path: path}, nil
+}
+
+// syncDir makes renames in dir durable; best effort.
+func (s *Store) syncDir() {
 	if d, err := os.Open(s.dir); err == nil {
-		_ = d.Sync() // make the rename durable; best effort
+		_ = d.Sync()
 		d.Close()
 	}
-	return nil
 }

@@ -1,6 +1,7 @@
 package statedir
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -107,18 +108,75 @@ func TestTimesKeptAndPruned(t *testing.T) {
 		t.Fatal(err)
 	}
 	t1 := t0.Add(time.Hour)
-	got, err := s.Times("vm", []string{"a", "b"}, t1)
-	if err != nil || !got["a"].Equal(t0) || !got["b"].Equal(t1) {
-		t.Fatalf("times %v, %v", got, err)
+	got := s.Times("vm", []string{"a", "b"}, t1)
+	if !got["a"].Equal(t0) || !got["b"].Equal(t1) {
+		t.Fatalf("times %v", got)
 	}
+	require.NoError(t, s.Flush())
 	// A remount reads them back; b stays first seen at t1; a is pruned.
 	s2, _ := Open(dir, nil)
-	got, err = s2.Times("vm", []string{"b"}, t1.Add(time.Hour))
-	if err != nil || len(got) != 1 || !got["b"].Equal(t1) {
-		t.Fatalf("after reopen: %v, %v", got, err)
+	got = s2.Times("vm", []string{"b"}, t1.Add(time.Hour))
+	if len(got) != 1 || !got["b"].Equal(t1) {
+		t.Fatalf("after reopen: %v", got)
 	}
+	require.NoError(t, s2.Close())
 	s3, _ := Open(dir, nil)
-	if got, _ := s3.Times("vm", []string{"a", "b"}, t1.Add(2*time.Hour)); !got["a"].Equal(t1.Add(2 * time.Hour)) {
+	if got := s3.Times("vm", []string{"a", "b"}, t1.Add(2*time.Hour)); !got["a"].Equal(t1.Add(2 * time.Hour)) {
 		t.Fatalf("a was pruned, so first seen again: %v", got)
 	}
+}
+
+// TestFirstSeenTimesBatched: first sightings are written together, later,
+// and read back by the next mount; a name given meanwhile is never lost.
+func TestFirstSeenTimesBatched(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir, nil)
+	require.NoError(t, err)
+	seen := time.Date(2026, 3, 4, 5, 6, 7, 0, time.UTC)
+	const vms = keepLoaded + 100 // past the bound on states kept in memory
+	for i := range vms {
+		s.Times(fmt.Sprintf("vm-%d", i), []string{"snap"}, seen)
+	}
+	files, err := filepath.Glob(filepath.Join(dir, "*.json"))
+	require.NoError(t, err)
+	assert.Empty(t, files, "nothing written before the batch")
+
+	// A name recorded while the batch syncs wins over the batch's older
+	// copy of the same VM.
+	syncs := 0
+	s.syncFS = func(dir string) error {
+		syncs++
+		require.NoError(t, s.Put("vm-7", "nightly", "snap", nil))
+		return syncFS(dir)
+	}
+	require.NoError(t, s.Flush())
+	assert.Equal(t, 1, syncs, "one sync for the whole batch")
+	files, err = filepath.Glob(filepath.Join(dir, "*.json"))
+	require.NoError(t, err)
+	assert.Len(t, files, vms)
+	leftover, err := filepath.Glob(filepath.Join(dir, ".tmp-*"))
+	require.NoError(t, err)
+	assert.Empty(t, leftover)
+	assert.LessOrEqual(t, len(s.loaded), keepLoaded, "written states are dropped from memory")
+
+	s2, err := Open(dir, nil)
+	require.NoError(t, err)
+	for _, vm := range []string{"vm-0", "vm-7", fmt.Sprintf("vm-%d", vms-1)} {
+		got := s2.Times(vm, []string{"snap"}, seen.Add(time.Hour))
+		assert.True(t, got["snap"].Equal(seen), "%s: %v", vm, got)
+	}
+	assert.Equal(t, map[string]string{"nightly": "snap"}, s2.Names("vm-7"))
+	assert.Equal(t, map[string]string{"nightly": "snap"}, s.Names("vm-7"), "and in the first store's memory")
+}
+
+// TestFlushAfterDelay: nobody calls Flush, the timer does.
+func TestFlushAfterDelay(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir, nil)
+	require.NoError(t, err)
+	s.Times("vm", []string{"a"}, time.Now())
+	require.Eventually(t, func() bool {
+		_, err := os.Stat(s.fileFor("vm"))
+		return err == nil
+	}, 5*FlushDelay, 10*time.Millisecond)
 }
