@@ -87,9 +87,12 @@ type state struct {
 	// gone holds vm+"\x00"+id of snapshots deleted (rmdir) or lost from a
 	// listing: a delta from one is ENOENT even by direct id lookup, and
 	// handles opened against it are forgotten.
-	gone    map[string]bool
-	handles map[diskKey]*diskHandle
+	gone map[string]bool
+	// handles are by VM, so a VM forgotten (recent) drops its own.
+	handles map[string]map[diskKey]*diskHandle
 	warned  map[string]bool
+	recent  *recentVMs
+	vmsDir  *vmsDir // to make the kernel forget VMs recent pushed out
 
 	meters    meters
 	creations *creations
@@ -145,8 +148,9 @@ func NewRoot(src backend.Source, opts Options) (*Root, error) {
 		snaps:    map[string]*cachedList[*snapListing]{},
 		snapDirs: map[string]*snapshotsDir{},
 		gone:     map[string]bool{},
-		handles:  map[diskKey]*diskHandle{},
+		handles:  map[string]map[diskKey]*diskHandle{},
 		warned:   map[string]bool{},
+		recent:   newRecentVMs(maxRecentVMs),
 	}
 	st.pool = newDiskPool(src, opts.DiskIdle, opts.MaxIdleDisks, log.Warn)
 	every := opts.ProgressInterval
@@ -178,7 +182,8 @@ func (r *Root) Activity() (openFiles, inflight int64) {
 
 // OnAdd builds the static top of the tree.
 func (r *Root) OnAdd(ctx context.Context) {
-	vms := r.NewPersistentInode(ctx, &vmsDir{dirNode{st: r.st, mode: 0o555}}, gofs.StableAttr{Mode: syscall.S_IFDIR})
+	r.st.vmsDir = &vmsDir{dirNode{st: r.st, mode: 0o555}}
+	vms := r.NewPersistentInode(ctx, r.st.vmsDir, gofs.StableAttr{Mode: syscall.S_IFDIR})
 	r.AddChild("vms", vms, false)
 	byName := r.NewPersistentInode(ctx, &byNameDir{dirNode{st: r.st, mode: 0o555}}, gofs.StableAttr{Mode: syscall.S_IFDIR})
 	r.AddChild("by-name", byName, false)
@@ -353,8 +358,9 @@ func (st *state) delta(ctx context.Context, ref, base backend.DiskRef) (*diskHan
 }
 
 func (st *state) handle(ctx context.Context, k diskKey) (*diskHandle, error) {
+	st.useVM(k.ref.VM)
 	st.mu.Lock()
-	h := st.handles[k]
+	h := st.handles[k.ref.VM][k]
 	st.mu.Unlock()
 	if h != nil {
 		return h, nil
@@ -372,10 +378,13 @@ func (st *state) handle(ctx context.Context, k diskKey) (*diskHandle, error) {
 	h = &diskHandle{pool: st.pool, meters: &st.meters, key: k, size: o.disk.Size(), alloc: o.disk.Allocated(), changed: o.changed}
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	if prev := st.handles[k]; prev != nil {
+	if prev := st.handles[k.ref.VM][k]; prev != nil {
 		return prev, nil
 	}
-	st.handles[k] = h
+	if st.handles[k.ref.VM] == nil {
+		st.handles[k.ref.VM] = map[diskKey]*diskHandle{}
+	}
+	st.handles[k.ref.VM][k] = h
 	return h, nil
 }
 
@@ -459,9 +468,9 @@ func (st *state) forgetSnapshot(vm, id string) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	st.gone[vm+"\x00"+id] = true
-	for k := range st.handles {
-		if k.ref.VM == vm && (k.ref.Snapshot == id || k.base.Snapshot == id) {
-			delete(st.handles, k)
+	for k := range st.handles[vm] {
+		if k.ref.Snapshot == id || k.base.Snapshot == id {
+			delete(st.handles[vm], k)
 		}
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 
@@ -358,6 +359,24 @@ func (s sizedSource) OpenDisk(ctx context.Context, ref backend.DiskRef) (backend
 	return s.Source.OpenDisk(ctx, ref)
 }
 
+// lockedBuffer is a log that background work may write while a test reads.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
 // TestHostileDiskSizes: a size of 0 is an empty disk; a huge or negative
 // one is refused with a logged reason; the rest of the tree keeps working.
 func TestHostileDiskSizes(t *testing.T) {
@@ -372,8 +391,8 @@ func TestHostileDiskSizes(t *testing.T) {
 		{"negative", -1, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			var logs bytes.Buffer
-			mnt := mountWith(t, sizedSource{fixture(t), tc.size}, Options{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+			logs := &lockedBuffer{} // listings ahead of the walk log too
+			mnt := mountWith(t, sizedSource{fixture(t), tc.size}, Options{Logger: slog.New(slog.NewTextHandler(logs, nil))})
 			dir := filepath.Join(mnt, "vms/vm-a/snapshots/s2")
 			out, err := run(t, "ls", dir)
 			if tc.files == nil {

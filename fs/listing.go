@@ -12,10 +12,15 @@ import (
 // first of any duplicates.
 type vmListing struct {
 	ids    []string
-	index  map[string]int // id -> position in ids
-	byID   map[string]backend.VM
+	index  map[string]int    // id -> position in ids
 	byName map[string]string // friendly name -> id, valid and unique names only
 	names  []string
+}
+
+// has reports whether the listing holds vm.
+func (l *vmListing) has(vm string) bool {
+	_, ok := l.index[vm]
+	return ok
 }
 
 func (st *state) listVMs(ctx context.Context) (*vmListing, error) {
@@ -24,10 +29,7 @@ func (st *state) listVMs(ctx context.Context) (*vmListing, error) {
 
 // lookupVM is the listing for a lookup of vm: the last one if it has vm.
 func (st *state) lookupVM(ctx context.Context, vm string) (*vmListing, error) {
-	return st.vms.getKnown(ctx, st.ttl, st.fetchVMs, func(l *vmListing) bool {
-		_, ok := l.byID[vm]
-		return ok
-	})
+	return st.vms.getKnown(ctx, st.ttl, st.fetchVMs, func(l *vmListing) bool { return l.has(vm) })
 }
 
 func (st *state) fetchVMs(ctx context.Context) (*vmListing, error) {
@@ -35,26 +37,27 @@ func (st *state) fetchVMs(ctx context.Context) (*vmListing, error) {
 	if err != nil {
 		return nil, fmt.Errorf("list vms: %w", err)
 	}
-	l := &vmListing{byID: map[string]backend.VM{}, byName: map[string]string{}, index: map[string]int{}}
+	l := &vmListing{byName: map[string]string{}, index: make(map[string]int, len(vms))}
 	nameCount := map[string]int{}
-	for _, vm := range vms {
+	shown := make([]int, 0, len(vms)) // positions in vms of the VMs shown
+	for i, vm := range vms {
 		if p := nameProblem(vm.ID); p != "" {
 			st.warnOnce("vm-id:"+vm.ID, "fs: skipping vm with unusable id", "id", quoteShort(vm.ID), "reason", p)
 			continue
 		}
-		if _, dup := l.byID[vm.ID]; dup {
+		if l.has(vm.ID) {
 			st.warnOnce("vm-dup:"+vm.ID, "fs: skipping duplicate vm id", "id", quoteShort(vm.ID))
 			continue
 		}
-		l.byID[vm.ID] = vm
 		l.index[vm.ID] = len(l.ids)
 		l.ids = append(l.ids, vm.ID)
+		shown = append(shown, i)
 		if vm.Name != "" {
 			nameCount[vm.Name]++
 		}
 	}
-	for _, id := range l.ids {
-		name := l.byID[id].Name
+	for _, i := range shown {
+		id, name := vms[i].ID, vms[i].Name
 		if name == "" {
 			continue
 		}
@@ -93,6 +96,7 @@ type snapListing struct {
 }
 
 func (st *state) snapList(vm string) *cachedList[*snapListing] {
+	st.useVM(vm)
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	c, ok := st.snaps[vm]

@@ -128,12 +128,18 @@ func (n *vmsDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*
 	if err != nil {
 		return nil, n.st.toErrno(ctx, "lookup", "/vms/"+name, err)
 	}
-	if _, ok := l.byID[name]; !ok {
+	if !l.has(name) {
 		return nil, syscall.ENOENT
 	}
+	n.st.useVM(name)
 	n.st.dirEntryOut(out, 0o555, time.Time{}, listingTimeout)
 	vm := &vmDir{dirNode: dirNode{st: n.st, mode: 0o555}, id: name}
 	return n.NewInode(ctx, vm, stableAttr(syscall.S_IFDIR, "vm", name)), 0
+}
+
+// OpendirHandle makes listings of /vms names only (namesOnlyDir).
+func (n *vmsDir) OpendirHandle(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
+	return opendirNamesOnly(n.Readdir)
 }
 
 func (n *vmsDir) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {
@@ -366,6 +372,11 @@ func (n *byNameDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut)
 	out.SetEntryTimeout(listingTimeout)
 	out.SetAttrTimeout(listingTimeout)
 	return n.NewInode(ctx, link, stableAttr(syscall.S_IFLNK, "by-name", name, id)), 0
+}
+
+// OpendirHandle makes listings of /by-name names only (namesOnlyDir).
+func (n *byNameDir) OpendirHandle(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
+	return opendirNamesOnly(n.Readdir)
 }
 
 func (n *byNameDir) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {

@@ -61,6 +61,17 @@ func (d apiDisk) snapshottable() bool {
 	return !strings.HasSuffix(d.DeviceName, ":cdrom") && d.Mode != "r"
 }
 
+// ordering is v with only what a snapshot listing takes from it (the
+// snapshot order, the disks' names, devices and modes): the VM listing is
+// kept for that, and 100,000 VMs' paths and uuids need not stay with it.
+func (v apiVM) ordering() apiVM {
+	disks := make([]apiDisk, len(v.Disks))
+	for i, d := range v.Disks {
+		disks[i] = apiDisk{Name: d.Name, DeviceName: d.DeviceName, Mode: d.Mode}
+	}
+	return apiVM{Name: v.Name, Disks: disks, Snapshots: v.Snapshots}
+}
+
 func (v apiVM) toBackend() backend.VM {
 	out := backend.VM{ID: v.Name, Name: v.FriendlyName}
 	for _, d := range v.Disks {

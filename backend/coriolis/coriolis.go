@@ -181,6 +181,8 @@ func decodeJSON(r io.Reader, v any) error {
 		err = decodeSnapshot(dec, v)
 	case *[]apiSnapshot:
 		err = decodeSnapshots(dec, v)
+	case *[]apiVM:
+		err = decodeVMs(dec, v)
 	case *unsquashedSnapshot:
 		err = decodeSnapshotChunks(dec, &v.apiSnapshot, chunksPhys)
 	default:
@@ -226,7 +228,7 @@ func (c *Client) VMs(ctx context.Context) ([]backend.VM, error) {
 	byID := make(map[string]apiVM, len(vms))
 	for _, v := range vms {
 		out = append(out, v.toBackend())
-		byID[v.Name] = v
+		byID[v.Name] = v.ordering()
 	}
 	c.mu.Lock()
 	c.listed, c.listedAt = byID, time.Now()

@@ -110,6 +110,19 @@ func decodeSnapshots(dec *json.Decoder, out *[]apiSnapshot) error {
 	})
 }
 
+// decodeVMs reads a JSON array of VMs one VM at a time: the listing of
+// 100,000 VMs is some 36 MB, which a json.Decoder would otherwise buffer
+// whole (and grow to 64 MB) before decoding a single VM.
+func decodeVMs(dec *json.Decoder, out *[]apiVM) error {
+	*out = nil
+	return decodeArray(dec, "vms", func() error {
+		var v apiVM
+		err := dec.Decode(&v)
+		*out = append(*out, v)
+		return err
+	})
+}
+
 // decodeSnapshot reads one VMSnapshot object (null is the zero snapshot).
 func decodeSnapshot(dec *json.Decoder, s *apiSnapshot) error {
 	return decodeSnapshotChunks(dec, s, chunksKeep)

@@ -1,15 +1,17 @@
 // Package statedir persists, per VM, the names users gave to snapshots they
 // created through mkdir, so the names survive remounts, and each snapshot's
 // time (its creation time when made through mkdir, else when vmexportfs
-// first saw it), for st_mtime on platforms that do not tell. One JSON file
-// per VM, written atomically. Names and creation times are written before
-// the call returns; first-seen times, which a walk of 100,000 VMs records
-// for every VM, are written in batches a moment later (Flush), with one
-// sync per batch instead of two per file.
+// first saw it), for st_mtime on platforms that do not tell.
+//
+// Names and creation times, which users make one mkdir at a time, are one
+// JSON file per VM, written atomically and synced before the call returns.
+// First-seen times, which a walk of 100,000 VMs records for every VM, go to
+// one append-only journal (seen.go) in batches, one sync per batch: a file
+// per VM cost a create, a rename and two syncs each, and was most of the
+// walk's time.
 package statedir
 
 import (
-	"cmp"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -20,21 +22,9 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
-	"slices"
 	"sync"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
-
-// FlushDelay is how long first-seen times wait in memory for others to
-// join their batch.
-const FlushDelay = 2 * time.Second
-
-// keepLoaded is how many VMs' states stay in memory once written: beyond
-// it, the written ones are dropped and read again from their files when
-// next needed, so memory does not grow with the number of VMs ever seen.
-const keepLoaded = 4096
 
 // Store maps snapshot names to snapshot ids per VM. An empty dir keeps the
 // maps in memory only.
@@ -42,24 +32,20 @@ type Store struct {
 	dir string
 	log *slog.Logger
 
-	flushing sync.Mutex // one batch at a time, so Close waits for a running one
-	syncFS   func(dir string) error
-
-	mu      sync.Mutex
-	loaded  map[string]*vmState
-	dirty   map[string]bool // VMs whose first-seen times are not written yet
-	flusher *time.Timer     // pending Flush, nil when none
-	staging bool            // a batch is being synced: keep its states loaded
-	closed  bool
+	mu     sync.Mutex
+	loaded map[string]*vmState
+	seen   *firstSeen // nil until first needed
 }
+
+// keepLoaded is how many VMs' files stay parsed in memory: beyond it they
+// are dropped and read again when next needed, so memory does not grow
+// with the number of VMs ever listed.
+const keepLoaded = 4096
 
 type vmState struct {
 	names   map[string]string    // name -> snapshot id
 	times   map[string]time.Time // snapshot id -> created (mkdir) or first seen
 	corrupt bool                 // the file on disk could not be parsed
-	// gen counts changes, so a batch staged before a change does not
-	// overwrite the file that change wrote.
-	gen uint64
 }
 
 type fileFormat struct {
@@ -79,7 +65,7 @@ func Open(dir string, log *slog.Logger) (*Store, error) {
 			return nil, fmt.Errorf("statedir open: %w", err)
 		}
 	}
-	return &Store{dir: dir, log: log, loaded: map[string]*vmState{}, dirty: map[string]bool{}, syncFS: syncFS}, nil
+	return &Store{dir: dir, log: log, loaded: map[string]*vmState{}}, nil
 }
 
 // fileFor hashes the id so hostile VM ids cannot escape dir or collide with
@@ -92,6 +78,10 @@ func (s *Store) fileFor(vm string) string {
 func (s *Store) load(vm string) *vmState {
 	if st, ok := s.loaded[vm]; ok {
 		return st
+	}
+	if len(s.loaded) >= keepLoaded {
+		// Written states are on disk; keep the corrupt ones' flag.
+		maps.DeleteFunc(s.loaded, func(_ string, st *vmState) bool { return !st.corrupt })
 	}
 	st := &vmState{names: map[string]string{}, times: map[string]time.Time{}}
 	s.loaded[vm] = st
@@ -136,144 +126,67 @@ func (s *Store) SetCreated(vm, id string, t time.Time) error {
 }
 
 // Times returns the recorded time of each of ids, the VM's complete list of
-// snapshot ids: those without one are recorded as first seen at now, and
-// times of ids no longer listed are dropped. When that changed something
-// the file is written in the next batch (FlushDelay); a crash before then
-// loses only those first sightings, which the next listing records again.
+// snapshot ids: a creation time SetCreated kept, else when the snapshot was
+// first seen; those never seen are recorded as first seen at now, and the
+// times of ids no longer listed are dropped. First sightings reach the
+// journal in the next batch (FlushDelay): a crash before then loses only
+// those, which the next listing records again.
 func (s *Store) Times(vm string, ids []string, now time.Time) map[string]time.Time {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	st := s.load(vm)
-	next := make(map[string]time.Time, len(ids))
-	changed := false
+	out := make(map[string]time.Time, len(ids))
+	var unseen []string
 	for _, id := range ids {
-		t, ok := st.times[id]
-		if !ok {
-			t, changed = now, true
+		if t, ok := st.times[id]; ok {
+			out[id] = t
+		} else {
+			unseen = append(unseen, id)
 		}
-		next[id] = t
 	}
-	if len(next) != len(st.times) {
-		changed = true
+	if len(out) != len(st.times) {
+		// A snapshot made through mkdir is gone: its creation time goes
+		// with it, so an id reused later is not given it.
+		times := maps.Clone(out)
+		if err := s.write(vm, st, st.names, times); err != nil {
+			s.log.Warn("statedir: creation times not pruned", "vm", vm, "err", err)
+		}
+		st.times = times
 	}
-	if changed {
-		st.times = next
-		st.gen++
-		s.markDirty(vm)
+	for id, t := range s.firstSeen().times(vm, unseen, now) {
+		out[id] = t
 	}
-	s.trim()
-	return maps.Clone(next)
+	return out
 }
 
-// markDirty queues vm's file for the next batch.
-func (s *Store) markDirty(vm string) {
-	if s.dir == "" {
-		return
+// firstSeen is the journal, read on first use.
+func (s *Store) firstSeen() *firstSeen {
+	if s.seen == nil {
+		s.seen = openFirstSeen(s.dir, s.log)
 	}
-	s.dirty[vm] = true
-	if s.flusher == nil && !s.closed {
-		s.flusher = time.AfterFunc(FlushDelay, func() { _ = s.Flush() })
-	}
+	return s.seen
 }
 
-// trim drops written states once more than keepLoaded are in memory.
-func (s *Store) trim() {
-	if s.dir == "" || s.staging || len(s.loaded) <= keepLoaded {
-		return
-	}
-	maps.DeleteFunc(s.loaded, func(vm string, st *vmState) bool { return !s.dirty[vm] && !st.corrupt })
-}
-
-// Flush writes the first-seen times still in memory: every file of the
-// batch is written, then one sync of the filesystem makes them durable
-// before they are renamed into place, so a crash leaves each VM's old file
-// or its new one, never an empty one.
-//
-// The sync runs without the store's lock, so listings go on meanwhile; a
-// VM whose state changed during it keeps the newer file.
+// Flush writes the first sightings not yet in the journal.
 func (s *Store) Flush() error {
-	s.flushing.Lock()
-	defer s.flushing.Unlock()
 	s.mu.Lock()
-	if s.flusher != nil {
-		s.flusher.Stop()
-		s.flusher = nil
-	}
-	vms := slices.SortedFunc(maps.Keys(s.dirty), cmp.Compare)
-	clear(s.dirty)
-	type stagedState struct {
-		stagedFile
-		st  *vmState
-		gen uint64
-	}
-	var staged []stagedState
-	var errs []error
-	for _, vm := range vms {
-		st, ok := s.loaded[vm]
-		if !ok {
-			continue
-		}
-		f, err := s.stage(vm, st, st.names, st.times, false)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		staged = append(staged, stagedState{f, st, st.gen})
-	}
-	s.staging = true
+	seen := s.seen
 	s.mu.Unlock()
-
-	var syncErr error
-	if len(staged) > 0 {
-		syncErr = s.syncFS(s.dir)
+	if seen == nil {
+		return nil
 	}
-
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.staging = false
-	for _, f := range staged {
-		if syncErr != nil || f.st.gen != f.gen {
-			os.Remove(f.tmp)
-			continue
-		}
-		if err := os.Rename(f.tmp, f.path); err != nil {
-			os.Remove(f.tmp)
-			errs = append(errs, fmt.Errorf("statedir rename %s: %w", f.path, err))
-		}
-	}
-	if syncErr != nil {
-		errs = append(errs, syncErr)
-	}
-	if len(staged) > 0 {
-		s.syncDir()
-	}
-	s.trim()
-	err := errors.Join(errs...)
-	if err != nil {
-		s.log.Warn("statedir: snapshot first-seen times not saved", "vms", len(vms), "err", err)
-	}
-	return err
+	return seen.flush()
 }
 
-// Close writes what is pending; later first sightings stay in memory.
+// Close flushes; later first sightings stay in memory only.
 func (s *Store) Close() error {
 	s.mu.Lock()
-	s.closed = true
+	seen := s.seen
 	s.mu.Unlock()
-	return s.Flush()
-}
-
-// syncFS flushes the filesystem holding dir: one call for a whole batch.
-func syncFS(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("statedir sync: %w", err)
+	if seen == nil {
+		return nil
 	}
-	defer d.Close()
-	if err := unix.Syncfs(int(d.Fd())); err != nil {
-		return fmt.Errorf("statedir sync: %w", err)
-	}
-	return nil
+	return seen.close()
 }
 
 // Names returns a copy of the VM's name -> snapshot id map.
@@ -315,62 +228,47 @@ func (s *Store) write(vm string, st *vmState, names map[string]string, times map
 		return nil
 	}
 	path := s.fileFor(vm)
-	f, err := s.stage(vm, st, names, times, true)
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.tmp) // no-op after a successful rename
-	if err := os.Rename(f.tmp, path); err != nil {
-		return fmt.Errorf("statedir rename %s: %w", path, err)
-	}
-	st.gen++
-	delete(s.dirty, vm) // the times went with it
-	s.syncDir()
-	return nil
-}
-
-// stagedFile is a VM's new state written to tmp, not yet renamed to path.
-type stagedFile struct{ tmp, path string }
-
-// stage writes vm's state to a temporary file beside its own, synced when
-// sync says so (a batch syncs them all at once).
-func (s *Store) stage(vm string, st *vmState, names map[string]string, times map[string]time.Time, sync bool) (stagedFile, error) {
-	path := s.fileFor(vm)
 	if st.corrupt {
 		// Keep the unreadable file for a human instead of overwriting it.
 		aside := fmt.Sprintf("%s.corrupt-%d", path, time.Now().UnixNano())
 		if err := os.Rename(path, aside); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return stagedFile{}, fmt.Errorf("statedir: move aside corrupt %s: %w", path, err)
+			return fmt.Errorf("statedir: move aside corrupt %s: %w", path, err)
 		}
 		s.log.Warn("statedir: moved corrupt state file aside", "vm", vm, "file", aside)
 		st.corrupt = false
 	}
 	b, err := json.MarshalIndent(fileFormat{VM: vm, Names: names, Times: times}, "", "  ")
 	if err != nil {
-		return stagedFile{}, fmt.Errorf("statedir write %s: %w", path, err)
+		return fmt.Errorf("statedir write %s: %w", path, err)
 	}
-	tmp, err := os.CreateTemp(s.dir, ".tmp-*")
-	if err != nil {
-		return stagedFile{}, fmt.Errorf("statedir write %s: %w", path, err)
-	}
-	_, err = tmp.Write(b)
-	if err == nil && sync {
-		err = tmp.Sync()
-	}
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		os.Remove(tmp.Name())
-		return stagedFile{}, fmt.Errorf("statedir write %s: %w", path, err)
-	}
-	return stagedFile{tmp: tmp.Name(), path: path}, nil
+	return replaceFile(s.dir, path, b)
 }
 
-// syncDir makes renames in dir durable; best effort.
-func (s *Store) syncDir() {
-	if d, err := os.Open(s.dir); err == nil {
-		_ = d.Sync()
+// replaceFile puts b at path atomically and durably: a temporary file in
+// dir, synced, renamed over path, and the rename synced.
+func replaceFile(dir, path string, b []byte) error {
+	tmp, err := os.CreateTemp(dir, ".tmp-*")
+	if err != nil {
+		return fmt.Errorf("statedir write %s: %w", path, err)
+	}
+	defer os.Remove(tmp.Name()) // no-op after a successful rename
+	if _, err := tmp.Write(b); err != nil {
+		tmp.Close()
+		return fmt.Errorf("statedir write %s: %w", path, err)
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return fmt.Errorf("statedir fsync %s: %w", path, err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("statedir write %s: %w", path, err)
+	}
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return fmt.Errorf("statedir rename %s: %w", path, err)
+	}
+	if d, err := os.Open(dir); err == nil {
+		_ = d.Sync() // make the rename durable; best effort
 		d.Close()
 	}
+	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -126,38 +127,27 @@ func TestTimesKeptAndPruned(t *testing.T) {
 	}
 }
 
-// TestFirstSeenTimesBatched: first sightings are written together, later,
-// and read back by the next mount; a name given meanwhile is never lost.
+// TestFirstSeenTimesBatched: first sightings of many VMs reach the journal
+// together, later, in one file, and the next mount reads them back.
 func TestFirstSeenTimesBatched(t *testing.T) {
 	dir := t.TempDir()
 	s, err := Open(dir, nil)
 	require.NoError(t, err)
-	seen := time.Date(2026, 3, 4, 5, 6, 7, 0, time.UTC)
-	const vms = keepLoaded + 100 // past the bound on states kept in memory
+	seen := time.Date(2026, 3, 4, 5, 6, 7, 8, time.UTC)
+	const vms = keepLoaded + 100 // past the bound on VM files kept parsed
 	for i := range vms {
 		s.Times(fmt.Sprintf("vm-%d", i), []string{"snap"}, seen)
 	}
-	files, err := filepath.Glob(filepath.Join(dir, "*.json"))
-	require.NoError(t, err)
-	assert.Empty(t, files, "nothing written before the batch")
-
-	// A name recorded while the batch syncs wins over the batch's older
-	// copy of the same VM.
-	syncs := 0
-	s.syncFS = func(dir string) error {
-		syncs++
-		require.NoError(t, s.Put("vm-7", "nightly", "snap", nil))
-		return syncFS(dir)
-	}
+	journal := filepath.Join(dir, seenFile)
+	assert.NoFileExists(t, journal, "nothing written before the batch")
 	require.NoError(t, s.Flush())
-	assert.Equal(t, 1, syncs, "one sync for the whole batch")
-	files, err = filepath.Glob(filepath.Join(dir, "*.json"))
+	files, err := os.ReadDir(dir)
 	require.NoError(t, err)
-	assert.Len(t, files, vms)
-	leftover, err := filepath.Glob(filepath.Join(dir, ".tmp-*"))
+	require.Len(t, files, 1, "one journal, no file per VM")
+	fi, err := os.Stat(journal)
 	require.NoError(t, err)
-	assert.Empty(t, leftover)
-	assert.LessOrEqual(t, len(s.loaded), keepLoaded, "written states are dropped from memory")
+	assert.Equal(t, os.FileMode(0o600), fi.Mode().Perm())
+	assert.LessOrEqual(t, len(s.loaded), keepLoaded)
 
 	s2, err := Open(dir, nil)
 	require.NoError(t, err)
@@ -165,8 +155,87 @@ func TestFirstSeenTimesBatched(t *testing.T) {
 		got := s2.Times(vm, []string{"snap"}, seen.Add(time.Hour))
 		assert.True(t, got["snap"].Equal(seen), "%s: %v", vm, got)
 	}
-	assert.Equal(t, map[string]string{"nightly": "snap"}, s2.Names("vm-7"))
-	assert.Equal(t, map[string]string{"nightly": "snap"}, s.Names("vm-7"), "and in the first store's memory")
+}
+
+// TestFirstSeenJournal: what a journal line may be after a crash or
+// damage, and compaction of a journal mostly made of the past.
+func TestFirstSeenJournal(t *testing.T) {
+	t0 := time.Date(2026, 5, 6, 7, 8, 9, 0, time.UTC)
+	line := func(vm, id string, at time.Time) string {
+		return fmt.Sprintf(`{"vm":%q,"id":%q,"at":%d}`+"\n", vm, id, at.UnixNano())
+	}
+	tests := []struct {
+		name    string
+		journal string
+		want    map[string]time.Time // of vm "a", ids "x" and "y"; absent: first seen now
+	}{
+		{"torn last line", line("a", "x", t0) + `{"vm":"a","id":"y","a`, map[string]time.Time{"x": t0}},
+		{"no final newline", line("a", "x", t0) + strings.TrimSuffix(line("a", "y", t0.Add(time.Hour)), "\n"), map[string]time.Time{"x": t0, "y": t0.Add(time.Hour)}},
+		{"damaged line between", line("a", "x", t0) + "\x00garbage\n" + line("a", "y", t0), map[string]time.Time{"x": t0, "y": t0}},
+		{"overlong line", line("a", "x", t0) + strings.Repeat("z", 3*maxSeenLine) + "\n" + line("a", "y", t0), map[string]time.Time{"x": t0, "y": t0}},
+		{"dropped then seen again", line("a", "x", t0) + `{"vm":"a","id":"x"}` + "\n" + line("a", "x", t0.Add(time.Minute)), map[string]time.Time{"x": t0.Add(time.Minute)}},
+		{"dropped", line("a", "x", t0) + `{"vm":"a","id":"x"}` + "\n", map[string]time.Time{}},
+		{"negative time", `{"vm":"a","id":"x","at":-5}` + "\n", map[string]time.Time{}},
+		{"other vm", line("b", "x", t0), map[string]time.Time{}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			require.NoError(t, os.WriteFile(filepath.Join(dir, seenFile), []byte(tc.journal), 0o600))
+			s, err := Open(dir, nil)
+			require.NoError(t, err)
+			now := t0.Add(24 * time.Hour)
+			got := s.Times("a", []string{"x", "y"}, now)
+			for _, id := range []string{"x", "y"} {
+				want, ok := tc.want[id]
+				if !ok {
+					want = now
+				}
+				assert.True(t, got[id].Equal(want), "%s: got %v, want %v", id, got[id], want)
+			}
+		})
+	}
+
+	t.Run("compacted when mostly past", func(t *testing.T) {
+		dir := t.TempDir()
+		var b strings.Builder
+		for i := range 3000 { // 3000 sightings, each dropped again
+			b.WriteString(line("old", fmt.Sprint(i), t0))
+			fmt.Fprintf(&b, `{"vm":"old","id":"%d"}`+"\n", i)
+		}
+		b.WriteString(line("a", "x", t0))
+		path := filepath.Join(dir, seenFile)
+		require.NoError(t, os.WriteFile(path, []byte(b.String()), 0o600))
+		s, err := Open(dir, nil)
+		require.NoError(t, err)
+		got := s.Times("a", []string{"x"}, t0.Add(time.Hour))
+		assert.True(t, got["x"].Equal(t0))
+		after, err := os.ReadFile(path)
+		require.NoError(t, err)
+		assert.Equal(t, line("a", "x", t0), string(after))
+	})
+}
+
+// FuzzFirstSeenJournal feeds arbitrary journals: opening never panics, and
+// a sighting recorded afterwards is what the next mount reads back.
+func FuzzFirstSeenJournal(f *testing.F) {
+	f.Add(`{"vm":"vm1","id":"s1","at":1}` + "\n")
+	f.Add(`{"vm":"vm1","id":"s1"}` + "\n" + `{"vm":"vm1","id":"s1","at":99}`)
+	f.Add("\n\n{}\n[]\nnull\n")
+	f.Fuzz(func(t *testing.T, journal string) {
+		dir := t.TempDir()
+		require.NoError(t, os.WriteFile(filepath.Join(dir, seenFile), []byte(journal), 0o600))
+		s, err := Open(dir, nil)
+		require.NoError(t, err)
+		before := s.Times("vm1", []string{"s1"}, time.Unix(0, 1234))
+		require.Len(t, before, 1)
+		at := s.Times("fresh-vm", []string{"fresh"}, time.Unix(0, 5678))["fresh"]
+		require.NoError(t, s.Close())
+		s2, err := Open(dir, nil)
+		require.NoError(t, err)
+		assert.True(t, s2.Times("fresh-vm", []string{"fresh"}, time.Unix(0, 9999))["fresh"].Equal(at))
+		assert.True(t, s2.Times("vm1", []string{"s1"}, time.Unix(0, 9999))["s1"].Equal(before["s1"]), "what was read is kept")
+	})
 }
 
 // TestFlushAfterDelay: nobody calls Flush, the timer does.
@@ -176,7 +245,7 @@ func TestFlushAfterDelay(t *testing.T) {
 	require.NoError(t, err)
 	s.Times("vm", []string{"a"}, time.Now())
 	require.Eventually(t, func() bool {
-		_, err := os.Stat(s.fileFor("vm"))
+		_, err := os.Stat(filepath.Join(dir, seenFile))
 		return err == nil
 	}, 5*FlushDelay, 10*time.Millisecond)
 }
