@@ -1,0 +1,82 @@
+package fs
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vmexportfs/vmexportfs/backend"
+	"github.com/vmexportfs/vmexportfs/backend/backendtest"
+	"github.com/vmexportfs/vmexportfs/backend/extent"
+)
+
+func TestRecentVMs(t *testing.T) {
+	r := newRecentVMs(2)
+	for _, tc := range []struct {
+		touch, evicted string
+	}{
+		{"a", ""}, {"b", ""}, {"a", ""}, // a is now the most recent
+		{"c", "b"}, {"d", "a"}, {"d", ""}, {"a", "c"},
+	} {
+		got, ok := r.touch(tc.touch)
+		assert.Equal(t, tc.evicted != "", ok, "touch %s", tc.touch)
+		assert.Equal(t, tc.evicted, got, "touch %s", tc.touch)
+	}
+	assert.Len(t, r.at, 2)
+}
+
+// TestWalkForgetsOldVMs: a walk of more VMs than the tree keeps finds every
+// one, keeps listings and handles of the last few only, and has the kernel
+// drop the others' nodes; a VM forgotten reads right when visited again.
+func TestWalkForgetsOldVMs(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("real mounts need root")
+	}
+	// More kept than listed ahead of the walk, as in a mount: a VM listed
+	// ahead is not pushed out before the walk gets to it.
+	const vms, keep = 300, walkAheadMax + 16
+	var all []*backendtest.VM
+	var first *backendtest.Disk
+	for i := range vms {
+		d := mustDisk(t, "d", "xvda", mib, byte(i+1), extent.Extent{Off: 4096, Len: 8192})
+		if i == 0 {
+			first = d
+		}
+		all = append(all, &backendtest.VM{ID: fmt.Sprintf("vm-%03d", i), Snapshots: []*backendtest.Snapshot{
+			{Snapshot: backend.Snapshot{ID: "s1"}, Disks: []*backendtest.Disk{d}},
+		}})
+	}
+	root, err := NewRoot(backendtest.New(all...), Options{ListTTL: time.Hour})
+	require.NoError(t, err)
+	root.st.recent = newRecentVMs(keep)
+	mnt := t.TempDir()
+	srv, err := Mount(mnt, root, MountOptions{})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = srv.Unmount() })
+
+	// ls -l stats every file, so every disk is opened and every node made.
+	out, err := exec.Command("find", filepath.Join(mnt, "vms"), "-name", "disk.img", "-ls").CombinedOutput()
+	require.NoError(t, err, string(out))
+	assert.Len(t, strings.Split(strings.TrimSpace(string(out)), "\n"), vms, "every disk found")
+
+	st := root.st
+	st.mu.Lock()
+	snaps, handles := len(st.snaps), len(st.handles)
+	st.mu.Unlock()
+	assert.LessOrEqual(t, snaps, keep, "snapshot listings kept")
+	assert.LessOrEqual(t, handles, keep, "VMs with disk handles kept")
+	require.Eventually(t, func() bool { return len(st.vmsDir.Children()) <= keep },
+		5*time.Second, 10*time.Millisecond, "the kernel forgot the VMs pushed out")
+
+	sum := sha256.Sum256(first.Data)
+	assert.Equal(t, hex.EncodeToString(sum[:]), sha(t, filepath.Join(mnt, "vms/vm-000/snapshots/s1/disk.img")), "a forgotten VM read again")
+}
