@@ -3,6 +3,7 @@ package fs
 import (
 	"context"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/vmexportfs/vmexportfs/backend"
@@ -11,10 +12,15 @@ import (
 // vmListing is the checked VM list: only ids safe as path components, the
 // first of any duplicates.
 type vmListing struct {
-	ids    []string
-	index  map[string]int    // id -> position in ids
-	byName map[string]string // friendly name -> id, valid and unique names only
-	names  []string
+	ids     []string
+	index   map[string]int // id -> position in ids
+	vmNames []string       // the friendly name of each of ids, "" for none
+
+	// The /by-name links are made when first needed: a walk of /vms over
+	// 100,000 VMs need not hold a second map of them.
+	linksOnce sync.Once
+	byName    map[string]string // friendly name -> id, valid and unique names only
+	names     []string
 }
 
 // has reports whether the listing holds vm.
@@ -37,10 +43,8 @@ func (st *state) fetchVMs(ctx context.Context) (*vmListing, error) {
 	if err != nil {
 		return nil, fmt.Errorf("list vms: %w", err)
 	}
-	l := &vmListing{byName: map[string]string{}, index: make(map[string]int, len(vms))}
-	nameCount := map[string]int{}
-	shown := make([]int, 0, len(vms)) // positions in vms of the VMs shown
-	for i, vm := range vms {
+	l := &vmListing{index: make(map[string]int, len(vms))}
+	for _, vm := range vms {
 		if p := nameProblem(vm.ID); p != "" {
 			st.warnOnce("vm-id:"+vm.ID, "fs: skipping vm with unusable id", "id", quoteShort(vm.ID), "reason", p)
 			continue
@@ -51,28 +55,39 @@ func (st *state) fetchVMs(ctx context.Context) (*vmListing, error) {
 		}
 		l.index[vm.ID] = len(l.ids)
 		l.ids = append(l.ids, vm.ID)
-		shown = append(shown, i)
-		if vm.Name != "" {
-			nameCount[vm.Name]++
-		}
-	}
-	for _, i := range shown {
-		id, name := vms[i].ID, vms[i].Name
-		if name == "" {
-			continue
-		}
-		if p := nameProblem(name); p != "" {
-			st.warnOnce("vm-name:"+name, "fs: no by-name link for vm", "id", quoteShort(id), "name", quoteShort(name), "reason", p)
-			continue
-		}
-		if nameCount[name] > 1 {
-			st.warnOnce("vm-name-dup:"+name, "fs: no by-name link for ambiguous vm name", "name", quoteShort(name))
-			continue
-		}
-		l.byName[name] = id
-		l.names = append(l.names, name)
+		l.vmNames = append(l.vmNames, vm.Name)
 	}
 	return l, nil
+}
+
+// links is the listing's /by-name map and its names in listing order.
+func (l *vmListing) links(st *state) (map[string]string, []string) {
+	l.linksOnce.Do(func() {
+		l.byName = map[string]string{}
+		nameCount := map[string]int{}
+		for _, name := range l.vmNames {
+			if name != "" {
+				nameCount[name]++
+			}
+		}
+		for i, name := range l.vmNames {
+			id := l.ids[i]
+			if name == "" {
+				continue
+			}
+			if p := nameProblem(name); p != "" {
+				st.warnOnce("vm-name:"+name, "fs: no by-name link for vm", "id", quoteShort(id), "name", quoteShort(name), "reason", p)
+				continue
+			}
+			if nameCount[name] > 1 {
+				st.warnOnce("vm-name-dup:"+name, "fs: no by-name link for ambiguous vm name", "name", quoteShort(name))
+				continue
+			}
+			l.byName[name] = id
+			l.names = append(l.names, name)
+		}
+	})
+	return l.byName, l.names
 }
 
 // snapEntry is one shown snapshot.

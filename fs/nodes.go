@@ -361,7 +361,8 @@ func (n *byNameDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut)
 	if err != nil {
 		return nil, n.st.toErrno(ctx, "lookup", "/by-name/"+name, err)
 	}
-	id, ok := l.byName[name]
+	byName, _ := l.links(n.st)
+	id, ok := byName[name]
 	if !ok {
 		return nil, syscall.ENOENT
 	}
@@ -384,8 +385,9 @@ func (n *byNameDir) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno)
 	if err != nil {
 		return nil, n.st.toErrno(ctx, "readdir", "/by-name", err)
 	}
-	es := make([]fuse.DirEntry, 0, len(l.names))
-	for _, name := range l.names {
+	_, names := l.links(n.st)
+	es := make([]fuse.DirEntry, 0, len(names))
+	for _, name := range names {
 		es = append(es, fuse.DirEntry{Name: name, Mode: syscall.S_IFLNK})
 	}
 	return gofs.NewListDirStream(es), 0

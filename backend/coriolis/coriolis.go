@@ -181,7 +181,7 @@ func decodeJSON(r io.Reader, v any) error {
 		err = decodeSnapshot(dec, v)
 	case *[]apiSnapshot:
 		err = decodeSnapshots(dec, v)
-	case *[]apiVM:
+	case vmSink:
 		err = decodeVMs(dec, v)
 	case *unsquashedSnapshot:
 		err = decodeSnapshotChunks(dec, &v.apiSnapshot, chunksPhys)
@@ -220,15 +220,19 @@ func (c *countingReader) Read(p []byte) (int, error) {
 
 // VMs lists the exporter's VMs.
 func (c *Client) VMs(ctx context.Context) ([]backend.VM, error) {
-	var vms []apiVM
-	if err := c.call(ctx, http.MethodGet, c.route("vms"), &vms); err != nil {
-		return nil, fmt.Errorf("coriolis: list VMs: %w", err)
-	}
-	out := make([]backend.VM, 0, len(vms))
-	byID := make(map[string]apiVM, len(vms))
-	for _, v := range vms {
+	// Sized as the last listing was: a refresh of 100,000 VMs then grows
+	// neither by doubling.
+	c.mu.Lock()
+	hint := len(c.listed)
+	c.mu.Unlock()
+	out := make([]backend.VM, 0, hint)
+	byID := make(map[string]apiVM, hint)
+	sink := vmSink(func(v apiVM) {
 		out = append(out, v.toBackend())
 		byID[v.Name] = v.ordering()
+	})
+	if err := c.call(ctx, http.MethodGet, c.route("vms"), sink); err != nil {
+		return nil, fmt.Errorf("coriolis: list VMs: %w", err)
 	}
 	c.mu.Lock()
 	c.listed, c.listedAt = byID, time.Now()

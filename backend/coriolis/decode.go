@@ -110,16 +110,21 @@ func decodeSnapshots(dec *json.Decoder, out *[]apiSnapshot) error {
 	})
 }
 
-// decodeVMs reads a JSON array of VMs one VM at a time: the listing of
-// 100,000 VMs is some 36 MB, which a json.Decoder would otherwise buffer
-// whole (and grow to 64 MB) before decoding a single VM.
-func decodeVMs(dec *json.Decoder, out *[]apiVM) error {
-	*out = nil
+// vmSink takes the VMs of a listing as they are decoded.
+type vmSink func(apiVM)
+
+// decodeVMs reads a JSON array of VMs one VM at a time into sink: the
+// listing of 100,000 VMs is some 36 MB, which a json.Decoder would
+// otherwise buffer whole (and grow to 64 MB) before decoding a single VM,
+// and a slice of every VM as the server spells it would be as much again.
+func decodeVMs(dec *json.Decoder, sink vmSink) error {
 	return decodeArray(dec, "vms", func() error {
 		var v apiVM
-		err := dec.Decode(&v)
-		*out = append(*out, v)
-		return err
+		if err := dec.Decode(&v); err != nil {
+			return err
+		}
+		sink(v)
+		return nil
 	})
 }
 

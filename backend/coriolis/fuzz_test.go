@@ -2,6 +2,7 @@ package coriolis
 
 import (
 	"math"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -11,9 +12,20 @@ func FuzzDecodeVMs(f *testing.F) {
 	f.Add(`[{"friendly_name":"a","name":"vm","disks":[{"name":"d","device_name":"xvda","mode":"w"},{"name":"c","device_name":"xvdb:cdrom","mode":"r"}],"snapshots":["x","x"]}]`)
 	f.Add(`[{"name":"../..","disks":null}] trailing`)
 	f.Fuzz(func(t *testing.T, s string) {
+		// The listing is decoded one VM at a time; encoding/json decoding
+		// the whole array is what it must agree with.
 		var vms []apiVM
-		if decodeJSON(strings.NewReader(s), &vms) != nil {
+		errStream := decodeJSON(strings.NewReader(s), vmSink(func(v apiVM) { vms = append(vms, v) }))
+		var whole []apiVM
+		errWhole := decodeJSON(strings.NewReader(s), &whole)
+		if (errStream == nil) != (errWhole == nil) {
+			t.Fatalf("streamed: %v, whole: %v", errStream, errWhole)
+		}
+		if errStream != nil {
 			return
+		}
+		if !reflect.DeepEqual(vms, whole) && (len(vms) > 0 || len(whole) > 0) {
+			t.Fatalf("streamed %+v, whole %+v", vms, whole)
 		}
 		for _, v := range vms {
 			bv := v.toBackend()
