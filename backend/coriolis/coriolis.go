@@ -242,8 +242,12 @@ func (c *Client) VMs(ctx context.Context) ([]backend.VM, error) {
 
 // listedVMReuse is how long the VM listing answers for a VM's snapshot
 // order. Snapshots are ordered by the VM's list of ids; one made since the
-// listing is not in it and goes last, which is where the newest belongs.
-const listedVMReuse = 30 * time.Second
+// listing is not in it and goes last, which is where the newest belongs,
+// and one deleted since is simply not in the snapshot list: an old listing
+// orders as well as a new one. It must outlast the filesystem's spacing of
+// VM listing refreshes during a walk (half a minute at 100,000 VMs), or
+// every snapshot listing costs a VM GET too.
+const listedVMReuse = 10 * time.Minute
 
 // listedVM is vmID as the last VM listing had it (its snapshot order and
 // its disks' devices), if that is recent.
