@@ -169,24 +169,25 @@ func (s *Store) firstSeen() *firstSeen {
 
 // Flush writes the first sightings not yet in the journal.
 func (s *Store) Flush() error {
-	s.mu.Lock()
-	seen := s.seen
-	s.mu.Unlock()
-	if seen == nil {
-		return nil
+	if seen := s.opened(); seen != nil {
+		return seen.flush()
 	}
-	return seen.flush()
+	return nil
 }
 
 // Close flushes; later first sightings stay in memory only.
 func (s *Store) Close() error {
-	s.mu.Lock()
-	seen := s.seen
-	s.mu.Unlock()
-	if seen == nil {
-		return nil
+	if seen := s.opened(); seen != nil {
+		return seen.close()
 	}
-	return seen.close()
+	return nil
+}
+
+// opened is the journal if it was read, else nil: nothing to write.
+func (s *Store) opened() *firstSeen {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.seen
 }
 
 // Names returns a copy of the VM's name -> snapshot id map.
