@@ -98,25 +98,25 @@ func (f *firstSeen) read() (int, error) {
 	at := map[string]map[string]int64{}
 	lines, bad := 0, 0
 	r := bufio.NewReaderSize(file, maxSeenLine)
+	ended := true // what was read so far ends with a newline
 	for {
 		line, err := r.ReadSlice('\n')
-		for errors.Is(err, bufio.ErrBufferFull) { // an overlong line: damage
-			line = nil
-			_, err = r.ReadSlice('\n')
+		overlong := false
+		for errors.Is(err, bufio.ErrBufferFull) { // damage: skipped whole
+			overlong, ended = true, false
+			line, err = r.ReadSlice('\n')
 		}
 		if err != nil && !errors.Is(err, io.EOF) {
 			return lines, err
 		}
-		if len(line) == 0 && err == nil {
-			lines++
-			bad++
-			continue
-		}
 		if len(line) > 0 {
+			ended = line[len(line)-1] == '\n'
+		}
+		if overlong || len(line) > 0 {
 			lines++
 			var rec seenRecord
 			switch {
-			case json.Unmarshal(line, &rec) != nil || rec.VM == "" || rec.ID == "" || rec.At < 0:
+			case overlong || json.Unmarshal(line, &rec) != nil || rec.VM == "" || rec.ID == "" || rec.At < 0:
 				bad++
 			case rec.At == 0:
 				delete(at[rec.VM], rec.ID)
@@ -128,10 +128,10 @@ func (f *firstSeen) read() (int, error) {
 			}
 		}
 		if err != nil { // io.EOF
-			f.unterminated = len(line) > 0
 			break
 		}
 	}
+	f.unterminated = !ended
 	for vm, ids := range at {
 		if len(ids) == 0 {
 			continue

@@ -196,6 +196,26 @@ func TestFirstSeenJournal(t *testing.T) {
 		})
 	}
 
+	// A crash can leave any last line, even an overlong one, without its
+	// newline: the next sighting is still written on a line of its own.
+	for name, torn := range map[string]string{
+		"torn last line":     `{"vm":"a","id":"y","a`,
+		"overlong last line": strings.Repeat("z", 3*maxSeenLine),
+	} {
+		t.Run("appended after "+name, func(t *testing.T) {
+			dir := t.TempDir()
+			require.NoError(t, os.WriteFile(filepath.Join(dir, seenFile), []byte(line("a", "x", t0)+torn), 0o600))
+			s, err := Open(dir, nil)
+			require.NoError(t, err)
+			s.Times("b", []string{"new"}, t0.Add(time.Minute))
+			require.NoError(t, s.Close())
+			s2, err := Open(dir, nil)
+			require.NoError(t, err)
+			assert.True(t, s2.Times("b", []string{"new"}, t0.Add(time.Hour))["new"].Equal(t0.Add(time.Minute)))
+			assert.True(t, s2.Times("a", []string{"x"}, t0.Add(time.Hour))["x"].Equal(t0))
+		})
+	}
+
 	t.Run("compacted when mostly past", func(t *testing.T) {
 		dir := t.TempDir()
 		var b strings.Builder
