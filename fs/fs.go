@@ -358,13 +358,15 @@ func (st *state) delta(ctx context.Context, ref, base backend.DiskRef) (*diskHan
 }
 
 func (st *state) handle(ctx context.Context, k diskKey) (*diskHandle, error) {
-	st.useVM(k.ref.VM)
 	st.mu.Lock()
 	h := st.handles[k.ref.VM][k]
 	st.mu.Unlock()
 	if h != nil {
 		return h, nil
 	}
+	// Only a handle made counts as a use: every read asks for its handle,
+	// and a VM pushed out while read makes a new one at its next read.
+	st.useVM(k.ref.VM)
 	o, err := st.pool.acquire(ctx, k)
 	if err != nil {
 		return nil, err
