@@ -68,12 +68,18 @@ func fixture(t *testing.T) *backendtest.Source {
 
 func mountWith(t *testing.T, src backend.Source, opts Options) string {
 	t.Helper()
+	root, err := NewRoot(src, opts)
+	require.NoError(t, err)
+	return mountRoot(t, root)
+}
+
+// mountRoot mounts a tree the test has set up; the cleanup unmounts it.
+func mountRoot(t *testing.T, root *Root) string {
+	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("real mounts need root")
 	}
 	mnt := t.TempDir()
-	root, err := NewRoot(src, opts)
-	require.NoError(t, err)
 	srv, err := Mount(mnt, root, MountOptions{})
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = srv.Unmount() })

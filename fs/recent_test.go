@@ -3,8 +3,6 @@ package fs
 import (
 	"crypto/sha256"
 	"encoding/hex"
-	"fmt"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -14,7 +12,6 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/backendtest"
 	"github.com/vmexportfs/vmexportfs/backend/extent"
 )
@@ -38,30 +35,15 @@ func TestRecentVMs(t *testing.T) {
 // one, keeps listings and handles of the last few only, and has the kernel
 // drop the others' nodes; a VM forgotten reads right when visited again.
 func TestWalkForgetsOldVMs(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("real mounts need root")
-	}
 	// More kept than listed ahead of the walk, as in a mount: a VM listed
 	// ahead is not pushed out before the walk gets to it.
 	const vms, keep = 300, walkAheadMax + 16
-	var all []*backendtest.VM
-	var first *backendtest.Disk
-	for i := range vms {
-		d := mustDisk(t, "d", "xvda", mib, byte(i+1), extent.Extent{Off: 4096, Len: 8192})
-		if i == 0 {
-			first = d
-		}
-		all = append(all, &backendtest.VM{ID: fmt.Sprintf("vm-%03d", i), Snapshots: []*backendtest.Snapshot{
-			{Snapshot: backend.Snapshot{ID: "s1"}, Disks: []*backendtest.Disk{d}},
-		}})
-	}
+	all := oneSnapshotVMs(t, vms, "vm-%03d", extent.Extent{Off: 4096, Len: 8192})
+	first := all[0].Snapshots[0].Disks[0]
 	root, err := NewRoot(backendtest.New(all...), Options{ListTTL: time.Hour})
 	require.NoError(t, err)
 	root.st.recent = newRecentVMs(keep)
-	mnt := t.TempDir()
-	srv, err := Mount(mnt, root, MountOptions{})
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = srv.Unmount() })
+	mnt := mountRoot(t, root)
 
 	// ls -l stats every file, so every disk is opened and every node made.
 	out, err := exec.Command("find", filepath.Join(mnt, "vms"), "-name", "disk.img", "-ls").CombinedOutput()

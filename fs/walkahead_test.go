@@ -18,6 +18,20 @@ import (
 	"github.com/vmexportfs/vmexportfs/backend/extent"
 )
 
+// oneSnapshotVMs is n VMs named by format, each with one snapshot "s1" of
+// one 1 MiB disk written at ext (VM i's bytes seeded with i+1).
+func oneSnapshotVMs(t *testing.T, n int, format string, ext extent.Extent) []*backendtest.VM {
+	t.Helper()
+	var all []*backendtest.VM
+	for i := range n {
+		d := mustDisk(t, "d", "xvda", mib, byte(i+1), ext)
+		all = append(all, &backendtest.VM{ID: fmt.Sprintf(format, i), Snapshots: []*backendtest.Snapshot{
+			{Snapshot: backend.Snapshot{ID: "s1"}, Disks: []*backendtest.Disk{d}},
+		}})
+	}
+	return all
+}
+
 // slowListings is a platform whose snapshot listing takes a round trip,
 // counting how many run at once.
 type slowListings struct {
@@ -43,13 +57,7 @@ func (s *slowListings) Snapshots(ctx context.Context, vm string) ([]backend.Snap
 // read out of order (ls of one VM) lists nothing ahead.
 func TestWalkAhead(t *testing.T) {
 	const vms = 64
-	var all []*backendtest.VM
-	for i := range vms {
-		d := mustDisk(t, "d", "xvda", mib, byte(i), extent.Extent{Off: 0, Len: 4096})
-		all = append(all, &backendtest.VM{ID: fmt.Sprintf("vm-%02d", i), Snapshots: []*backendtest.Snapshot{
-			{Snapshot: backend.Snapshot{ID: "s1"}, Disks: []*backendtest.Disk{d}},
-		}})
-	}
+	all := oneSnapshotVMs(t, vms, "vm-%02d", extent.Extent{Off: 0, Len: 4096})
 	src := &slowListings{Source: backendtest.New(all...)}
 	mnt := mountWith(t, src, Options{ListTTL: time.Hour})
 
