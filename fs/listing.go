@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/vmexportfs/vmexportfs/backend"
+	"github.com/vmexportfs/vmexportfs/fs/statedir"
 )
 
 // vmListing is the checked VM list: only ids safe as path components, the
@@ -99,7 +100,9 @@ type snapEntry struct {
 	// shown under a name of its own): the base named in Listxattr.
 	prevName string
 	// mtime is the snapshot's time: the platform's creation time, else the
-	// creation time of a mkdir, else when this mount's state first saw it.
+	// creation time of a mkdir, else when this mount's state first saw it;
+	// moved to the next free second where another snapshot of the VM
+	// already shows that one (statedir.Store.Times).
 	mtime time.Time
 }
 
@@ -133,6 +136,7 @@ func (st *state) listSnapshots(ctx context.Context, vm string) (*snapListing, er
 			named[id] = name
 		}
 		l := &snapListing{byName: map[string]*snapEntry{}, byID: map[string]*snapEntry{}}
+		var timed []statedir.Snap // every entry of byID, oldest first
 		var prev *backend.Snapshot
 		prevName := ""
 		for i := range snaps {
@@ -150,6 +154,7 @@ func (st *state) listSnapshots(ctx context.Context, vm string) (*snapListing, er
 				prev, prevName = &snaps[i], sn.ID
 			}
 			l.byID[sn.ID] = e
+			timed = append(timed, statedir.Snap{ID: sn.ID, Created: sn.Created})
 			for _, cand := range []string{named[sn.ID], sn.Name, sn.ID} {
 				if cand == "" {
 					continue
@@ -171,27 +176,22 @@ func (st *state) listSnapshots(ctx context.Context, vm string) (*snapListing, er
 				prevName = e.name
 			}
 		}
-		st.snapshotTimes(vm, l)
+		st.snapshotTimes(vm, l, timed)
 		st.dropLost(vm, l)
 		return l, nil
 	})
 }
 
-// snapshotTimes gives every entry its mtime: the platform's creation time,
-// else the time kept in the state directory (the creation time of a mkdir,
-// else when a listing first showed the snapshot), so st_mtime is never 1970
-// and stays the same across remounts.
-func (st *state) snapshotTimes(vm string, l *snapListing) {
-	ids := make([]string, 0, len(l.byID))
-	for id := range l.byID {
-		ids = append(ids, id)
-	}
-	times := st.store.Times(vm, ids, time.Now())
+// snapshotTimes gives every entry of l its mtime from the state directory
+// (snaps are l's entries, oldest first): the platform's creation time, else
+// the creation time of a mkdir, else when a listing first showed the
+// snapshot, and never a second another snapshot of the VM shows, so
+// st_mtime is never 1970, stays the same across remounts, and rsync's
+// quick check tells the VM's snapshots apart.
+func (st *state) snapshotTimes(vm string, l *snapListing, snaps []statedir.Snap) {
+	times := st.store.Times(vm, snaps, time.Now())
 	for id, e := range l.byID {
-		e.mtime = e.snap.Created
-		if e.mtime.IsZero() {
-			e.mtime = times[id]
-		}
+		e.mtime = times[id]
 	}
 }
 

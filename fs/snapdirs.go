@@ -60,17 +60,17 @@ func (n *snapshotsDir) Mkdir(ctx context.Context, name string, mode uint32, out 
 		// The snapshot exists; only its name is not durable. Say so and go on.
 		n.st.log.Error("fs: snapshot created but its name was not saved", "path", p, "id", sn.ID, "err", err)
 	}
+	e := &snapEntry{name: name, snap: sn, mtime: sn.Created}
 	if sn.Created.IsZero() {
-		// st_mtime: the platform does not say, so keep when we made it.
-		if err := n.st.store.SetCreated(n.vm, sn.ID, created); err != nil {
+		// st_mtime: the platform does not say, so keep when we made it
+		// (moved off a second another snapshot of the VM shows).
+		kept, err := n.st.store.SetCreated(n.vm, sn.ID, created)
+		if err != nil {
 			n.st.log.Warn("fs: snapshot creation time not saved", "path", p, "id", sn.ID, "err", err)
 		}
+		e.mtime = kept
 	}
 	list.invalidate()
-	e := &snapEntry{name: name, snap: sn, mtime: sn.Created}
-	if e.mtime.IsZero() {
-		e.mtime = created
-	}
 	if l2, err := n.st.listSnapshots(ctx, n.vm); err == nil {
 		if found := l2.lookup(name); found != nil {
 			e = found

@@ -123,20 +123,26 @@ func TestMountCommand(t *testing.T) {
 
 	wrongPassword := filepath.Join(t.TempDir(), "pw")
 	require.NoError(t, os.WriteFile(wrongPassword, []byte("hunter2\n"), 0o600))
+	// Each refusal names its own cause: the exporter's 401 and its message
+	// for the password (not any failure to reach it), the verification
+	// error for the certificate.
 	for _, tc := range []struct {
 		name string
 		args []string
-		msg  string
+		msg  string // a regular expression
 	}{
-		{"wrong password", []string{"--username", "admin", "--password-file", wrongPassword, "--ca-file", f.sim.CAFile()}, "connect to coriolis"},
-		{"untrusted certificate", []string{"--username", "admin", "--password-file", f.passwordFile}, "certificate"},
+		{"wrong password", []string{"--username", "admin", "--password-file", wrongPassword, "--ca-file", f.sim.CAFile()},
+			`^vmexportfs: connect to coriolis source \S+: coriolis: login as "admin": POST \S+/api/v1/auth/login: permission denied: status 401: .*Not Authorized`},
+		{"untrusted certificate", []string{"--username", "admin", "--password-file", f.passwordFile}, `x509: certificate signed by unknown authority`},
 		{"no password", []string{"--username", "admin", "--ca-file", f.sim.CAFile()}, "no password"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			mnt := t.TempDir()
 			out, err := command(append(tc.args, "coriolis+"+f.sim.URL(), mnt)...)
-			require.Error(t, err)
-			assert.Contains(t, out, tc.msg)
+			var exit *exec.ExitError
+			require.ErrorAs(t, err, &exit)
+			assert.Equal(t, 1, exit.ExitCode(), "could not mount")
+			assert.Regexp(t, tc.msg, out)
 			assert.NotContains(t, out, "hunter2")
 			assert.NotContains(t, out, "s3cr3t-pa55word")
 		})

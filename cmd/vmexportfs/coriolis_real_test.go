@@ -167,7 +167,9 @@ func TestCoriolisRealTreeChanges(t *testing.T) {
 	require.NoError(t, os.Mkdir(filepath.Join(snaps, "s1"), 0o755))
 	f.write("vm-m", "disk.img", 1<<20, 64<<10)
 	require.NoError(t, os.Mkdir(filepath.Join(snaps, "s2"), 0o755))
-	after := time.Now().Add(time.Second)
+	// Three snapshots made within a second show three seconds (rsync -a
+	// tells them apart): s1 and s2 may each be a second later than made.
+	after := time.Now().Add(3 * time.Second)
 
 	mtimes := map[string]time.Time{}
 	for _, p := range []string{"s1", "s2", "s2/disk.img", "s2/delta-from-s1.vhd", outside, outside + "/disk.img"} {

@@ -1,21 +1,29 @@
 package main
 
 import (
+	"bytes"
+	"encoding/json"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 
 	"github.com/vmexportfs/vmexportfs/backend/coriolis/coriolistest"
 	"github.com/vmexportfs/vmexportfs/backend/extent"
+	"github.com/vmexportfs/vmexportfs/backend/httprange"
+	"github.com/vmexportfs/vmexportfs/backend/meter"
 	"github.com/vmexportfs/vmexportfs/backend/xapi/xapitest"
+	"github.com/vmexportfs/vmexportfs/fs"
 )
 
 const (
@@ -285,8 +293,15 @@ func TestXattrMaps(t *testing.T) {
 
 	none := tool(t, "getfattr", "--only-values", "-n", "user.vmexport.changed."+target, disk)
 	assert.Empty(t, none, "nothing changed since itself")
-	_, err := toolErr("getfattr", "-n", "user.vmexport.changed.no-such-snapshot", disk)
-	assert.Error(t, err)
+	// No such base is no such attribute, as getxattr(2) says it.
+	assert.ErrorIs(t, getxattrErr(disk, "user.vmexport.changed.no-such-snapshot"), syscall.ENODATA)
+}
+
+// getxattrErr is getxattr(2)'s error for path's attribute name, nil when it
+// has a value.
+func getxattrErr(path, name string) error {
+	_, err := unix.Getxattr(path, name, make([]byte, 64<<10))
+	return err
 }
 
 func sha256String(s string) string {
@@ -341,7 +356,9 @@ func TestSnapshotsByDirectory(t *testing.T) {
 }
 
 // TestTokenExpiresMidCopy pauses one copy half-way until the JWT has
-// expired; the copy must finish intact on a renewed token.
+// expired; the copy must finish intact on a renewed token. The renewal may
+// be proactive (before the token's exp) or answer a 401: the 401 path is
+// TestTokenRevokedMidCopy's.
 func TestTokenExpiresMidCopy(t *testing.T) {
 	f := newFixture(t, coriolistest.Options{TokenTTL: 2 * time.Second})
 	f.addVM("vm-j", "j", coriolistest.DiskSpec{Name: "j.img", Device: "xvda", Size: 32 * mib})
@@ -357,5 +374,47 @@ func TestTokenExpiresMidCopy(t *testing.T) {
 	assert.Equal(t, sha256File(t, f.source("vm-j", sid, "j.img")), sha256File(t, out))
 	assert.GreaterOrEqual(t, f.sim.Stats().Logins, int64(1), "logged in again after expiry")
 	assert.NotContains(t, m.logs.String(), "s3cr3t-pa55word")
+	assert.NotContains(t, m.logs.String(), "eyJ", "no JWT in the logs")
+}
+
+// TestTokenRevokedMidCopy: the exporter refuses the mount's token half-way
+// through one copy (restarted with a new JWT secret), an hour before the
+// token expires, so no proactive renewal is due: the next request gets a
+// 401, the mount logs in again and the copy finishes intact. After the
+// first half only one cache block of the disk holds data, far beyond the
+// readahead of a 4 MiB cache (2 MiB), so exactly one request meets the
+// refusal.
+func TestTokenRevokedMidCopy(t *testing.T) {
+	f := newFixture(t, coriolistest.Options{TokenTTL: time.Hour})
+	f.addVM("vm-r", "r", coriolistest.DiskSpec{Name: "r.img", Device: "xvda", Size: 48 * mib})
+	f.write("vm-r", "r.img", 0, 4*mib)
+	f.write("vm-r", "r.img", 40*mib, 64*kib)
+	sid := f.snapshot("vm-r")
+	m := f.mount("--cache-size", "4M")
+	loggedIn := time.Now() // the mount logged in before it said mounted
+	file, err := os.Open(m.path("vms", "vm-r", "snapshots", sid, "disk.img"))
+	require.NoError(t, err)
+	defer file.Close()
+	var copied bytes.Buffer
+	_, err = io.CopyN(&copied, file, 4*mib)
+	require.NoError(t, err)
+
+	// A 401 within RenewDebounce of a login is taken for one sent with the
+	// token before it and renews nothing, so the revocation comes later.
+	time.Sleep(time.Until(loggedIn.Add(httprange.RenewDebounce)))
+	f.sim.ResetStats()
+	require.NoError(t, f.sim.RotateSecret())
+	_, err = io.Copy(&copied, file)
+	require.NoError(t, err)
+	assert.Equal(t, sha256File(t, f.source("vm-r", sid, "r.img")), sha256Bytes(copied.Bytes()))
+
+	st := f.sim.Stats()
+	assert.Equal(t, int64(1), st.Unauthorized, "one request refused")
+	assert.Equal(t, int64(1), st.Logins, "one login again")
+	assert.Equal(t, int64(1), st.DiskRequests, "the refused read, served on the new token")
+	var doc fs.Document
+	require.NoError(t, json.Unmarshal([]byte(tool(t, "getfattr", "--only-values", "-n", "user.vmexport.stats", m.dir)), &doc))
+	assert.Equal(t, int64(1), doc.Faults[meter.FaultAuth], "the mount saw the 401")
+	assert.Zero(t, doc.GaveUp)
 	assert.NotContains(t, m.logs.String(), "eyJ", "no JWT in the logs")
 }

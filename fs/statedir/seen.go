@@ -172,26 +172,44 @@ func (f *firstSeen) compact() error {
 	return nil
 }
 
-// times returns when each of ids, the snapshots of vm that have no creation
-// time, was first seen, recording those never seen as seen at now; the
-// VM's other ids are forgotten.
-func (f *firstSeen) times(vm string, ids []string, now time.Time) map[string]time.Time {
+// times returns when each of ids, the snapshots of vm that have no other
+// time, oldest first, was first seen, recording those never seen as seen
+// at now; the VM's other ids are forgotten. Each claims its second in
+// taken: those seen before first, as they were shown already (one moves
+// only when a journal written before times were kept distinct gave two
+// the same second), then the new ones.
+func (f *firstSeen) times(vm string, ids []string, now time.Time, taken seconds) map[string]time.Time {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	known := f.byVM[vm]
 	out := make(map[string]time.Time, len(ids))
 	next := make([]seenSnap, 0, len(ids))
 	changed := false
-	for _, id := range ids {
-		at := now.UnixNano()
-		if i, ok := slices.BinarySearchFunc(known, id, func(s seenSnap, id string) int { return cmp.Compare(s.id, id) }); ok {
-			at = known[i].at
-		} else {
+	// add gives id its time, at or moved off a taken second, and records
+	// it when it is new or moved.
+	add := func(id string, at int64, seen bool) {
+		if _, dup := out[id]; dup {
+			return
+		}
+		t := taken.claim(time.Unix(0, at))
+		if !seen || t.UnixNano() != at {
+			at = t.UnixNano()
 			f.record(seenRecord{VM: vm, ID: id, At: at})
 			changed = true
 		}
-		out[id] = time.Unix(0, at)
+		out[id] = t
 		next = append(next, seenSnap{id: id, at: at})
+	}
+	var unseen []string
+	for _, id := range ids {
+		if i, ok := slices.BinarySearchFunc(known, id, func(s seenSnap, id string) int { return cmp.Compare(s.id, id) }); ok {
+			add(id, known[i].at, true)
+		} else {
+			unseen = append(unseen, id)
+		}
+	}
+	for _, id := range unseen {
+		add(id, now.UnixNano(), false)
 	}
 	for _, s := range known {
 		if _, listed := out[s.id]; !listed {
@@ -208,6 +226,17 @@ func (f *firstSeen) times(vm string, ids []string, now time.Time) map[string]tim
 		f.byVM[vm] = slices.Clip(next)
 	}
 	return out
+}
+
+// taken adds to taken the seconds of vm's snapshots first seen, but id's.
+func (f *firstSeen) taken(vm, id string, taken seconds) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, s := range f.byVM[vm] {
+		if s.id != id {
+			taken.take(time.Unix(0, s.at))
+		}
+	}
 }
 
 // record queues rec for the next batch.

@@ -113,50 +113,113 @@ func (s *Store) load(vm string) *vmState {
 	return st
 }
 
-// SetCreated records id's creation time (a snapshot taken through mkdir).
-func (s *Store) SetCreated(vm, id string, t time.Time) error {
+// SetCreated records id's creation time (a snapshot taken through mkdir)
+// and returns the time kept: t, or the start of the next second no other
+// snapshot of the VM shows (see seconds).
+func (s *Store) SetCreated(vm, id string, t time.Time) (time.Time, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	st := s.load(vm)
+	taken := seconds{}
+	for other, at := range st.times {
+		if other != id {
+			taken.take(at)
+		}
+	}
+	s.firstSeen().taken(vm, id, taken)
+	t = taken.claim(t)
 	times := maps.Clone(st.times)
 	times[id] = t
 	err := s.write(vm, st, st.names, times)
 	st.times = times // kept in memory even when the write failed
-	return err
+	return t, err
 }
 
-// Times returns the recorded time of each of ids, the VM's complete list of
-// snapshot ids: a creation time SetCreated kept, else when the snapshot was
-// first seen; those never seen are recorded as first seen at now, and the
-// times of ids no longer listed are dropped. First sightings reach the
-// journal in the next batch (FlushDelay): a crash before then loses only
-// those, which the next listing records again.
-func (s *Store) Times(vm string, ids []string, now time.Time) map[string]time.Time {
+// Snap is one listed snapshot: its id and the platform's creation time,
+// zero when the platform does not say.
+type Snap struct {
+	ID      string
+	Created time.Time
+}
+
+// Times returns the time each of snaps, the VM's complete list oldest first,
+// shows as st_mtime: a time kept in the VM's file (SetCreated's, or a
+// platform time moved off a second already shown), else the platform's
+// creation time, else when the snapshot was first seen; those never seen
+// are recorded as first seen at now, and the times of snapshots no longer
+// listed are dropped. No two snapshots of the VM show the same whole second
+// (see seconds): times already shown keep theirs, and a newcomer falling in
+// one of them moves to the start of the next free second, kept so that it
+// never moves back. First sightings reach the journal in the next batch
+// (FlushDelay): a crash before then loses only those, which the next
+// listing records again.
+func (s *Store) Times(vm string, snaps []Snap, now time.Time) map[string]time.Time {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	st := s.load(vm)
-	out := make(map[string]time.Time, len(ids))
+	out := make(map[string]time.Time, len(snaps))
+	taken := seconds{}
+	kept := make(map[string]time.Time, len(st.times))
+	changed := false
+	for _, sn := range snaps {
+		if _, dup := out[sn.ID]; dup {
+			continue
+		}
+		if t, ok := st.times[sn.ID]; ok {
+			out[sn.ID] = taken.claim(t) // moves only times kept before this rule
+			kept[sn.ID] = out[sn.ID]
+			changed = changed || !out[sn.ID].Equal(t)
+		}
+	}
+	// A snapshot made through mkdir that is gone takes its time with it,
+	// so an id reused later is not given it.
+	changed = changed || len(kept) != len(st.times)
 	var unseen []string
-	for _, id := range ids {
-		if t, ok := st.times[id]; ok {
-			out[id] = t
-		} else {
-			unseen = append(unseen, id)
+	for _, sn := range snaps {
+		switch _, ok := out[sn.ID]; {
+		case ok:
+		case !sn.Created.IsZero():
+			out[sn.ID] = taken.claim(sn.Created)
+			if !out[sn.ID].Equal(sn.Created) {
+				kept[sn.ID] = out[sn.ID]
+				changed = true
+			}
+		default:
+			unseen = append(unseen, sn.ID)
 		}
 	}
-	if len(out) != len(st.times) {
-		// A snapshot made through mkdir is gone: its creation time goes
-		// with it, so an id reused later is not given it.
-		times := maps.Clone(out)
-		if err := s.write(vm, st, st.names, times); err != nil {
-			s.log.Warn("statedir: creation times not pruned", "vm", vm, "err", err)
+	if changed {
+		if err := s.write(vm, st, st.names, kept); err != nil {
+			s.log.Warn("statedir: snapshot times not saved", "vm", vm, "err", err)
 		}
-		st.times = times
+		st.times = kept
 	}
-	for id, t := range s.firstSeen().times(vm, unseen, now) {
+	for id, t := range s.firstSeen().times(vm, unseen, now, taken) {
 		out[id] = t
 	}
 	return out
+}
+
+// seconds are the whole seconds (Unix) the snapshots of one VM show. No two
+// may share one: rsync's quick check skips a file of the same size whose
+// mtime is in the same second (it does not compare nanoseconds), so `rsync
+// -a` of a newer snapshot onto a copy of an older one would keep the older
+// one's bytes.
+type seconds map[int64]bool
+
+func (s seconds) take(t time.Time) { s[t.Unix()] = true }
+
+// claim takes t's second and returns t, or when that second is taken, takes
+// the next free one and returns its start.
+func (s seconds) claim(t time.Time) time.Time {
+	sec := t.Unix()
+	if s[sec] {
+		for sec++; s[sec]; sec++ {
+		}
+		t = time.Unix(sec, 0)
+	}
+	s[sec] = true
+	return t
 }
 
 // firstSeen is the journal, read on first use.

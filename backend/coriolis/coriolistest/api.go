@@ -150,6 +150,7 @@ func (s *Server) routes() http.Handler {
 		}
 		if err := s.authenticate(r); err != nil {
 			s.log.Debug("coriolis simulator auth refused", "reason", err)
+			s.unauthorized.Add(1)
 			w.WriteHeader(http.StatusUnauthorized)
 			encode(w, apiError{Error: "Authentication failed", Details: "Invalid authentication token"})
 			return
@@ -228,7 +229,7 @@ func (s *Server) login(w http.ResponseWriter, r *http.Request) {
 			Issuer:    issuer,
 		},
 	})
-	signed, err := tok.SignedString(s.jwtSecret)
+	signed, err := tok.SignedString(s.secret())
 	if err != nil {
 		writeErr(w, fmt.Errorf("sign token: %w", err))
 		return
@@ -246,7 +247,8 @@ func (s *Server) authenticate(r *http.Request) error {
 		return errors.New("missing bearer token")
 	}
 	var c claims
-	_, err := jwt.ParseWithClaims(raw, &c, func(*jwt.Token) (any, error) { return s.jwtSecret, nil },
+	secret := s.secret()
+	_, err := jwt.ParseWithClaims(raw, &c, func(*jwt.Token) (any, error) { return secret, nil },
 		jwt.WithValidMethods([]string{jwt.SigningMethodHS256.Alg()}),
 		jwt.WithExpirationRequired(),
 		jwt.WithIssuer(issuer),

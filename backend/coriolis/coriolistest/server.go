@@ -41,6 +41,7 @@ type Stats struct {
 	DiskRequests int64 // GET/HEAD requests on the disk route
 	DiskHeads    int64 // the HEADs among them
 	Logins       int64 // successful logins (tokens issued)
+	Unauthorized int64 // requests refused with 401 for their token (logins not counted)
 	APIRequests  int64 // every other routed request (metadata, snapshots)
 }
 
@@ -48,7 +49,8 @@ type Stats struct {
 type Server struct {
 	opts      Options
 	log       *slog.Logger
-	jwtSecret []byte
+	jwtSecret []byte // guarded by secretMu: RotateSecret replaces it
+	secretMu  sync.RWMutex
 	tokenTTL  atomic.Int64
 	handler   http.Handler
 
@@ -69,7 +71,7 @@ type Server struct {
 	nextPID uint64
 	nextSeq uint64
 
-	diskBytes, diskRequests, diskHeads, logins, apiRequests atomic.Int64
+	diskBytes, diskRequests, diskHeads, logins, apiRequests, unauthorized atomic.Int64
 }
 
 // Start creates the TLS material, listens and serves in the background.
@@ -170,6 +172,27 @@ func (s *Server) Close() error {
 // value issues already-expired tokens.
 func (s *Server) SetTokenTTL(d time.Duration) { s.tokenTTL.Store(int64(d)) }
 
+// RotateSecret replaces the JWT secret, as a server restarted with a new
+// `[jwt] secret` does: every token issued so far is refused with 401 from
+// now on, however long before it expires, and a new login works.
+func (s *Server) RotateSecret() error {
+	secret := make([]byte, 32)
+	if _, err := rand.Read(secret); err != nil {
+		return fmt.Errorf("coriolistest rotate secret: %w", err)
+	}
+	s.secretMu.Lock()
+	s.jwtSecret = secret
+	s.secretMu.Unlock()
+	return nil
+}
+
+// secret is the JWT secret tokens are signed and checked with now.
+func (s *Server) secret() []byte {
+	s.secretMu.RLock()
+	defer s.secretMu.RUnlock()
+	return s.jwtSecret
+}
+
 // Stats returns the counters.
 func (s *Server) Stats() Stats {
 	return Stats{
@@ -177,6 +200,7 @@ func (s *Server) Stats() Stats {
 		DiskRequests: s.diskRequests.Load(),
 		DiskHeads:    s.diskHeads.Load(),
 		Logins:       s.logins.Load(),
+		Unauthorized: s.unauthorized.Load(),
 		APIRequests:  s.apiRequests.Load(),
 	}
 }
@@ -187,6 +211,7 @@ func (s *Server) ResetStats() {
 	s.diskRequests.Store(0)
 	s.diskHeads.Store(0)
 	s.logins.Store(0)
+	s.unauthorized.Store(0)
 	s.apiRequests.Store(0)
 }
 
