@@ -155,8 +155,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secre
 		if err := daemonize(ctx, logPath); err != nil {
 			return err
 		}
-		fmt.Fprintf(stdout, "vmexportfs demo (%s) mounted at %s (logs: %s). Try: ls %s/by-name; unmount: fusermount3 -u %s\n",
-			demo.name, cfg.mountpoint, logPath, cfg.mountpoint, cfg.mountpoint)
+		fmt.Fprintf(stdout, "vmexportfs demo (%s) mounted on %s (logs: %s)\n%s", demo.name, cfg.mountpoint, logPath, demoHint(cfg.mountpoint))
 		return nil
 	}
 	logger, closeLog, err := newLogger(cfg, stderr)
@@ -208,14 +207,34 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secre
 		return notifyReady(cfg.secrets, err)
 	}
 	ready := func() {
-		fmt.Fprintf(stderr, "vmexportfs demo: %s, mounted on %s\n"+
-			"  try:  ls -l %[2]s/by-name/*/snapshots/*\n"+
-			"        cp --sparse=always %[2]s/by-name/web01/snapshots/*/disk.img /tmp/\n"+
-			"        getfattr -d -m - %[2]s/by-name/web01/snapshots/*/disk.img\n"+
-			"  stop: fusermount3 -u %[2]s\n", sim.about, cfg.mountpoint)
+		fmt.Fprintf(stderr, "vmexportfs demo: %s, mounted on %s\n%s", sim.about, cfg.mountpoint, demoHint(cfg.mountpoint))
 		signalReady(logger)
 	}
 	return notifyReady(cfg.secrets, serve(ctx, src, cfg, logger, ready))
+}
+
+// demoHint is what to try on a fresh demo mount, each line a command that
+// works as printed: web01 has three snapshots, each with a disk.img, so the
+// copy names each copy after its snapshot (one cp of them all to a
+// directory would refuse to overwrite its own just-copied file).
+func demoHint(mountpoint string) string {
+	if abs, err := filepath.Abs(mountpoint); err == nil {
+		mountpoint = abs // still right after a cd
+	}
+	m := shellWord(mountpoint)
+	return fmt.Sprintf("  try:  ls -l %[1]s/by-name/*/snapshots/*\n"+
+		"        for s in %[1]s/by-name/web01/snapshots/*; do cp --sparse=always \"$s/disk.img\" \"/tmp/web01-${s##*/}.img\"; done\n"+
+		"        getfattr -d -m - %[1]s/by-name/web01/snapshots/*/disk.img\n"+
+		"  stop: fusermount3 -u %[1]s\n", m)
+}
+
+// shellWord quotes s for a POSIX shell when it holds more than letters,
+// digits and punctuation the shell leaves alone.
+func shellWord(s string) string {
+	if s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_./+:,@%=-") == "" {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
 
 // startCoriolisDemo runs the Coriolis simulator, logging in with a user and
@@ -593,8 +612,11 @@ const (
 )
 
 // The demo dataset's db01 and its root disk, whose snapshots TestDemoPlatforms
-// copies.
-const demoDB, demoDBRoot = "0004fb00000600001a2b3c4d5e6f7002", "0004fb0000120000db01.img"
+// copies, and web01 and its disk, which the demo's hint copies.
+const (
+	demoDB, demoDBRoot   = "0004fb00000600001a2b3c4d5e6f7002", "0004fb0000120000db01.img"
+	demoWeb, demoWebDisk = "0004fb00000600001a2b3c4d5e6f7001", "0004fb0000120000aa01.img"
+)
 
 // populateDemo builds two VMs with histories that show every feature: a
 // single-disk VM with three snapshots (changes crossing 2 MiB blocks, a
@@ -602,7 +624,7 @@ const demoDB, demoDBRoot = "0004fb00000600001a2b3c4d5e6f7002", "0004fb0000120000
 // disk whose size is not a multiple of 2 MiB.
 func populateDemo(sim demoTarget) error {
 	w := newDemoWriter(sim, "vmexportfs demo")
-	const web, webDisk = "0004fb00000600001a2b3c4d5e6f7001", "0004fb0000120000aa01.img"
+	const web, webDisk = demoWeb, demoWebDisk
 	w.addVM(demoVM{id: web, name: "web01", disks: []demoDisk{
 		{id: webDisk, device: "xvda", size: 1 * gib},
 	}})
