@@ -2,8 +2,11 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -117,4 +120,72 @@ func daemonPID(t *testing.T, mnt string) int {
 		}
 	}
 	return 0
+}
+
+// TestBackgroundMountSaysWhereItLogs: a mount that goes to the background
+// prints one line on stderr, naming its log: the file the daemon writes,
+// whose directory is named after a hash. --help gives the real defaults of
+// the data directories and the log's path pattern, which that path
+// follows, for root and with $XDG_*_HOME; README names the pattern too.
+func TestBackgroundMountSaysWhereItLogs(t *testing.T) {
+	requireTools(t, "fusermount3")
+	f := newFixture(t, coriolistest.Options{})
+	f.addVM("vm-l", "l", coriolistest.DiskSpec{Name: "l.img", Device: "xvda", Size: 4 * mib})
+	f.snapshot("vm-l")
+	xdg := t.TempDir()
+	env := []string{"XDG_STATE_HOME=" + filepath.Join(xdg, "state"), "XDG_CACHE_HOME=" + filepath.Join(xdg, "cache")}
+
+	help, _, err := commandOutput(env, "--help")
+	require.NoError(t, err)
+	m := regexp.MustCompile(`(?m)^ +--log-file string .* else (\S+), printed once mounted\)$`).FindStringSubmatch(help)
+	require.NotNil(t, m, "--help gives the log's default:\n%s", help)
+	pattern := m[1]
+	assert.Equal(t, filepath.Join(xdg, "state", "vmexportfs", "HOST-HASH", "vmexportfs.log"), pattern)
+	assert.Regexp(t, `(?m)^ +--cache-dir string .*\(default `+regexp.QuoteMeta(filepath.Join(xdg, "cache", "vmexportfs"))+`\)$`, help)
+
+	mnt := t.TempDir()
+	source := "coriolis+" + f.sim.URL()
+	stdout, stderr, err := commandOutput(env, "--username", "admin", "--password-file", f.passwordFile, "--ca-file", f.sim.CAFile(), source, mnt)
+	require.NoError(t, err, stderr)
+	t.Cleanup(func() { unmountDaemon(t, mnt) })
+	assert.Empty(t, stdout)
+	logPath := strings.Replace(pattern, "HOST-HASH", sourceKey(source, "admin"), 1)
+	assert.Equal(t, "vmexportfs: mounted "+mnt+"; logging to "+logPath+"\n", stderr)
+	log, err := os.ReadFile(logPath)
+	require.NoError(t, err)
+	assert.Contains(t, string(log), "msg=mounted")
+
+	var rootEnv []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "XDG_STATE_HOME=") && !strings.HasPrefix(kv, "XDG_CACHE_HOME=") {
+			rootEnv = append(rootEnv, kv)
+		}
+	}
+	cmd := exec.Command(os.Args[0], "--help")
+	cmd.Env = append(rootEnv, asCommandEnv+"=1")
+	out, err := cmd.Output()
+	require.NoError(t, err)
+	for _, want := range []string{
+		`--state-dir string .*\(default /var/lib/vmexportfs\)$`,
+		`--cache-dir string .*\(default /var/cache/vmexportfs\)$`,
+		`--log-file string .* else /var/lib/vmexportfs/HOST-HASH/vmexportfs\.log, printed once mounted\)$`,
+	} {
+		assert.Regexp(t, `(?m)^ +`+want, string(out), "root's defaults")
+	}
+	readme, err := os.ReadFile("../../README.md")
+	require.NoError(t, err)
+	assert.True(t, strings.Contains(string(readme), "/var/lib/vmexportfs/HOST-HASH/vmexportfs.log"), "README names the log's default")
+}
+
+// commandOutput runs the command with env added to the test's and returns
+// its stdout and stderr.
+func commandOutput(env []string, args ...string) (stdout, stderr string, err error) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, os.Args[0], args...)
+	cmd.Env = append(append(os.Environ(), env...), asCommandEnv+"=1")
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	err = cmd.Run()
+	return out.String(), errOut.String(), err
 }
