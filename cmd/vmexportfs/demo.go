@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -71,83 +72,102 @@ type demoSim struct {
 	close  func() error
 }
 
-// runDemo starts a platform's simulator on loopback with sample VMs and
-// mounts it through the same code path as a real platform: the platform's
-// registry line, credentials from files, TLS verified against the
-// simulator's own CA.
-func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secrets *redact.Secrets) error {
-	cfg := mountConfig{secrets: secrets}
-	var cacheSize, dataset, dataDir, envFile, platformName string
-	var serveOnly bool
-	var opts []string
+// demoOptions are what the demo's command line says.
+type demoOptions struct {
+	cfg                                                mountConfig
+	cacheSize, dataset, dataDir, envFile, platformName string
+	serveOnly                                          bool
+	opts                                               []string
+}
+
+// newDemoFlags defines the demo's command line: the mount's flags, those
+// the demo gives itself hidden, and the demo's own.
+func newDemoFlags(o *demoOptions) *pflag.FlagSet {
 	demos := demoPlatforms()
 	var registry []platform.Platform
 	for _, d := range demos {
 		registry = append(registry, d.platform())
 	}
-	f := newMountFlags(&cfg, &cacheSize, &opts, registry)
+	f := newMountFlags(&o.cfg, &o.cacheSize, &o.opts, registry)
 	f.Init("vmexportfs demo", 0)
 	// The demo gives each platform's own flags itself.
-	for _, p := range cfg.platforms {
+	for _, p := range o.cfg.platforms {
 		p.flags.VisitAll(func(fl *pflag.Flag) { _ = f.MarkHidden(fl.Name) })
 	}
-	f.StringVar(&platformName, "platform", demos[0].name, "the platform to simulate: "+strings.Join(demoPlatformNames(), ", "))
-	f.StringVar(&dataset, "dataset", "demo", "sample data: demo (two VMs, snapshots with changes), bench (2 GiB with 512 MiB in 64 extents, and 1 GiB fully written), scale (1 TiB and 2 GiB disks with the same 1 GiB written, 16 fully written 128 MiB disks) or vms-100k (100,000 VMs of one snapshot)")
-	f.StringVar(&dataDir, "data-dir", "", "where the simulator keeps its disk files (default: a temporary directory removed on exit)")
-	f.BoolVar(&serveOnly, "serve-only", false, "run only the simulator, do not mount (MOUNTPOINT not needed)")
-	f.StringVar(&envFile, "env-file", "", "write how to reach the simulator (source URL, CA, credentials' files) here as shell variables")
-	if len(args) == 1 && (args[0] == "-h" || args[0] == "--help") {
-		fmt.Fprintf(stdout, "Usage:\n  vmexportfs demo [--platform NAME] [flags] MOUNTPOINT\n  vmexportfs demo [--platform NAME] --serve-only [--env-file FILE]\n\nPlatforms:\n")
-		tw := tabwriter.NewWriter(stdout, 0, 0, 3, ' ', 0)
-		for i, d := range demos {
-			def := ""
-			if i == 0 {
-				def = " (default)"
-			}
-			fmt.Fprintf(tw, "  %s\t%s%s\n", d.name, d.about, def)
+	f.StringVar(&o.platformName, "platform", demos[0].name, "the platform to simulate: "+strings.Join(demoPlatformNames(), ", "))
+	f.StringVar(&o.dataset, "dataset", "demo", "sample data: demo (two VMs, snapshots with changes), bench (2 GiB with 512 MiB in 64 extents, and 1 GiB fully written), scale (1 TiB and 2 GiB disks with the same 1 GiB written, 16 fully written 128 MiB disks) or vms-100k (100,000 VMs of one snapshot)")
+	f.StringVar(&o.dataDir, "data-dir", "", "where the simulator keeps its disk files (default: a temporary directory removed on exit)")
+	f.BoolVar(&o.serveOnly, "serve-only", false, "run only the simulator, do not mount (MOUNTPOINT not needed)")
+	f.StringVar(&o.envFile, "env-file", "", "write how to reach the simulator (source URL, CA, credentials' files) here as shell variables")
+	return f
+}
+
+// printDemoHelp is the demo's --help: the platforms it simulates and its flags.
+func printDemoHelp(w io.Writer, f *pflag.FlagSet) error {
+	fmt.Fprintf(w, "Usage:\n  vmexportfs demo [--platform NAME] [flags] MOUNTPOINT\n  vmexportfs demo [--platform NAME] --serve-only [--env-file FILE]\n\nPlatforms:\n")
+	tw := tabwriter.NewWriter(w, 0, 0, 3, ' ', 0)
+	for i, d := range demoPlatforms() {
+		def := ""
+		if i == 0 {
+			def = " (default)"
 		}
-		tw.Flush()
-		fmt.Fprintf(stdout, "\nFlags:\n%s", f.FlagUsages())
-		return nil
+		fmt.Fprintf(tw, "  %s\t%s%s\n", d.name, d.about, def)
 	}
+	tw.Flush()
+	_, err := fmt.Fprintf(w, "\nFlags:\n%s", f.FlagUsages())
+	return err
+}
+
+// runDemo starts a platform's simulator on loopback with sample VMs and
+// mounts it through the same code path as a real platform: the platform's
+// registry line, credentials from files, TLS verified against the
+// simulator's own CA.
+func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secrets *redact.Secrets) error {
+	o := &demoOptions{cfg: mountConfig{secrets: secrets}}
+	f := newDemoFlags(o)
+	cfg := &o.cfg
+	demos := demoPlatforms()
 	if err := f.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return printDemoHelp(stdout, f)
+		}
 		return fmt.Errorf("%w: demo: %v", errUsage, err)
 	}
-	if len(opts) > 0 {
+	if len(o.opts) > 0 {
 		return fmt.Errorf("%w: demo: -o is for platform mounts", errUsage)
 	}
-	i := slices.IndexFunc(demos, func(d demoPlatform) bool { return d.name == platformName })
+	i := slices.IndexFunc(demos, func(d demoPlatform) bool { return d.name == o.platformName })
 	if i < 0 {
-		return fmt.Errorf("%w: demo: --platform %q: want one of %s", errUsage, truncate(platformName, 20), strings.Join(demoPlatformNames(), ", "))
+		return fmt.Errorf("%w: demo: --platform %q: want one of %s", errUsage, truncate(o.platformName, 20), strings.Join(demoPlatformNames(), ", "))
 	}
 	demo := demos[i]
 	j := slices.IndexFunc(cfg.platforms, func(p registered) bool { return p.Scheme == demo.name })
 	if err := checkForeignFlags(f, cfg.platforms, cfg.platforms[j]); err != nil {
 		return err
 	}
-	populate, ok := demoDatasets()[dataset]
+	populate, ok := demoDatasets()[o.dataset]
 	if !ok {
-		return fmt.Errorf("%w: demo: --dataset %q: want demo, bench, scale or vms-100k", errUsage, truncate(dataset, 20))
+		return fmt.Errorf("%w: demo: --dataset %q: want demo, bench, scale or vms-100k", errUsage, truncate(o.dataset, 20))
 	}
 	var err error
-	if cfg.cacheSize, err = parseSize(cacheSize); err != nil || cfg.cacheSize < 4<<20 {
-		return fmt.Errorf("%w: demo: --cache-size %q: want a size of at least 4M", errUsage, truncate(cacheSize, 20))
+	if cfg.cacheSize, err = parseSize(o.cacheSize); err != nil || cfg.cacheSize < 4<<20 {
+		return fmt.Errorf("%w: demo: --cache-size %q: want a size of at least 4M", errUsage, truncate(o.cacheSize, 20))
 	}
 	if _, err := parseLogLevel(cfg.logLevel); err != nil {
 		return fmt.Errorf("%w: %v", errUsage, err)
 	}
 	switch {
-	case serveOnly && f.NArg() != 0:
+	case o.serveOnly && f.NArg() != 0:
 		return fmt.Errorf("%w: demo --serve-only takes no MOUNTPOINT", errUsage)
-	case !serveOnly && f.NArg() != 1:
-		return fmt.Errorf("%w: usage: vmexportfs demo [--platform NAME] [flags] MOUNTPOINT", errUsage)
-	case !serveOnly:
+	case !o.serveOnly && f.NArg() != 1:
+		return fmt.Errorf("%w: demo: want one MOUNTPOINT: vmexportfs demo [--platform NAME] [flags] MOUNTPOINT", errUsage)
+	case !o.serveOnly:
 		cfg.mountpoint = f.Arg(0)
 		if err := checkMountpoint(cfg.mountpoint); err != nil {
 			return err
 		}
 	}
-	if !cfg.foreground && !serveOnly && os.Getenv(readyFDEnv) == "" {
+	if !cfg.foreground && !o.serveOnly && os.Getenv(readyFDEnv) == "" {
 		logPath := cfg.logFile
 		if logPath == "" {
 			logPath = filepath.Join(os.TempDir(), "vmexportfs-demo.log")
@@ -158,32 +178,32 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secre
 		fmt.Fprintf(stdout, "vmexportfs demo (%s) mounted on %s (logs: %s)\n%s", demo.name, cfg.mountpoint, logPath, demoHint(cfg.mountpoint))
 		return nil
 	}
-	logger, closeLog, err := newLogger(cfg, stderr)
+	logger, closeLog, err := newLogger(*cfg, stderr)
 	if err != nil {
 		return err
 	}
 	defer closeLog()
 
-	if dataDir == "" {
-		if dataDir, err = os.MkdirTemp("", "vmexportfs-demo-"); err != nil {
+	if o.dataDir == "" {
+		if o.dataDir, err = os.MkdirTemp("", "vmexportfs-demo-"); err != nil {
 			return notifyReady(cfg.secrets, fmt.Errorf("demo: %w", err))
 		}
-		defer os.RemoveAll(dataDir)
-	} else if err := os.MkdirAll(dataDir, 0o700); err != nil {
+		defer os.RemoveAll(o.dataDir)
+	} else if err := os.MkdirAll(o.dataDir, 0o700); err != nil {
 		return notifyReady(cfg.secrets, fmt.Errorf("demo: %w", err))
 	}
-	sim, err := demo.start(dataDir, populate, logger)
+	sim, err := demo.start(o.dataDir, populate, logger)
 	if err != nil {
 		return notifyReady(cfg.secrets, fmt.Errorf("demo: %w", err))
 	}
 	defer sim.close()
-	if envFile != "" {
+	if o.envFile != "" {
 		env := strings.Join(append([]string{"VMEXPORTFS_DEMO_SOURCE=" + sim.source}, sim.env...), "\n") + "\n"
-		if err := os.WriteFile(envFile, []byte(env), 0o600); err != nil {
+		if err := os.WriteFile(o.envFile, []byte(env), 0o600); err != nil {
 			return fmt.Errorf("demo: --env-file: %w", err)
 		}
 	}
-	if serveOnly {
+	if o.serveOnly {
 		fmt.Fprintf(stderr, "vmexportfs demo: %s; Ctrl-C stops it\n", sim.about)
 		<-ctx.Done()
 		return nil
@@ -196,13 +216,13 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secre
 		}
 	}
 	if cfg.stateDir == "" {
-		cfg.stateDir = filepath.Join(dataDir, "state")
+		cfg.stateDir = filepath.Join(o.dataDir, "state")
 	}
 	if cfg.cacheDir == "" {
-		cfg.cacheDir = filepath.Join(dataDir, "cache")
+		cfg.cacheDir = filepath.Join(o.dataDir, "cache")
 	}
-	cfg.meter = newMeter(cfg)
-	src, err := openSource(ctx, cfg, logger)
+	cfg.meter = newMeter(*cfg)
+	src, err := openSource(ctx, *cfg, logger)
 	if err != nil {
 		return notifyReady(cfg.secrets, err)
 	}
@@ -210,7 +230,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secre
 		fmt.Fprintf(stderr, "vmexportfs demo: %s, mounted on %s\n%s", sim.about, cfg.mountpoint, demoHint(cfg.mountpoint))
 		signalReady(logger)
 	}
-	return notifyReady(cfg.secrets, serve(ctx, src, cfg, logger, ready))
+	return notifyReady(cfg.secrets, serve(ctx, src, *cfg, logger, ready))
 }
 
 // demoHint is what to try on a fresh demo mount, each line a command that

@@ -7,12 +7,15 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/spf13/pflag"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -188,4 +191,309 @@ func commandOutput(env []string, args ...string) (stdout, stderr string, err err
 	cmd.Stdout, cmd.Stderr = &out, &errOut
 	err = cmd.Run()
 	return out.String(), errOut.String(), err
+}
+
+// runCommand runs the command in this process, as TestBadInvocations does.
+func runCommand(args ...string) (code int, stdout, stderr string) {
+	var out, errOut bytes.Buffer
+	code = run(context.Background(), args, &out, &errOut)
+	return code, out.String(), errOut.String()
+}
+
+// TestEveryCommandHelp: every command's -h and --help, anywhere on its
+// command line, print its usage on stdout and exit 0; `vmexportfs help
+// COMMAND` prints the same, and `vmexportfs help` and `--help` the
+// overview, which names every command.
+func TestEveryCommandHelp(t *testing.T) {
+	for _, c := range commands() {
+		t.Run(c.name, func(t *testing.T) {
+			code, want, stderr := runCommand("help", c.name)
+			require.Equal(t, 0, code, stderr)
+			assert.Empty(t, stderr)
+			assert.Regexp(t, `^(?i)usage:\n?\s+vmexportfs `, want)
+			assert.Contains(t, want, strings.Fields(strings.TrimPrefix(c.synopsis, "[mount] "))[0])
+			for _, args := range [][]string{{"--help"}, {"-h"}, {"--help", "extra"}, {"extra", "-h"}} {
+				code, stdout, stderr := runCommand(append([]string{c.name}, args...)...)
+				assert.Equal(t, 0, code, "%s %v: %s", c.name, args, stderr)
+				assert.Empty(t, stderr, "%s %v", c.name, args)
+				assert.Equal(t, want, stdout, "%s %v", c.name, args)
+			}
+		})
+	}
+	code, overview, _ := runCommand("--help")
+	require.Equal(t, 0, code)
+	for _, args := range [][]string{{"-h"}, {"help"}, {"--username", "u", "--help"}} {
+		code, stdout, stderr := runCommand(args...)
+		assert.Equal(t, 0, code, "%v: %s", args, stderr)
+		assert.Equal(t, overview, stdout, "%v", args)
+	}
+	for _, c := range commands() {
+		assert.Regexp(t, `(?m)^  vmexportfs `+regexp.QuoteMeta(c.synopsis)+` +\S`, overview)
+	}
+	code, _, stderr := runCommand("help", "nosuch")
+	assert.Equal(t, 2, code)
+	assert.Equal(t, "vmexportfs: usage: help: unknown command \"nosuch\" (commands: mount, demo, extents, stats, version, help, completion, man)\n", stderr)
+}
+
+// TestOperandMistakes: a command given the wrong operands says, in one line
+// and with exit status 2, what it wants, and says "usage" once.
+func TestOperandMistakes(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		msg  string
+	}{
+		{[]string{"extents"}, "vmexportfs: usage: extents: want one PATH: vmexportfs extents [--since BASE] PATH\n"},
+		{[]string{"extents", "a", "b"}, "vmexportfs: usage: extents: want one PATH: vmexportfs extents [--since BASE] PATH\n"},
+		{[]string{"demo"}, "vmexportfs: usage: demo: want one MOUNTPOINT: vmexportfs demo [--platform NAME] [flags] MOUNTPOINT\n"},
+		{[]string{"stats"}, "vmexportfs: usage: stats: want one MOUNTPOINT: vmexportfs stats [--watch [--interval D]] [--json] MOUNTPOINT\n"},
+		{[]string{"version", "x"}, "vmexportfs: usage: version takes no arguments\n"},
+		{[]string{"-V", "x"}, "vmexportfs: usage: version takes no arguments\n"},
+		{[]string{"man", "x"}, "vmexportfs: usage: man takes no arguments\n"},
+		{[]string{"completion"}, "vmexportfs: usage: completion: want one of bash, zsh, fish\n"},
+		{[]string{"completion", "tcsh"}, "vmexportfs: usage: completion: want one of bash, zsh, fish\n"},
+		{[]string{"help", "a", "b"}, "vmexportfs: usage: help: want at most one COMMAND\n"},
+		{[]string{"extents", "--bogus", "p"}, "vmexportfs: usage: extents: unknown flag: --bogus\n"},
+	} {
+		code, stdout, stderr := runCommand(tc.args...)
+		assert.Equal(t, 2, code, tc.args)
+		assert.Empty(t, stdout, tc.args)
+		assert.Equal(t, tc.msg, stderr, tc.args)
+	}
+}
+
+// TestVersion: -V, --version and `version` print one line from the build
+// information: the module's version, the commit, its time and whether the
+// tree was modified when the build recorded them, and the toolchain.
+func TestVersion(t *testing.T) {
+	platform := runtime.GOOS + "/" + runtime.GOARCH
+	for _, tc := range []struct {
+		name string
+		info *debug.BuildInfo
+		ok   bool
+		want string
+	}{
+		{"no build information", nil, false, "vmexportfs (no build information) " + runtime.Version() + " " + platform},
+		{"a checkout without VCS stamps", &debug.BuildInfo{GoVersion: "go1.26.1", Main: debug.Module{Version: "(devel)"}}, true,
+			"vmexportfs devel go1.26.1 " + platform},
+		{"a tagged build", &debug.BuildInfo{GoVersion: "go1.26.1", Main: debug.Module{Version: "v1.2.3"}, Settings: []debug.BuildSetting{
+			{Key: "vcs.revision", Value: "0123456789abcdef0123456789abcdef01234567"}, {Key: "vcs.time", Value: "2026-11-30T10:00:00Z"},
+			{Key: "vcs.modified", Value: "false"}}}, true,
+			"vmexportfs v1.2.3 (commit 0123456789abcdef0123456789abcdef01234567, 2026-11-30T10:00:00Z) go1.26.1 " + platform},
+		{"a modified tree", &debug.BuildInfo{GoVersion: "go1.26.1", Main: debug.Module{Version: "v0.0.0-20261130100000-0123456789ab+dirty"}, Settings: []debug.BuildSetting{
+			{Key: "vcs.revision", Value: "0123456789abcdef0123456789abcdef01234567"}, {Key: "vcs.time", Value: "2026-11-30T10:00:00Z"},
+			{Key: "vcs.modified", Value: "true"}}}, true,
+			"vmexportfs v0.0.0-20261130100000-0123456789ab+dirty (commit 0123456789abcdef0123456789abcdef01234567, 2026-11-30T10:00:00Z, modified) go1.26.1 " + platform},
+	} {
+		assert.Equal(t, tc.want, versionLine(tc.info, tc.ok), tc.name)
+	}
+
+	info, ok := debug.ReadBuildInfo()
+	want := versionLine(info, ok) + "\n"
+	for _, args := range [][]string{{"-V"}, {"--version"}, {"version"}} {
+		code, stdout, stderr := runCommand(args...)
+		assert.Equal(t, 0, code, stderr)
+		assert.Equal(t, want, stdout, args)
+	}
+}
+
+// definedFlags are the spellings of a command's visible flags, from the
+// definitions its command line is parsed with.
+func definedFlags(c command) []string {
+	var names []string
+	c.flags().VisitAll(func(fl *pflag.Flag) {
+		if !fl.Hidden {
+			names = append(names, "--"+fl.Name)
+			if fl.Shorthand != "" {
+				names = append(names, "-"+fl.Shorthand)
+			}
+		}
+	})
+	return append(names, "--help", "-h")
+}
+
+// completionScript is what `vmexportfs completion SHELL` prints, in a file.
+func completionScript(t *testing.T, shell string) string {
+	t.Helper()
+	code, script, stderr := runCommand("completion", shell)
+	require.Equal(t, 0, code, stderr)
+	path := filepath.Join(t.TempDir(), "vmexportfs."+shell)
+	require.NoError(t, os.WriteFile(path, []byte(script), 0o644))
+	return path
+}
+
+// TestBashCompletion loads the bash script in bash and completes words as
+// bash would on Tab: command names, each command's flags (every flag it
+// defines), flag values from closed sets, `--flag=value` split at "=".
+func TestBashCompletion(t *testing.T) {
+	requireTools(t, "bash")
+	script := completionScript(t, "bash")
+	complete := func(words ...string) []string {
+		t.Helper()
+		// The function is the one `complete -p` names, as bash calls it.
+		out, err := runTool("bash", append([]string{"-c", `source "$1" || exit 1
+[[ $(complete -p vmexportfs) =~ -F\ ([^ ]+) ]] || exit 1
+COMP_WORDS=("${@:2}"); COMP_CWORD=$((${#COMP_WORDS[@]} - 1))
+"${BASH_REMATCH[1]}" && printf '%s\n' "${COMPREPLY[@]}"`, "bash", script}, words...))
+		require.NoError(t, err, words)
+		return strings.Fields(out)
+	}
+	for _, tc := range []struct {
+		words []string
+		want  []string
+	}{
+		{[]string{"vmexportfs", "mo"}, []string{"mount"}},
+		{[]string{"vmexportfs", ""}, commandNames()},
+		{[]string{"vmexportfs", "demo", "--pl"}, []string{"--platform"}},
+		{[]string{"vmexportfs", "demo", "--platform", ""}, demoPlatformNames()},
+		{[]string{"vmexportfs", "--log-level", "=", "w"}, []string{"warn"}},
+		{[]string{"vmexportfs", "--log-format", "="}, []string{"text", "json"}},
+		{[]string{"vmexportfs", "--xapi-r"}, []string{"--xapi-rmdir"}},
+		{[]string{"vmexportfs", "mount", "--user"}, []string{"--username"}},
+		{[]string{"vmexportfs", "extents", "--"}, []string{"--since", "--help"}},
+		{[]string{"vmexportfs", "completion", ""}, []string{"bash", "zsh", "fish"}},
+		{[]string{"vmexportfs", "help", "st"}, []string{"stats"}},
+		{[]string{"vmexportfs", "--username", ""}, nil},
+	} {
+		assert.ElementsMatch(t, tc.want, complete(tc.words...), tc.words)
+	}
+	for _, c := range commands() {
+		want := definedFlags(c)
+		if c.name == "mount" {
+			want = append(want, "--version", "-V")
+		}
+		assert.ElementsMatch(t, want, complete("vmexportfs", c.name, "-"), "every flag of %s", c.name)
+	}
+}
+
+// TestZshAndFishCompletion: the zsh and fish scripts name every flag of
+// every command; where the shells are installed, they parse, and their
+// functions offer what bash's does (zsh's with its completion system's
+// functions stubbed to print what they are given; fish's through
+// `complete -C`, fish's own completion).
+func TestZshAndFishCompletion(t *testing.T) {
+	zsh, fish := completionScript(t, "zsh"), completionScript(t, "fish")
+	for _, path := range []string{zsh, fish} {
+		b, err := os.ReadFile(path)
+		require.NoError(t, err)
+		for _, c := range commands() {
+			assert.Contains(t, string(b), c.name, path)
+			c.flags().VisitAll(func(fl *pflag.Flag) {
+				if !fl.Hidden {
+					assert.Regexp(t, `(['\s])--`+regexp.QuoteMeta(fl.Name)+`[=\[ ]|-l `+regexp.QuoteMeta(fl.Name)+` `, string(b), "%s: %s --%s", path, c.name, fl.Name)
+				}
+			})
+		}
+	}
+
+	if _, err := exec.LookPath("zsh"); err == nil {
+		tool(t, "zsh", "-n", zsh)
+		stub := filepath.Join(t.TempDir(), "stub.zsh")
+		require.NoError(t, os.WriteFile(stub, []byte(`compdef() { }
+source "$1"; shift
+_describe() { print -rl -- "${(@P)${@[-1]}}" }
+_arguments() { print -rl -- "$@" }
+words=("$@"); CURRENT=$#words
+_vmexportfs
+`), 0o644))
+		out := tool(t, "zsh", "-f", stub, zsh, "vmexportfs", "mo")
+		assert.Contains(t, out, "mount:mount a platform's snapshots")
+		out = tool(t, "zsh", "-f", stub, zsh, "vmexportfs", "demo", "--pl")
+		assert.Contains(t, out, "--platform=[the platform to simulate\\: coriolis, kubevirt, xapi, ovirt]:string:(coriolis kubevirt xapi ovirt)")
+		assert.NotContains(t, out, "--kubeconfig", "the demo's own flags, not the mount's")
+		out = tool(t, "zsh", "-f", stub, zsh, "vmexportfs", "completion", "")
+		assert.Contains(t, out, "*:shells:(bash zsh fish)")
+	} else {
+		t.Log("zsh is not installed: its script's syntax is not checked")
+	}
+
+	if _, err := exec.LookPath("fish"); err == nil {
+		tool(t, "fish", "-n", fish)
+		complete := func(line string) []string {
+			out := tool(t, "fish", "--no-config", "-c", `source $argv[1]; complete -C $argv[2]`, fish, line)
+			var words []string
+			for l := range strings.Lines(out) {
+				words = append(words, strings.SplitN(strings.TrimSpace(l), "\t", 2)[0])
+			}
+			return words
+		}
+		assert.Equal(t, []string{"mount"}, complete("vmexportfs mo"))
+		assert.Equal(t, []string{"--platform"}, complete("vmexportfs demo --pl"))
+		assert.ElementsMatch(t, demoPlatformNames(), complete("vmexportfs demo --platform "))
+		assert.ElementsMatch(t, []string{"bash", "zsh", "fish"}, complete("vmexportfs completion "))
+		assert.ElementsMatch(t, []string{"--since", "--help", "-h"}, slices.DeleteFunc(complete("vmexportfs extents -"), func(s string) bool { return s == "" }))
+	} else {
+		t.Log("fish is not installed: its script's syntax is not checked")
+	}
+}
+
+// TestManPage: `make man` writes the man page, generated by `vmexportfs
+// man`; groff renders it without a warning, and the page names every
+// command, every flag of every command, every platform's source form and
+// every -o spelling. The binary `make` built tells its version as its build
+// information has it.
+func TestManPage(t *testing.T) {
+	requireTools(t, "make", "groff")
+	dir := t.TempDir()
+	bin, page := filepath.Join(dir, "vmexportfs"), filepath.Join(dir, "vmexportfs.1")
+	tool(t, "make", "-C", "../..", "man", "BIN="+bin, "MAN="+page)
+	code, generated, _ := runCommand("man")
+	require.Equal(t, 0, code)
+	b, err := os.ReadFile(page)
+	require.NoError(t, err)
+	assert.Equal(t, stripTH(generated), stripTH(string(b)), "make man writes what vmexportfs man prints")
+
+	cmd := exec.Command("groff", "-k", "-man", "-Tutf8", "-ww", "-P-cbou", page)
+	var out, warnings bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &warnings
+	require.NoError(t, cmd.Run())
+	assert.Empty(t, warnings.String(), "groff's warnings")
+	// Rendered, a flag reads as typed: the page writes its '-' as \-,
+	// which some groff setups show as U+2212.
+	text := strings.ReplaceAll(out.String(), "\u2212", "-")
+	for _, c := range commands() {
+		assert.Regexp(t, `(?m)^ +vmexportfs `+regexp.QuoteMeta(c.synopsis)+`$`, text, "the synopsis of %s", c.name)
+		for _, fl := range definedFlags(c) {
+			assert.Regexp(t, `(?m)^ +(-\w, )?`+regexp.QuoteMeta(fl)+`\b`, text, "%s %s", c.name, fl)
+			// A bare '-' may render as a hyphen, which a shell does not take.
+			assert.True(t, strings.Contains(string(b), `\fB`+strings.ReplaceAll(fl, "-", `\-`)+`\fR`), "%s %s written with minus signs", c.name, fl)
+		}
+	}
+	var cfg mountConfig
+	newMountFlags(&cfg, new(string), new([]string), platforms())
+	for _, p := range cfg.platforms {
+		for _, u := range p.Usage {
+			assert.Contains(t, text, u.Source)
+		}
+	}
+	flat := strings.Join(strings.Fields(text), " ")
+	for _, key := range defaultOptions.spellings() {
+		assert.Contains(t, flat, " "+key+" ", "-o %s", key)
+	}
+	if _, err := exec.LookPath("man"); err == nil {
+		tool(t, "man", "-l", page)
+	}
+
+	version, err := runTool(bin, []string{"--version"})
+	require.NoError(t, err)
+	stamps, err := runTool("go", []string{"version", "-m", bin})
+	require.NoError(t, err)
+	for line := range strings.Lines(stamps) {
+		f := strings.Fields(line)
+		switch {
+		case len(f) >= 3 && f[0] == "mod" && f[2] != "(devel)":
+			assert.Contains(t, version, " "+f[2]+" ", "the module's version")
+		case len(f) == 2 && f[0] == "build" && strings.HasPrefix(f[1], "vcs.revision="):
+			assert.Contains(t, version, strings.TrimPrefix(f[1], "vcs.revision="))
+		case len(f) == 2 && f[0] == "build" && f[1] == "vcs.modified=true":
+			assert.Contains(t, version, ", modified)")
+		}
+	}
+	assert.True(t, strings.HasPrefix(version, "vmexportfs "), version)
+}
+
+// stripTH drops the page's title line, whose date and version are the
+// building binary's.
+func stripTH(page string) string {
+	_, rest, _ := strings.Cut(page, "\n")
+	return rest
 }

@@ -108,6 +108,9 @@ func parseMountArgs(args []string, registry []platform.Platform) (mountConfig, e
 	var opts []string
 	f := newMountFlags(&cfg, &cacheSize, &opts, registry)
 	if err := f.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return cfg, err
+		}
 		return cfg, fmt.Errorf("%w: %v (see vmexportfs --help)", errUsage, err)
 	}
 	mo, err := newOptionTable(cfg.platforms).parse(opts)
@@ -208,10 +211,10 @@ func checkMountpoint(dir string) error {
 }
 
 func runMount(ctx context.Context, args []string, stdout, stderr io.Writer, secrets *redact.Secrets) error {
-	if len(args) == 1 && (args[0] == "-h" || args[0] == "--help") {
+	cfg, err := parseMountArgs(args, platforms())
+	if errors.Is(err, pflag.ErrHelp) {
 		return printMountHelp(stdout, platforms())
 	}
-	cfg, err := parseMountArgs(args, platforms())
 	if err != nil {
 		return err
 	}
@@ -536,8 +539,14 @@ func printMountHelp(w io.Writer, registry []platform.Platform) error {
 	stateRoot, cacheRoot := dataRoots("", "")
 	logPath := filepath.Join(stateRoot, sourceDirPattern, logFileName)
 	describeDataDefaults(common, stateRoot, cacheRoot, logPath)
-	fmt.Fprintf(w, "Usage:\n  vmexportfs [flags] SOURCE MOUNTPOINT\n  vmexportfs demo [flags] MOUNTPOINT\n  vmexportfs extents [--since BASE] PATH\n  vmexportfs stats [--watch] MOUNTPOINT\n\nSources:\n")
+	fmt.Fprintf(w, "Usage:\n")
 	tw := tabwriter.NewWriter(w, 0, 0, 3, ' ', 0)
+	for _, c := range commands() {
+		fmt.Fprintf(tw, "  vmexportfs %s\t%s\n", c.synopsis, c.summary)
+	}
+	tw.Flush()
+	fmt.Fprintf(w, "  vmexportfs -V | --version\n\nvmexportfs help COMMAND (or COMMAND --help) tells more of a command.\n\nSources:\n")
+	tw = tabwriter.NewWriter(w, 0, 0, 3, ' ', 0)
 	for _, p := range cfg.platforms {
 		for _, u := range p.Usage {
 			fmt.Fprintf(tw, "  %s\t%s\n", u.Source, u.Text)
