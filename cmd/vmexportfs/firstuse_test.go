@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -496,4 +497,44 @@ func TestManPage(t *testing.T) {
 func stripTH(page string) string {
 	_, rest, _ := strings.Cut(page, "\n")
 	return rest
+}
+
+// TestExtentsSinceUnknownBase: `extents --since` with a base the VM does
+// not have says so, naming it and the VM's snapshots, in one line without
+// the paging suffix of the attributes it reads (@0); a file that is not on
+// a mount says that. A base it has still prints the map.
+func TestExtentsSinceUnknownBase(t *testing.T) {
+	f := newFixture(t, coriolistest.Options{})
+	f.addVM("vm-e", "e", coriolistest.DiskSpec{Name: "e.img", Device: "xvda", Size: 4 * mib})
+	f.write("vm-e", "e.img", 0, 64*kib)
+	base := f.snapshot("vm-e")
+	f.write("vm-e", "e.img", 1*mib, 64*kib)
+	target := f.snapshot("vm-e")
+	m := f.mount()
+	disk := m.path("vms", "vm-e", "snapshots", target, "disk.img")
+	outside := filepath.Join(t.TempDir(), "plain.img")
+	require.NoError(t, os.WriteFile(outside, []byte("x"), 0o644))
+
+	for _, tc := range []struct {
+		args []string
+		msg  string
+	}{
+		{[]string{"--since", "nosuch", disk}, `vmexportfs: extents --since nosuch: unknown base snapshot "nosuch": this VM's snapshots are `},
+		{[]string{outside}, "vmexportfs: extents " + outside + ": not a disk file of a vmexportfs mount\n"},
+		{[]string{"--since", base, outside}, "vmexportfs: extents " + outside + ": not a disk file of a vmexportfs mount\n"},
+	} {
+		code, stdout, stderr := runCommand(append([]string{"extents"}, tc.args...)...)
+		assert.Equal(t, 1, code, tc.args)
+		assert.Empty(t, stdout)
+		assert.True(t, strings.HasPrefix(stderr, tc.msg), "%v: %q", tc.args, stderr)
+		assert.NotContains(t, stderr, "@0")
+		assert.Equal(t, 1, strings.Count(stderr, "\n"), "one line: %q", stderr)
+	}
+	_, _, stderr := runCommand("extents", "--since", "nosuch", disk)
+	snaps := strings.TrimSpace(stderr[strings.Index(stderr, "snapshots are ")+len("snapshots are "):])
+	assert.ElementsMatch(t, []string{base, target}, strings.Split(snaps, ", "))
+
+	code, stdout, stderr := runCommand("extents", "--since", base, disk)
+	assert.Equal(t, 0, code, stderr)
+	assert.Equal(t, fmt.Sprintf("%d %d\n", 1*mib, 64*kib), stdout)
 }
