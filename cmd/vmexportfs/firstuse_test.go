@@ -538,3 +538,103 @@ func TestExtentsSinceUnknownBase(t *testing.T) {
 	assert.Equal(t, 0, code, stderr)
 	assert.Equal(t, fmt.Sprintf("%d %d\n", 1*mib, 64*kib), stdout)
 }
+
+// TestReadOnlyMount: the default mount is rw in the mount table only so
+// that mkdir and rmdir can make and delete snapshots; every other change,
+// tried with the tools a user has, is refused with EROFS. --read-only and
+// -o ro (what mount -r and fstab's ro pass) mount ro, where the kernel
+// refuses mkdir too and reads are as before.
+func TestReadOnlyMount(t *testing.T) {
+	requireTools(t, "touch", "mkdir", "rmdir", "rm", "mv", "ln", "chmod", "truncate", "mkfifo", "setfattr", "cp", "sh")
+	f := newFixture(t, coriolistest.Options{})
+	f.addVM("vm-r", "r", coriolistest.DiskSpec{Name: "r.img", Device: "xvda", Size: 4 * mib})
+	f.write("vm-r", "r.img", 0, 64*kib)
+	sid := f.snapshot("vm-r")
+	for _, tc := range []struct {
+		name     string
+		args     []string
+		readOnly bool
+	}{
+		{"default", nil, false},
+		{"--read-only", []string{"--read-only"}, true},
+		{"-o ro", []string{"-o", "ro"}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := f.mount(tc.args...)
+			want := "rw"
+			if tc.readOnly {
+				want = "ro"
+			}
+			assert.Equal(t, want, mountAccess(t, m.dir), "the mount table")
+
+			snaps := m.path("vms", "vm-r", "snapshots")
+			disk := filepath.Join(snaps, sid, "disk.img")
+			for _, c := range [][]string{
+				{"touch", m.path("new")},
+				{"touch", disk},
+				{"sh", "-c", `echo x >> "$1"`, "sh", disk},
+				{"truncate", "-s", "0", disk},
+				{"chmod", "0666", disk},
+				{"rm", disk},
+				{"mv", disk, filepath.Join(snaps, sid, "moved.img")},
+				{"ln", "-s", "disk.img", filepath.Join(snaps, sid, "link")},
+				{"ln", disk, filepath.Join(snaps, sid, "hard")},
+				{"mkfifo", filepath.Join(snaps, sid, "fifo")},
+				{"setfattr", "-n", "user.x", "-v", "1", disk},
+				{"mkdir", m.path("vms", "vm-r", "other")},
+			} {
+				_, err := toolErr(c[0], c[1:]...)
+				require.Error(t, err, c)
+				assert.Contains(t, err.Error(), "Read-only file system", c)
+			}
+
+			_, err := toolErr("mkdir", filepath.Join(snaps, "nightly"))
+			if tc.readOnly {
+				require.Error(t, err)
+				assert.Contains(t, err.Error(), "Read-only file system")
+			} else {
+				require.NoError(t, err, "mkdir takes a snapshot")
+				assert.DirExists(t, filepath.Join(snaps, "nightly"))
+				tool(t, "rmdir", filepath.Join(snaps, "nightly"))
+			}
+
+			copied := filepath.Join(t.TempDir(), "disk.img")
+			tool(t, "cp", "--sparse=always", disk, copied)
+			assert.Equal(t, sha256File(t, f.source("vm-r", sid, "r.img")), sha256File(t, copied))
+		})
+	}
+
+	t.Run("fstab ro", func(t *testing.T) {
+		requireTools(t, "mount", "umount")
+		bin := t.TempDir()
+		require.NoError(t, os.Symlink(os.Args[0], filepath.Join(bin, "vmexportfs")))
+		mnt := t.TempDir()
+		opts := "ro,username=admin,password_file=" + f.passwordFile + ",ca_file=" + f.sim.CAFile() +
+			",state_dir=" + f.stateDir + ",cache_dir=" + f.cacheDir
+		cmd := exec.Command("mount", "-t", "fuse", "-o", opts, filepath.Join(bin, "vmexportfs")+"#coriolis+"+f.sim.URL(), mnt)
+		cmd.Env = append(os.Environ(), asCommandEnv+"=1")
+		out, err := cmd.CombinedOutput()
+		require.NoError(t, err, string(out))
+		t.Cleanup(func() { unmountDaemon(t, mnt) })
+		assert.Equal(t, "ro", mountAccess(t, mnt))
+		_, err = toolErr("mkdir", filepath.Join(mnt, "vms", "vm-r", "snapshots", "nightly"))
+		require.Error(t, err)
+		assert.Contains(t, err.Error(), "Read-only file system")
+	})
+}
+
+// mountAccess is "ro" or "rw", as the mount table has the mount at dir.
+func mountAccess(t *testing.T, dir string) string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	require.NoError(t, err)
+	for line := range strings.Lines(string(b)) {
+		// mount ID, parent ID, major:minor, root, mount point, options, ...
+		f := strings.Fields(line)
+		if len(f) > 5 && f[4] == dir {
+			return strings.Split(f[5], ",")[0]
+		}
+	}
+	t.Fatalf("%s is not in the mount table", dir)
+	return ""
+}

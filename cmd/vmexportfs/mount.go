@@ -53,6 +53,7 @@ type mountConfig struct {
 	retries           int
 	foreground        bool
 	allowOther, debug bool
+	readOnly          bool // mount ro: no mkdir or rmdir either
 	logLevel, logFile string
 	logFormat         string
 	metricsAddr       string        // --metrics-addr; "" serves none
@@ -91,6 +92,8 @@ func commonMountFlags(cfg *mountConfig, cacheSize *string, opts *[]string) *pfla
 	f.BoolVarP(&cfg.foreground, "foreground", "f", false, "stay in the foreground")
 	f.BoolVar(&cfg.allowOther, "allow-other", false, "let other users see the mount (needs user_allow_other for non-root)")
 	f.BoolVar(&cfg.debug, "debug", false, "log every FUSE request")
+	f.BoolVar(&cfg.readOnly, "read-only", false, "mount read-only (-o ro): the kernel then refuses mkdir and rmdir too, so no snapshot can be made or deleted; "+
+		"the default is rw only for them, as every other change is refused with EROFS either way")
 	f.StringVar(&cfg.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&cfg.logFormat, "log-format", "text", "text, or json: one JSON object a line, for log collectors")
 	f.StringVar(&cfg.logFile, "log-file", "", "append logs to this file")
@@ -124,6 +127,7 @@ func parseMountArgs(args []string, registry []platform.Platform) (mountConfig, e
 	}
 	cfg.allowOther = cfg.allowOther || mo.allowOther
 	cfg.debug = cfg.debug || mo.debug
+	cfg.readOnly = cfg.readOnly || mo.readOnly
 	if f.NArg() != 2 {
 		return cfg, fmt.Errorf("%w: want SOURCE MOUNTPOINT, got %d arguments (vmexportfs [flags] coriolis+https://HOST:5544 /mnt/vms)", errUsage, f.NArg())
 	}
@@ -311,7 +315,7 @@ func serve(ctx context.Context, src backend.Source, cfg mountConfig, logger *slo
 		}
 		defer stop()
 	}
-	server, err := fs.Mount(cfg.mountpoint, root, fs.MountOptions{AllowOther: cfg.allowOther, Debug: cfg.debug})
+	server, err := fs.Mount(cfg.mountpoint, root, fs.MountOptions{AllowOther: cfg.allowOther, Debug: cfg.debug, ReadOnly: cfg.readOnly})
 	if err != nil {
 		return fmt.Errorf("mount %s: %w", cfg.mountpoint, err)
 	}
