@@ -30,6 +30,7 @@ import (
 )
 
 const (
+	demoLogName  = "vmexportfs-demo.log" // in the temporary directory
 	demoUser     = "admin"
 	demoPassword = "demo-password" // of a throwaway loopback simulator, not a real secret
 )
@@ -90,10 +91,18 @@ func newDemoFlags(o *demoOptions) *pflag.FlagSet {
 	}
 	f := newMountFlags(&o.cfg, &o.cacheSize, &o.opts, registry)
 	f.Init("vmexportfs demo", 0)
-	// The demo gives each platform's own flags itself.
+	// The demo gives each platform's own flags, the credentials and the CA
+	// itself, and takes no -o.
 	for _, p := range o.cfg.platforms {
 		p.flags.VisitAll(func(fl *pflag.Flag) { _ = f.MarkHidden(fl.Name) })
 	}
+	for _, name := range []string{"username", "password-file", "ca-file", "insecure-skip-tls-verify", "options"} {
+		_ = f.MarkHidden(name)
+	}
+	f.Lookup("state-dir").Usage = "directory for the snapshot name map (default DATA-DIR/state)"
+	f.Lookup("cache-dir").Usage = "directory for derived-file indexes (default DATA-DIR/cache)"
+	f.Lookup("read-only").Usage = "mount read-only: mkdir and rmdir cannot make or delete snapshots"
+	f.Lookup("log-file").Usage = "append logs to this file (default: stderr with -f, else " + filepath.Join(os.TempDir(), demoLogName) + ")"
 	f.StringVar(&o.platformName, "platform", demos[0].name, "the platform to simulate: "+strings.Join(demoPlatformNames(), ", "))
 	f.StringVar(&o.dataset, "dataset", "demo", "sample data: demo (two VMs, snapshots with changes), bench (2 GiB with 512 MiB in 64 extents, and 1 GiB fully written), scale (1 TiB and 2 GiB disks with the same 1 GiB written, 16 fully written 128 MiB disks) or vms-100k (100,000 VMs of one snapshot)")
 	f.StringVar(&o.dataDir, "data-dir", "", "where the simulator keeps its disk files (default: a temporary directory removed on exit)")
@@ -136,6 +145,12 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secre
 	if len(o.opts) > 0 {
 		return fmt.Errorf("%w: demo: -o is for platform mounts", errUsage)
 	}
+	var given string
+	f.VisitAll(func(fl *pflag.Flag) {
+		if fl.Hidden && fl.Changed && given == "" {
+			given = fl.Name
+		}
+	})
 	i := slices.IndexFunc(demos, func(d demoPlatform) bool { return d.name == o.platformName })
 	if i < 0 {
 		return fmt.Errorf("%w: demo: --platform %q: want one of %s", errUsage, truncate(o.platformName, 20), strings.Join(demoPlatformNames(), ", "))
@@ -144,6 +159,9 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secre
 	j := slices.IndexFunc(cfg.platforms, func(p registered) bool { return p.Scheme == demo.name })
 	if err := checkForeignFlags(f, cfg.platforms, cfg.platforms[j]); err != nil {
 		return err
+	}
+	if given != "" {
+		return fmt.Errorf("%w: demo: --%s is not a demo flag: the demo gives the simulator's address, credentials and CA itself", errUsage, given)
 	}
 	populate, ok := demoDatasets()[o.dataset]
 	if !ok {
@@ -170,7 +188,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secre
 	if !cfg.foreground && !o.serveOnly && os.Getenv(readyFDEnv) == "" {
 		logPath := cfg.logFile
 		if logPath == "" {
-			logPath = filepath.Join(os.TempDir(), "vmexportfs-demo.log")
+			logPath = filepath.Join(os.TempDir(), demoLogName)
 		}
 		if err := daemonize(ctx, logPath); err != nil {
 			return err

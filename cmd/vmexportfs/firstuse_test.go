@@ -638,3 +638,44 @@ func mountAccess(t *testing.T, dir string) string {
 	t.Fatalf("%s is not in the mount table", dir)
 	return ""
 }
+
+// TestDemoHelpListsItsFlags: `demo --help` lists exactly the flags that
+// apply to a demo, with the demo's defaults; the mount flags the demo sets
+// itself (the simulator's credentials and CA, a platform's own flags, -o)
+// are neither listed nor accepted.
+func TestDemoHelpListsItsFlags(t *testing.T) {
+	code, help, stderr := runCommand("demo", "--help")
+	require.Equal(t, 0, code, stderr)
+	flagsPart := help[strings.Index(help, "\nFlags:\n"):]
+	var listed []string
+	for _, m := range regexp.MustCompile(`(?m)^ +(?:-\w, )?--([a-z-]+)`).FindAllStringSubmatch(flagsPart, -1) {
+		listed = append(listed, m[1])
+	}
+	assert.ElementsMatch(t, []string{
+		"platform", "dataset", "data-dir", "serve-only", "env-file",
+		"foreground", "allow-other", "read-only", "cache-size", "state-dir", "cache-dir", "list-ttl",
+		"read-timeout", "retries", "log-level", "log-format", "log-file", "metrics-addr", "progress-interval", "debug",
+	}, listed)
+	assert.Contains(t, help, "(default DATA-DIR/state)")
+	assert.Contains(t, help, "(default DATA-DIR/cache)")
+	assert.Contains(t, help, "else "+filepath.Join(os.TempDir(), "vmexportfs-demo.log")+")")
+
+	// A mountpoint that does not exist: were a flag accepted, the demo
+	// would stop there (exit 1) instead of mounting.
+	mnt := filepath.Join(t.TempDir(), "absent")
+	for _, tc := range []struct {
+		args []string
+		msg  string
+	}{
+		{[]string{"--username", "u"}, "demo: --username is not a demo flag"},
+		{[]string{"--password-file", "pw"}, "demo: --password-file is not a demo flag"},
+		{[]string{"--ca-file", "ca.pem"}, "demo: --ca-file is not a demo flag"},
+		{[]string{"--insecure-skip-tls-verify"}, "demo: --insecure-skip-tls-verify is not a demo flag"},
+		{[]string{"--platform", "kubevirt", "--kubeconfig", "kc"}, "demo: --kubeconfig is not a demo flag"},
+		{[]string{"-o", "ro"}, "demo: -o is for platform mounts"},
+	} {
+		code, _, stderr := runCommand(append(append([]string{"demo"}, tc.args...), mnt)...)
+		assert.Equal(t, 2, code, tc.args)
+		assert.Contains(t, stderr, tc.msg, tc.args)
+	}
+}
