@@ -6,11 +6,17 @@ BIN       ?= bin/vmexportfs
 MNT       ?= /mnt/vms
 PLATFORM  ?= coriolis
 FUZZTIME  ?= 30s
+MAN       ?= bin/vmexportfs.1
 
-.PHONY: build test demo bench bench-scale fuzz vet clean
+.PHONY: build test demo bench bench-scale fuzz vet clean man
 
 build:
 	$(GO) build -o $(BIN) ./cmd/vmexportfs
+
+# The man page, generated from the command's own flag definitions
+# (man -l $(MAN) shows it).
+man: build
+	$(BIN) man > $(MAN).tmp && mv $(MAN).tmp $(MAN)
 
 vet:
 	$(GO) vet ./...

@@ -18,6 +18,9 @@ type MountOptions struct {
 	AllowOther, Debug bool
 	FsName            string // default "vmexportfs"
 	ReadAheadKB       int    // default 4096
+	// ReadOnly mounts ro: the kernel refuses every change before it
+	// reaches the filesystem, mkdir and rmdir of snapshots included.
+	ReadOnly bool
 }
 
 // Mount serves root at dir and returns once the mount is visible. Stop it
@@ -35,6 +38,14 @@ func Mount(dir string, root *Root, mo MountOptions) (*fuse.Server, error) {
 	// Snapshot contents are immutable: long timeouts by default; listings
 	// set their own short ones, and misses expire fast so new snapshots show.
 	long, negative := immutableTimeout, time.Second
+	// The kernel checks modes, so 0444/0555 hold for every user.
+	options := []string{"default_permissions"}
+	var flags uintptr // go-fuse's default for a direct mount
+	if mo.ReadOnly {
+		// "ro" for fusermount3, the flag for a direct mount(2).
+		options = append(options, "ro")
+		flags = unix.MS_NOSUID | unix.MS_NODEV | unix.MS_RDONLY
+	}
 	opts := &gofs.Options{
 		MountOptions: fuse.MountOptions{
 			AllowOther:    mo.AllowOther,
@@ -52,8 +63,8 @@ func Mount(dir string, root *Root, mo MountOptions) (*fuse.Server, error) {
 			DisableReadDirPlus: true,
 			MaxReadAhead:       mo.ReadAheadKB << 10,
 			DirectMount:        os.Geteuid() == 0, // falls back to fusermount3
-			// The kernel checks modes, so 0444/0555 hold for every user.
-			Options: []string{"default_permissions"},
+			DirectMountFlags:   flags,
+			Options:            options,
 			// --debug output goes where every other log line goes, through
 			// the same handler (and so the same redaction of secrets).
 			Logger: slog.NewLogLogger(root.st.log.Handler(), slog.LevelInfo),

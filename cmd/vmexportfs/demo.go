@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -29,6 +30,7 @@ import (
 )
 
 const (
+	demoLogName  = "vmexportfs-demo.log" // in the temporary directory
 	demoUser     = "admin"
 	demoPassword = "demo-password" // of a throwaway loopback simulator, not a real secret
 )
@@ -71,120 +73,155 @@ type demoSim struct {
 	close  func() error
 }
 
-// runDemo starts a platform's simulator on loopback with sample VMs and
-// mounts it through the same code path as a real platform: the platform's
-// registry line, credentials from files, TLS verified against the
-// simulator's own CA.
-func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secrets *redact.Secrets) error {
-	cfg := mountConfig{secrets: secrets}
-	var cacheSize, dataset, dataDir, envFile, platformName string
-	var serveOnly bool
-	var opts []string
+// demoOptions are what the demo's command line says.
+type demoOptions struct {
+	cfg                                                mountConfig
+	cacheSize, dataset, dataDir, envFile, platformName string
+	serveOnly                                          bool
+	opts                                               []string
+}
+
+// newDemoFlags defines the demo's command line: the mount's flags, those
+// the demo gives itself hidden, and the demo's own.
+func newDemoFlags(o *demoOptions) *pflag.FlagSet {
 	demos := demoPlatforms()
 	var registry []platform.Platform
 	for _, d := range demos {
 		registry = append(registry, d.platform())
 	}
-	f := newMountFlags(&cfg, &cacheSize, &opts, registry)
+	f := newMountFlags(&o.cfg, &o.cacheSize, &o.opts, registry)
 	f.Init("vmexportfs demo", 0)
-	// The demo gives each platform's own flags itself.
-	for _, p := range cfg.platforms {
+	// The demo gives each platform's own flags, the credentials and the CA
+	// itself, and takes no -o.
+	for _, p := range o.cfg.platforms {
 		p.flags.VisitAll(func(fl *pflag.Flag) { _ = f.MarkHidden(fl.Name) })
 	}
-	f.StringVar(&platformName, "platform", demos[0].name, "the platform to simulate: "+strings.Join(demoPlatformNames(), ", "))
-	f.StringVar(&dataset, "dataset", "demo", "sample data: demo (two VMs, snapshots with changes), bench (2 GiB with 512 MiB in 64 extents, and 1 GiB fully written), scale (1 TiB and 2 GiB disks with the same 1 GiB written, 16 fully written 128 MiB disks) or vms-100k (100,000 VMs of one snapshot)")
-	f.StringVar(&dataDir, "data-dir", "", "where the simulator keeps its disk files (default: a temporary directory removed on exit)")
-	f.BoolVar(&serveOnly, "serve-only", false, "run only the simulator, do not mount (MOUNTPOINT not needed)")
-	f.StringVar(&envFile, "env-file", "", "write how to reach the simulator (source URL, CA, credentials' files) here as shell variables")
-	if len(args) == 1 && (args[0] == "-h" || args[0] == "--help") {
-		fmt.Fprintf(stdout, "Usage:\n  vmexportfs demo [--platform NAME] [flags] MOUNTPOINT\n  vmexportfs demo [--platform NAME] --serve-only [--env-file FILE]\n\nPlatforms:\n")
-		tw := tabwriter.NewWriter(stdout, 0, 0, 3, ' ', 0)
-		for i, d := range demos {
-			def := ""
-			if i == 0 {
-				def = " (default)"
-			}
-			fmt.Fprintf(tw, "  %s\t%s%s\n", d.name, d.about, def)
-		}
-		tw.Flush()
-		fmt.Fprintf(stdout, "\nFlags:\n%s", f.FlagUsages())
-		return nil
+	for _, name := range []string{"username", "password-file", "ca-file", "insecure-skip-tls-verify", "options"} {
+		_ = f.MarkHidden(name)
 	}
+	f.Lookup("state-dir").Usage = "directory for the snapshot name map (default DATA-DIR/state)"
+	f.Lookup("cache-dir").Usage = "directory for derived-file indexes (default DATA-DIR/cache)"
+	f.Lookup("read-only").Usage = "mount read-only: mkdir and rmdir cannot make or delete snapshots"
+	f.Lookup("log-file").Usage = "append logs to this file (default: stderr with -f, else " + filepath.Join(os.TempDir(), demoLogName) + ")"
+	f.StringVar(&o.platformName, "platform", demos[0].name, "the platform to simulate: "+strings.Join(demoPlatformNames(), ", "))
+	f.StringVar(&o.dataset, "dataset", "demo", "sample data: demo (two VMs, snapshots with changes), bench (2 GiB with 512 MiB in 64 extents, and 1 GiB fully written), scale (1 TiB and 2 GiB disks with the same 1 GiB written, 16 fully written 128 MiB disks) or vms-100k (100,000 VMs of one snapshot)")
+	f.StringVar(&o.dataDir, "data-dir", "", "where the simulator keeps its disk files (default: a temporary directory removed on exit)")
+	f.BoolVar(&o.serveOnly, "serve-only", false, "run only the simulator, do not mount (MOUNTPOINT not needed)")
+	f.StringVar(&o.envFile, "env-file", "", "write how to reach the simulator (source URL, CA, credentials' files) here as shell variables")
+	return f
+}
+
+// printDemoHelp is the demo's --help: the platforms it simulates and its flags.
+func printDemoHelp(w io.Writer, f *pflag.FlagSet) error {
+	fmt.Fprintf(w, "Usage:\n  vmexportfs demo [--platform NAME] [flags] MOUNTPOINT\n  vmexportfs demo [--platform NAME] --serve-only [--env-file FILE]\n\nPlatforms:\n")
+	tw := tabwriter.NewWriter(w, 0, 0, 3, ' ', 0)
+	for i, d := range demoPlatforms() {
+		def := ""
+		if i == 0 {
+			def = " (default)"
+		}
+		fmt.Fprintf(tw, "  %s\t%s%s\n", d.name, d.about, def)
+	}
+	tw.Flush()
+	_, err := fmt.Fprintf(w, "\nFlags:\n%s", f.FlagUsages())
+	return err
+}
+
+// runDemo starts a platform's simulator on loopback with sample VMs and
+// mounts it through the same code path as a real platform: the platform's
+// registry line, credentials from files, TLS verified against the
+// simulator's own CA.
+func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secrets *redact.Secrets) error {
+	o := &demoOptions{cfg: mountConfig{secrets: secrets}}
+	f := newDemoFlags(o)
+	cfg := &o.cfg
+	demos := demoPlatforms()
 	if err := f.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return printDemoHelp(stdout, f)
+		}
 		return fmt.Errorf("%w: demo: %v", errUsage, err)
 	}
-	if len(opts) > 0 {
+	if len(o.opts) > 0 {
 		return fmt.Errorf("%w: demo: -o is for platform mounts", errUsage)
 	}
-	i := slices.IndexFunc(demos, func(d demoPlatform) bool { return d.name == platformName })
+	var given string
+	f.VisitAll(func(fl *pflag.Flag) {
+		if fl.Hidden && fl.Changed && given == "" {
+			given = fl.Name
+		}
+	})
+	i := slices.IndexFunc(demos, func(d demoPlatform) bool { return d.name == o.platformName })
 	if i < 0 {
-		return fmt.Errorf("%w: demo: --platform %q: want one of %s", errUsage, truncate(platformName, 20), strings.Join(demoPlatformNames(), ", "))
+		return fmt.Errorf("%w: demo: --platform %q: want one of %s", errUsage, truncate(o.platformName, 20), strings.Join(demoPlatformNames(), ", "))
 	}
 	demo := demos[i]
 	j := slices.IndexFunc(cfg.platforms, func(p registered) bool { return p.Scheme == demo.name })
 	if err := checkForeignFlags(f, cfg.platforms, cfg.platforms[j]); err != nil {
 		return err
 	}
-	populate, ok := demoDatasets()[dataset]
+	if given != "" {
+		return fmt.Errorf("%w: demo: --%s is not a demo flag: the demo gives the simulator's address, credentials and CA itself", errUsage, given)
+	}
+	populate, ok := demoDatasets()[o.dataset]
 	if !ok {
-		return fmt.Errorf("%w: demo: --dataset %q: want demo, bench, scale or vms-100k", errUsage, truncate(dataset, 20))
+		return fmt.Errorf("%w: demo: --dataset %q: want demo, bench, scale or vms-100k", errUsage, truncate(o.dataset, 20))
 	}
 	var err error
-	if cfg.cacheSize, err = parseSize(cacheSize); err != nil || cfg.cacheSize < 4<<20 {
-		return fmt.Errorf("%w: demo: --cache-size %q: want a size of at least 4M", errUsage, truncate(cacheSize, 20))
+	if cfg.cacheSize, err = parseSize(o.cacheSize); err != nil || cfg.cacheSize < 4<<20 {
+		return fmt.Errorf("%w: demo: --cache-size %q: want a size of at least 4M", errUsage, truncate(o.cacheSize, 20))
 	}
 	if _, err := parseLogLevel(cfg.logLevel); err != nil {
 		return fmt.Errorf("%w: %v", errUsage, err)
 	}
 	switch {
-	case serveOnly && f.NArg() != 0:
+	case o.serveOnly && f.NArg() != 0:
 		return fmt.Errorf("%w: demo --serve-only takes no MOUNTPOINT", errUsage)
-	case !serveOnly && f.NArg() != 1:
-		return fmt.Errorf("%w: usage: vmexportfs demo [--platform NAME] [flags] MOUNTPOINT", errUsage)
-	case !serveOnly:
+	case !o.serveOnly && f.NArg() != 1:
+		return fmt.Errorf("%w: demo: want one MOUNTPOINT: vmexportfs demo [--platform NAME] [flags] MOUNTPOINT", errUsage)
+	case !o.serveOnly:
 		cfg.mountpoint = f.Arg(0)
 		if err := checkMountpoint(cfg.mountpoint); err != nil {
 			return err
 		}
 	}
-	if !cfg.foreground && !serveOnly && os.Getenv(readyFDEnv) == "" {
+	if !cfg.foreground && !o.serveOnly && os.Getenv(readyFDEnv) == "" {
 		logPath := cfg.logFile
 		if logPath == "" {
-			logPath = filepath.Join(os.TempDir(), "vmexportfs-demo.log")
+			logPath = filepath.Join(os.TempDir(), demoLogName)
 		}
 		if err := daemonize(ctx, logPath); err != nil {
 			return err
 		}
-		fmt.Fprintf(stdout, "vmexportfs demo (%s) mounted at %s (logs: %s). Try: ls %s/by-name; unmount: fusermount3 -u %s\n",
-			demo.name, cfg.mountpoint, logPath, cfg.mountpoint, cfg.mountpoint)
+		fmt.Fprintf(stdout, "vmexportfs demo (%s) mounted on %s (logs: %s)\n%s", demo.name, cfg.mountpoint, logPath, demoHint(cfg.mountpoint))
 		return nil
 	}
-	logger, closeLog, err := newLogger(cfg, stderr)
+	logger, closeLog, err := newLogger(*cfg, stderr)
 	if err != nil {
 		return err
 	}
 	defer closeLog()
 
-	if dataDir == "" {
-		if dataDir, err = os.MkdirTemp("", "vmexportfs-demo-"); err != nil {
+	if o.dataDir == "" {
+		if o.dataDir, err = os.MkdirTemp("", "vmexportfs-demo-"); err != nil {
 			return notifyReady(cfg.secrets, fmt.Errorf("demo: %w", err))
 		}
-		defer os.RemoveAll(dataDir)
-	} else if err := os.MkdirAll(dataDir, 0o700); err != nil {
+		defer os.RemoveAll(o.dataDir)
+	} else if err := os.MkdirAll(o.dataDir, 0o700); err != nil {
 		return notifyReady(cfg.secrets, fmt.Errorf("demo: %w", err))
 	}
-	sim, err := demo.start(dataDir, populate, logger)
+	sim, err := demo.start(o.dataDir, populate, logger)
 	if err != nil {
 		return notifyReady(cfg.secrets, fmt.Errorf("demo: %w", err))
 	}
 	defer sim.close()
-	if envFile != "" {
+	if o.envFile != "" {
 		env := strings.Join(append([]string{"VMEXPORTFS_DEMO_SOURCE=" + sim.source}, sim.env...), "\n") + "\n"
-		if err := os.WriteFile(envFile, []byte(env), 0o600); err != nil {
+		if err := os.WriteFile(o.envFile, []byte(env), 0o600); err != nil {
 			return fmt.Errorf("demo: --env-file: %w", err)
 		}
 	}
-	if serveOnly {
+	if o.serveOnly {
 		fmt.Fprintf(stderr, "vmexportfs demo: %s; Ctrl-C stops it\n", sim.about)
 		<-ctx.Done()
 		return nil
@@ -197,25 +234,45 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secre
 		}
 	}
 	if cfg.stateDir == "" {
-		cfg.stateDir = filepath.Join(dataDir, "state")
+		cfg.stateDir = filepath.Join(o.dataDir, "state")
 	}
 	if cfg.cacheDir == "" {
-		cfg.cacheDir = filepath.Join(dataDir, "cache")
+		cfg.cacheDir = filepath.Join(o.dataDir, "cache")
 	}
-	cfg.meter = newMeter(cfg)
-	src, err := openSource(ctx, cfg, logger)
+	cfg.meter = newMeter(*cfg)
+	src, err := openSource(ctx, *cfg, logger)
 	if err != nil {
 		return notifyReady(cfg.secrets, err)
 	}
 	ready := func() {
-		fmt.Fprintf(stderr, "vmexportfs demo: %s, mounted on %s\n"+
-			"  try:  ls -l %[2]s/by-name/*/snapshots/*\n"+
-			"        cp --sparse=always %[2]s/by-name/web01/snapshots/*/disk.img /tmp/\n"+
-			"        getfattr -d -m - %[2]s/by-name/web01/snapshots/*/disk.img\n"+
-			"  stop: fusermount3 -u %[2]s\n", sim.about, cfg.mountpoint)
+		fmt.Fprintf(stderr, "vmexportfs demo: %s, mounted on %s\n%s", sim.about, cfg.mountpoint, demoHint(cfg.mountpoint))
 		signalReady(logger)
 	}
-	return notifyReady(cfg.secrets, serve(ctx, src, cfg, logger, ready))
+	return notifyReady(cfg.secrets, serve(ctx, src, *cfg, logger, ready))
+}
+
+// demoHint is what to try on a fresh demo mount, each line a command that
+// works as printed: web01 has three snapshots, each with a disk.img, so the
+// copy names each copy after its snapshot (one cp of them all to a
+// directory would refuse to overwrite its own just-copied file).
+func demoHint(mountpoint string) string {
+	if abs, err := filepath.Abs(mountpoint); err == nil {
+		mountpoint = abs // still right after a cd
+	}
+	m := shellWord(mountpoint)
+	return fmt.Sprintf("  try:  ls -l %[1]s/by-name/*/snapshots/*\n"+
+		"        for s in %[1]s/by-name/web01/snapshots/*; do cp --sparse=always \"$s/disk.img\" \"/tmp/web01-${s##*/}.img\"; done\n"+
+		"        getfattr -d -m - %[1]s/by-name/web01/snapshots/*/disk.img\n"+
+		"  stop: fusermount3 -u %[1]s\n", m)
+}
+
+// shellWord quotes s for a POSIX shell when it holds more than letters,
+// digits and punctuation the shell leaves alone.
+func shellWord(s string) string {
+	if s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_./+:,@%=-") == "" {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
 
 // startCoriolisDemo runs the Coriolis simulator, logging in with a user and
@@ -593,8 +650,11 @@ const (
 )
 
 // The demo dataset's db01 and its root disk, whose snapshots TestDemoPlatforms
-// copies.
-const demoDB, demoDBRoot = "0004fb00000600001a2b3c4d5e6f7002", "0004fb0000120000db01.img"
+// copies, and web01 and its disk, which the demo's hint copies.
+const (
+	demoDB, demoDBRoot   = "0004fb00000600001a2b3c4d5e6f7002", "0004fb0000120000db01.img"
+	demoWeb, demoWebDisk = "0004fb00000600001a2b3c4d5e6f7001", "0004fb0000120000aa01.img"
+)
 
 // populateDemo builds two VMs with histories that show every feature: a
 // single-disk VM with three snapshots (changes crossing 2 MiB blocks, a
@@ -602,7 +662,7 @@ const demoDB, demoDBRoot = "0004fb00000600001a2b3c4d5e6f7002", "0004fb0000120000
 // disk whose size is not a multiple of 2 MiB.
 func populateDemo(sim demoTarget) error {
 	w := newDemoWriter(sim, "vmexportfs demo")
-	const web, webDisk = "0004fb00000600001a2b3c4d5e6f7001", "0004fb0000120000aa01.img"
+	const web, webDisk = demoWeb, demoWebDisk
 	w.addVM(demoVM{id: web, name: "web01", disks: []demoDisk{
 		{id: webDisk, device: "xvda", size: 1 * gib},
 	}})

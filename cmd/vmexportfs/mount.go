@@ -53,6 +53,7 @@ type mountConfig struct {
 	retries           int
 	foreground        bool
 	allowOther, debug bool
+	readOnly          bool // mount ro: no mkdir or rmdir either
 	logLevel, logFile string
 	logFormat         string
 	metricsAddr       string        // --metrics-addr; "" serves none
@@ -83,17 +84,19 @@ func commonMountFlags(cfg *mountConfig, cacheSize *string, opts *[]string) *pfla
 	f.StringVar(&cfg.caFile, "ca-file", "", "PEM CA bundle to verify the platform's TLS certificate (default: system roots)")
 	f.BoolVar(&cfg.insecureSkipVerify, "insecure-skip-tls-verify", false, "DANGEROUS: do not verify the platform's TLS certificate")
 	f.StringVar(cacheSize, "cache-size", "64M", "memory for cached disk blocks (more is not faster for copies: fresh pages cost more than refetching)")
-	f.StringVar(&cfg.cacheDir, "cache-dir", "", "directory for derived-file indexes (default ~/.cache/vmexportfs)")
-	f.StringVar(&cfg.stateDir, "state-dir", "", "directory for the snapshot name map (default ~/.local/state/vmexportfs)")
+	f.StringVar(&cfg.cacheDir, "cache-dir", "", "directory for derived-file indexes, in a "+sourceDirPattern+" directory per source")
+	f.StringVar(&cfg.stateDir, "state-dir", "", "directory for the snapshot name map and the background log, in a "+sourceDirPattern+" directory per source")
 	f.DurationVar(&cfg.listTTL, "list-ttl", 5*time.Second, "how long VM and snapshot listings are cached")
 	f.DurationVar(&cfg.readTimeout, "read-timeout", 30*time.Second, "deadline of one backend request, body included")
 	f.IntVar(&cfg.retries, "retries", 5, "tries of one backend request before a read fails with EIO")
 	f.BoolVarP(&cfg.foreground, "foreground", "f", false, "stay in the foreground")
 	f.BoolVar(&cfg.allowOther, "allow-other", false, "let other users see the mount (needs user_allow_other for non-root)")
 	f.BoolVar(&cfg.debug, "debug", false, "log every FUSE request")
+	f.BoolVar(&cfg.readOnly, "read-only", false, "mount read-only (-o ro): the kernel then refuses mkdir and rmdir too, so no snapshot can be made or deleted; "+
+		"the default is rw only for them, as every other change is refused with EROFS either way")
 	f.StringVar(&cfg.logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&cfg.logFormat, "log-format", "text", "text, or json: one JSON object a line, for log collectors")
-	f.StringVar(&cfg.logFile, "log-file", "", "append logs to this file instead of stderr")
+	f.StringVar(&cfg.logFile, "log-file", "", "append logs to this file")
 	f.StringVar(&cfg.metricsAddr, "metrics-addr", "", "serve Prometheus metrics on HOST:PORT/metrics (e.g. localhost:9464); off by default")
 	f.DurationVar(&cfg.progressInterval, "progress-interval", fs.DefaultProgressInterval, "how often a snapshot that takes long to make is logged")
 	f.StringArrayVarP(opts, "options", "o", nil, "mount options, comma separated (fstab style: username=,password_file=,ca_file=,allow_other,...)")
@@ -108,6 +111,9 @@ func parseMountArgs(args []string, registry []platform.Platform) (mountConfig, e
 	var opts []string
 	f := newMountFlags(&cfg, &cacheSize, &opts, registry)
 	if err := f.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return cfg, err
+		}
 		return cfg, fmt.Errorf("%w: %v (see vmexportfs --help)", errUsage, err)
 	}
 	mo, err := newOptionTable(cfg.platforms).parse(opts)
@@ -121,6 +127,7 @@ func parseMountArgs(args []string, registry []platform.Platform) (mountConfig, e
 	}
 	cfg.allowOther = cfg.allowOther || mo.allowOther
 	cfg.debug = cfg.debug || mo.debug
+	cfg.readOnly = cfg.readOnly || mo.readOnly
 	if f.NArg() != 2 {
 		return cfg, fmt.Errorf("%w: want SOURCE MOUNTPOINT, got %d arguments (vmexportfs [flags] coriolis+https://HOST:5544 /mnt/vms)", errUsage, f.NArg())
 	}
@@ -208,10 +215,10 @@ func checkMountpoint(dir string) error {
 }
 
 func runMount(ctx context.Context, args []string, stdout, stderr io.Writer, secrets *redact.Secrets) error {
-	if len(args) == 1 && (args[0] == "-h" || args[0] == "--help") {
+	cfg, err := parseMountArgs(args, platforms())
+	if errors.Is(err, pflag.ErrHelp) {
 		return printMountHelp(stdout, platforms())
 	}
-	cfg, err := parseMountArgs(args, platforms())
 	if err != nil {
 		return err
 	}
@@ -236,9 +243,18 @@ func runMount(ctx context.Context, args []string, stdout, stderr io.Writer, secr
 			if err != nil {
 				return err
 			}
-			logPath = filepath.Join(stateDir, "vmexportfs.log")
+			logPath = filepath.Join(stateDir, logFileName)
 		}
-		return daemonize(ctx, logPath)
+		if err := daemonize(ctx, logPath); err != nil {
+			return err
+		}
+		// The log's directory is named after a hash: without this line
+		// nobody would find it.
+		if abs, err := filepath.Abs(logPath); err == nil {
+			logPath = abs
+		}
+		fmt.Fprintf(stderr, "vmexportfs: mounted %s; logging to %s\n", cfg.mountpoint, logPath)
+		return nil
 	}
 	logger, closeLog, err := newLogger(cfg, stderr)
 	if err != nil {
@@ -299,7 +315,7 @@ func serve(ctx context.Context, src backend.Source, cfg mountConfig, logger *slo
 		}
 		defer stop()
 	}
-	server, err := fs.Mount(cfg.mountpoint, root, fs.MountOptions{AllowOther: cfg.allowOther, Debug: cfg.debug})
+	server, err := fs.Mount(cfg.mountpoint, root, fs.MountOptions{AllowOther: cfg.allowOther, Debug: cfg.debug, ReadOnly: cfg.readOnly})
 	if err != nil {
 		return fmt.Errorf("mount %s: %w", cfg.mountpoint, err)
 	}
@@ -383,9 +399,34 @@ func unmount(server *fuse.Server, dir string, logger *slog.Logger) {
 	}
 }
 
+// logFileName is the background log's name in the source's state directory.
+const logFileName = "vmexportfs.log"
+
+// sourceDirPattern is how --help names a source's directory (sourceKey).
+const sourceDirPattern = "HOST-HASH"
+
 // dataDirs returns the per-source state and cache directories, created 0700.
 // They are keyed by the source so two platforms never share a name map.
 func dataDirs(cfg mountConfig) (stateDir, cacheDir string, err error) {
+	stateRoot, cacheRoot := dataRoots(cfg.stateDir, cfg.cacheDir)
+	key := sourceKey(cfg.source, cfg.username)
+	stateDir = filepath.Join(stateRoot, key)
+	cacheDir = filepath.Join(cacheRoot, key)
+	for _, dir := range []string{stateDir, cacheDir} {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return "", "", fmt.Errorf("create %s: %w", dir, err)
+		}
+		if err := os.Chmod(dir, 0o700); err != nil {
+			return "", "", fmt.Errorf("chmod %s: %w", dir, err)
+		}
+	}
+	return stateDir, cacheDir, nil
+}
+
+// dataRoots are the directories the per-source directories are made in:
+// the flags', else under $XDG_STATE_HOME and $XDG_CACHE_HOME, else root's
+// system directories, else the user's home's.
+func dataRoots(stateFlag, cacheFlag string) (stateRoot, cacheRoot string) {
 	home, _ := os.UserHomeDir()
 	pick := func(flag, xdgEnv, rootDefault, homeSuffix string) string {
 		switch {
@@ -399,18 +440,17 @@ func dataDirs(cfg mountConfig) (stateDir, cacheDir string, err error) {
 			return filepath.Join(home, homeSuffix, "vmexportfs")
 		}
 	}
-	key := sourceKey(cfg.source, cfg.username)
-	stateDir = filepath.Join(pick(cfg.stateDir, "XDG_STATE_HOME", "/var/lib/vmexportfs", ".local/state"), key)
-	cacheDir = filepath.Join(pick(cfg.cacheDir, "XDG_CACHE_HOME", "/var/cache/vmexportfs", ".cache"), key)
-	for _, dir := range []string{stateDir, cacheDir} {
-		if err := os.MkdirAll(dir, 0o700); err != nil {
-			return "", "", fmt.Errorf("create %s: %w", dir, err)
-		}
-		if err := os.Chmod(dir, 0o700); err != nil {
-			return "", "", fmt.Errorf("chmod %s: %w", dir, err)
-		}
-	}
-	return stateDir, cacheDir, nil
+	return pick(stateFlag, "XDG_STATE_HOME", "/var/lib/vmexportfs", ".local/state"),
+		pick(cacheFlag, "XDG_CACHE_HOME", "/var/cache/vmexportfs", ".cache")
+}
+
+// describeDataDefaults adds the defaults of the data flags to their usage,
+// for help: the flags' own defaults are empty, as the directories depend on
+// the user and the environment.
+func describeDataDefaults(f *pflag.FlagSet, stateRoot, cacheRoot, logPath string) {
+	f.Lookup("state-dir").Usage += " (default " + stateRoot + ")"
+	f.Lookup("cache-dir").Usage += " (default " + cacheRoot + ")"
+	f.Lookup("log-file").Usage += " (default: stderr with -f, else " + logPath + ", printed once mounted)"
 }
 
 // sourceKey names a source's directories: readable host plus a hash of the
@@ -500,8 +540,17 @@ func printMountHelp(w io.Writer, registry []platform.Platform) error {
 	var cfg mountConfig
 	newMountFlags(&cfg, new(string), new([]string), registry)
 	common := commonMountFlags(&mountConfig{}, new(string), new([]string))
-	fmt.Fprintf(w, "Usage:\n  vmexportfs [flags] SOURCE MOUNTPOINT\n  vmexportfs demo [flags] MOUNTPOINT\n  vmexportfs extents [--since BASE] PATH\n  vmexportfs stats [--watch] MOUNTPOINT\n\nSources:\n")
+	stateRoot, cacheRoot := dataRoots("", "")
+	logPath := filepath.Join(stateRoot, sourceDirPattern, logFileName)
+	describeDataDefaults(common, stateRoot, cacheRoot, logPath)
+	fmt.Fprintf(w, "Usage:\n")
 	tw := tabwriter.NewWriter(w, 0, 0, 3, ' ', 0)
+	for _, c := range commands() {
+		fmt.Fprintf(tw, "  vmexportfs %s\t%s\n", c.synopsis, c.summary)
+	}
+	tw.Flush()
+	fmt.Fprintf(w, "  vmexportfs -V | --version\n\nvmexportfs help COMMAND (or COMMAND --help) tells more of a command.\n\nSources:\n")
+	tw = tabwriter.NewWriter(w, 0, 0, 3, ' ', 0)
 	for _, p := range cfg.platforms {
 		for _, u := range p.Usage {
 			fmt.Fprintf(tw, "  %s\t%s\n", u.Source, u.Text)
@@ -524,5 +573,10 @@ func printMountHelp(w io.Writer, registry []platform.Platform) error {
 		line += " " + key
 	}
 	fmt.Fprintln(w, line)
-	return nil
+	fmt.Fprintf(w, "\nFiles (%s: the source's host name and 12 hex digits of a hash of the source and user):\n", sourceDirPattern)
+	tw = tabwriter.NewWriter(w, 0, 0, 3, ' ', 0)
+	fmt.Fprintf(tw, "  %s\tsnapshot names, first-seen times\n", filepath.Join(stateRoot, sourceDirPattern)+"/")
+	fmt.Fprintf(tw, "  %s\tindexes of derived files\n", filepath.Join(cacheRoot, sourceDirPattern)+"/")
+	fmt.Fprintf(tw, "  %s\tthe log of a background mount\n", logPath)
+	return tw.Flush()
 }

@@ -18,12 +18,13 @@ type mountOptions struct {
 	set        map[string]string // flag name (with '-') → value
 	allowOther bool
 	debug      bool
+	readOnly   bool // ro
 }
 
 // Generic mount(8) options that carry no meaning for a FUSE daemon; they are
 // accepted so that an fstab line with them mounts.
 var ignoredMountOptions = map[string]bool{
-	"rw": true, "ro": true, "dev": true, "nodev": true, "suid": true, "nosuid": true,
+	"rw": true, "dev": true, "nodev": true, "suid": true, "nosuid": true,
 	"exec": true, "noexec": true, "auto": true, "noauto": true, "user": true, "nouser": true,
 	"users": true, "_netdev": true, "nofail": true, "defaults": true, "atime": true,
 	"noatime": true, "relatime": true, "diratime": true, "nodiratime": true, "async": true,
@@ -106,6 +107,8 @@ func (t optionTable) parse(lists []string) (mountOptions, error) {
 				mo.allowOther = true
 			case name == "debug" && !hasValue:
 				mo.debug = true
+			case name == "ro" && !hasValue: // mount -r, fstab's ro
+				mo.readOnly = true
 			case ignoredMountOptions[name] && !hasValue:
 			case t.flags[name]:
 				if !hasValue || value == "" {
@@ -126,7 +129,7 @@ func (t optionTable) spellings() []string {
 	for name := range t.flags {
 		keys = append(keys, strings.ReplaceAll(name, "-", "_")+"=")
 	}
-	keys = append(keys, "allow_other", "debug")
+	keys = append(keys, "allow_other", "debug", "ro")
 	slices.Sort(keys)
 	return keys
 }

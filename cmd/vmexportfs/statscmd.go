@@ -36,14 +36,21 @@ const (
 
 const statsSynopsis = "vmexportfs stats [--watch [--interval D]] [--json] MOUNTPOINT"
 
+// statsFlags are the flags of the stats command.
+func statsFlags(watch *bool, interval *time.Duration, asJSON *bool) *pflag.FlagSet {
+	f := pflag.NewFlagSet("vmexportfs stats", pflag.ContinueOnError)
+	f.SetOutput(io.Discard)
+	f.BoolVarP(watch, "watch", "w", false, "redraw the table every interval, with rates since the previous one")
+	f.DurationVar(interval, "interval", statsIntervalDefault, "how often --watch redraws (at least 200ms)")
+	f.BoolVar(asJSON, "json", false, "print the stats document itself (indented JSON) once, instead of the table")
+	return f
+}
+
 // runStats prints a mount's stats document as a table: once, refreshed
 // every interval with --watch, or as the document itself with --json.
 func runStats(ctx context.Context, args []string, stdout io.Writer) error {
-	f := pflag.NewFlagSet("vmexportfs stats", pflag.ContinueOnError)
-	f.SetOutput(io.Discard)
-	watch := f.BoolP("watch", "w", false, "redraw the table every interval, with rates since the previous one")
-	interval := f.Duration("interval", statsIntervalDefault, "how often --watch redraws (at least 200ms)")
-	asJSON := f.Bool("json", false, "print the stats document itself (indented JSON) once, instead of the table")
+	watch, interval, asJSON := new(bool), new(time.Duration), new(bool)
+	f := statsFlags(watch, interval, asJSON)
 	if err := f.Parse(args); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
 			_, werr := fmt.Fprintf(stdout, "usage: %s\n\nWhat a mounted vmexportfs is doing, from its %s xattr.\n\n%s", statsSynopsis, fs.StatsXattr, f.FlagUsages())
