@@ -109,6 +109,29 @@ type Disk interface {
 	Close() error
 }
 
+// VecReader is implemented by a Disk that can fill several buffers, laid
+// end to end from off, with one request to its platform: where a request
+// costs far more than the bytes it carries, the cache reads many blocks at
+// once. Its contract is ReadAt's.
+type VecReader interface {
+	ReadVecAt(ctx context.Context, bufs [][]byte, off int64) error
+}
+
+// ReadVec fills bufs, laid end to end from off, from d: in one request when
+// d is a VecReader, else one ReadAt per buffer.
+func ReadVec(ctx context.Context, d Blob, bufs [][]byte, off int64) error {
+	if v, ok := d.(VecReader); ok {
+		return v.ReadVecAt(ctx, bufs, off)
+	}
+	for _, p := range bufs {
+		if err := d.ReadAt(ctx, p, off); err != nil {
+			return err
+		}
+		off += int64(len(p))
+	}
+	return nil
+}
+
 // DeltaOpener is implemented by a Source whose platform can say which extents
 // of a disk changed between two snapshots. Platforms fix that set when the
 // pair is opened, not later: a backup from a checkpoint, a changed-block

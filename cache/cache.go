@@ -23,6 +23,14 @@ type Fetcher interface {
 	ReadAt(ctx context.Context, p []byte, off int64) error
 }
 
+// VecFetcher is a Fetcher that fills several buffers, laid end to end from
+// off, with one backend request (backend.VecReader): a run read through
+// several blocks then costs one request, not one per block.
+type VecFetcher interface {
+	Fetcher
+	ReadVecAt(ctx context.Context, bufs [][]byte, off int64) error
+}
+
 // Options configures a Cache; zero values take the defaults.
 type Options struct {
 	Capacity     int64         // bytes of block data kept; default 64 MiB
@@ -81,7 +89,7 @@ type Cache struct {
 	clock    []*block // ready blocks in CLOCK order
 	hand     int
 	resident int64 // ready + in-flight buffer bytes
-	files    map[string]uint64
+	files    map[string]*fileState
 
 	hits, misses, fetchedBytes, fetches, evictions atomic.Int64
 }
@@ -115,7 +123,7 @@ func New(opts Options) *Cache {
 		cancel: cancel,
 		sem:    make(chan struct{}, opts.Parallel),
 		blocks: make(map[blockKey]*block),
-		files:  make(map[string]uint64),
+		files:  make(map[string]*fileState),
 	}
 	bs := opts.BlockSize
 	c.pool.New = func() any { b := make([]byte, bs); return &b }
@@ -158,6 +166,12 @@ func (c *Cache) Close() {
 	c.mu.Unlock()
 }
 
+// fileState is what the cache keeps per disk for all its readers.
+type fileState struct {
+	id   uint64
+	cost *costModel // what the disk's backend requests cost, learnt from its fetches
+}
+
 // Open returns a reader for one disk. key identifies immutable content (same
 // key = same bytes); data is the allocated map, everything else reads as
 // zeros without a fetch.
@@ -168,15 +182,15 @@ func (c *Cache) Open(key string, size int64, data extent.Map, f Fetcher) *Reader
 // OpenCounted is Open with the reads counted in t.
 func (c *Cache) OpenCounted(key string, size int64, data extent.Map, f Fetcher, t *Tally) *Reader {
 	c.mu.Lock()
-	id, ok := c.files[key]
+	fs, ok := c.files[key]
 	if !ok {
-		id = uint64(len(c.files) + 1)
-		c.files[key] = id
+		fs = &fileState{id: uint64(len(c.files) + 1), cost: newCostModel()}
+		c.files[key] = fs
 	}
 	closed := c.closed
 	c.mu.Unlock()
 	ctx, cancel := context.WithCancel(c.ctx)
-	r := &Reader{c: c, file: id, size: max(size, 0), data: data, f: f, tally: t, ctx: ctx, cancel: cancel}
+	r := &Reader{c: c, file: fs.id, size: max(size, 0), data: data, f: f, cost: fs.cost, tally: t, ctx: ctx, cancel: cancel}
 	if closed {
 		r.closed.Store(true)
 	}
@@ -215,103 +229,151 @@ func (c *Cache) startFetch(r *Reader, k blockKey, readahead bool) (b *block, sta
 	if b := c.blocks[k]; b != nil {
 		return b, false
 	}
-	b = &block{key: k, done: make(chan struct{}), readahead: readahead}
+	b = c.addLocked(k, readahead)
+	c.launchLocked(r, []*block{b}, readahead)
+	return b, true
+}
+
+// startSpans starts the readahead of the blocks from..to (inclusive) that
+// hold data and are neither cached nor being fetched: consecutive ones
+// together, up to span bytes a fetch, so that one request fills several
+// blocks where the platform's requests cost more than their bytes.
+func (c *Cache) startSpans(r *Reader, from, to, span int64) {
+	bs := c.opts.BlockSize
+	perJob := max(span/bs, 1)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var job []*block
+	flush := func() {
+		if len(job) > 0 {
+			c.launchLocked(r, job, true)
+			job = nil
+		}
+	}
+	for idx := from; idx <= to && !c.closed; idx++ {
+		k := blockKey{r.file, idx}
+		if c.blocks[k] != nil || !r.data.Overlaps(idx*bs, c.blockLen(idx, r.size)) {
+			flush()
+			continue
+		}
+		job = append(job, c.addLocked(k, true))
+		if int64(len(job)) == perJob {
+			flush()
+		}
+	}
+	flush()
+}
+
+func (c *Cache) addLocked(k blockKey, readahead bool) *block {
+	b := &block{key: k, done: make(chan struct{}), readahead: readahead}
 	c.blocks[k] = b
+	return b
+}
+
+func (c *Cache) launchLocked(r *Reader, job []*block, readahead bool) {
 	ctx := c.ctx
 	if readahead {
 		ctx = r.ctx
 	}
 	c.wg.Add(1)
-	go c.fetch(ctx, r, b)
-	return b, true
+	go c.fetch(ctx, r, job)
 }
 
-// coalesceGap is the longest hole a block fetch reads through. Data extents
-// of a block separated by holes of at most this size are fetched with one
-// Range request and the holes are zeroed after (extent.Map.Runs), so a map of
-// many small extents (FIEMAP of a fragmented file: 16-byte extents 256 bytes
-// apart) costs a few requests per block instead of one per extent, each of
-// which costs a round trip and, on the Coriolis exporter, a re-read of the
-// whole chunk list. 64 KiB is about what one round trip costs in transfer
-// time on a LAN, so reading through a shorter hole is cheaper than another
-// request. The over-read is bounded: less than 64 KiB per merged hole, never
-// past the block, so a block holds at most BlockSize/64 KiB runs and a read
-// never fetches more than the blocks that hold data; a map whose holes are
-// all longer (the benchmark's 64 extents of 8 MiB) fetches exactly its
-// extents.
-const coalesceGap = 64 << 10
-
-// fetch fills one block: the data parts from the backend, the holes with
-// zeros. It runs under the cache's (or, for readahead, the stream's) context,
-// never a caller's, so one interrupted caller cannot fail the others.
-func (c *Cache) fetch(ctx context.Context, r *Reader, b *block) {
+// fetch fills the consecutive blocks of one job: the data parts from the
+// backend, the holes with zeros. It runs under the cache's (or, for
+// readahead, the stream's) context, never a caller's, so one interrupted
+// caller cannot fail the others.
+func (c *Cache) fetch(ctx context.Context, r *Reader, job []*block) {
 	defer c.wg.Done()
-	err := c.fill(ctx, r, b)
+	err := c.fill(ctx, r, job)
 	c.mu.Lock()
-	if err != nil {
-		lo := b.key.idx * c.opts.BlockSize
-		b.err = fmt.Errorf("fetch block [%d, %d): %w", lo, lo+c.blockLen(b.key.idx, r.size), err)
+	var bytes int64
+	for _, b := range job {
+		bytes += int64(len(b.buf))
+	}
+	switch {
+	case err != nil:
+		first, last := job[0].key.idx, job[len(job)-1].key.idx
+		lo, hi := first*c.opts.BlockSize, last*c.opts.BlockSize+c.blockLen(last, r.size)
+		err = fmt.Errorf("fetch blocks [%d, %d): %w", lo, hi, err)
+		if !job[0].readahead || !errors.Is(err, context.Canceled) {
+			c.log.Warn("block fetch failed", "block", first, "blocks", len(job), "err", err)
+		}
+		c.dropLocked(job, err)
+	case c.closed:
+		c.dropLocked(job, ErrClosed)
+	default:
+		// In-flight bytes become ready bytes; make room so ready blocks
+		// stay within Capacity.
+		c.resident -= bytes
+		c.evictLocked(bytes)
+		c.resident += bytes
+		for _, b := range job {
+			b.ready = true
+			b.used.Store(true)
+			b.unread.Store(b.readahead)
+			c.clock = append(c.clock, b)
+		}
+	}
+	for _, b := range job {
+		close(b.done)
+	}
+	c.mu.Unlock()
+}
+
+func (c *Cache) dropLocked(job []*block, err error) {
+	for _, b := range job {
+		b.err = err
 		if b.buf != nil {
 			c.resident -= int64(len(b.buf))
 			c.putBuf(b.buf)
 			b.buf = nil
 		}
 		delete(c.blocks, b.key)
-		if !b.readahead || !errors.Is(err, context.Canceled) {
-			c.log.Warn("block fetch failed", "block", b.key.idx, "err", err)
-		}
-	} else if c.closed {
-		c.resident -= int64(len(b.buf))
-		c.putBuf(b.buf)
-		b.buf = nil
-		b.err = ErrClosed
-		delete(c.blocks, b.key)
-	} else {
-		// In-flight bytes become ready bytes; make room so ready blocks
-		// stay within Capacity.
-		c.resident -= int64(len(b.buf))
-		c.evictLocked(int64(len(b.buf)))
-		c.resident += int64(len(b.buf))
-		b.ready = true
-		b.used.Store(true)
-		b.unread.Store(b.readahead)
-		c.clock = append(c.clock, b)
 	}
-	close(b.done)
-	c.mu.Unlock()
 }
 
-func (c *Cache) fill(ctx context.Context, r *Reader, b *block) error {
+func (c *Cache) fill(ctx context.Context, r *Reader, job []*block) error {
 	select {
 	case c.sem <- struct{}{}:
 	case <-ctx.Done():
 		return ctx.Err()
 	}
 	defer func() { <-c.sem }()
-	n := c.blockLen(b.key.idx, r.size)
-	bp := c.pool.Get().(*[]byte)
-	buf := (*bp)[:n]
+	bs := c.opts.BlockSize
+	lo := job[0].key.idx * bs
+	var n int64
 	c.mu.Lock()
-	b.buf = buf
+	for _, b := range job {
+		bp := c.pool.Get().(*[]byte)
+		b.buf = (*bp)[:c.blockLen(b.key.idx, r.size)]
+		n += int64(len(b.buf))
+	}
+	// Room is made before the bytes arrive, so that what is in flight
+	// (several blocks a fetch) is inside Capacity too.
+	c.evictLocked(n)
 	c.resident += n
 	c.mu.Unlock()
 	ctx, cancel := context.WithTimeout(ctx, c.opts.FetchTimeout)
 	defer cancel()
-	lo := b.key.idx * c.opts.BlockSize
-	for _, run := range r.data.Runs(lo, n, coalesceGap) {
+	for _, run := range r.data.Runs(lo, n, r.cost.gap()) {
 		c.fetches.Add(1)
-		if err := r.f.ReadAt(ctx, buf[run.Off-lo:run.End()-lo], run.Off); err != nil {
+		start := time.Now()
+		if err := r.readRun(ctx, job, lo, run); err != nil {
 			if ctx.Err() != nil && !errors.Is(err, ctx.Err()) {
 				err = fmt.Errorf("%w (%v)", err, ctx.Err())
 			}
 			return err
 		}
+		r.cost.observe(run.Len, time.Since(start))
 		c.fetchedBytes.Add(run.Len)
 	}
-	// The map says the holes inside the runs (and the rest of the block)
+	// The map says the holes inside the runs (and the rest of the blocks)
 	// are zeros, and lseek and cp --sparse say so too: whatever the backend
-	// sent for them, and whatever the recycled buffer held, must not show.
-	r.data.ZeroHoles(buf, lo)
+	// sent for them, and whatever the recycled buffers held, must not show.
+	for _, b := range job {
+		r.data.ZeroHoles(b.buf, b.key.idx*bs)
+	}
 	return nil
 }
 

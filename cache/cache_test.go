@@ -18,8 +18,8 @@ import (
 
 // memSource serves a reference slice and checks every request against the
 // allocated map, so a fetch of hole bytes beyond what coalescing allows (a
-// request that starts or ends in a hole, or spans a hole longer than
-// coalesceGap) fails the test.
+// request that starts or ends in a hole, or, from a backend too fast to plan
+// around, spans a hole longer than defaultGap) fails the test.
 type memSource struct {
 	t        testing.TB
 	ref      []byte
@@ -78,14 +78,14 @@ func (m *memSource) ReadAt(ctx context.Context, p []byte, off int64) error {
 }
 
 // coalescedRange reports whether [off, off+n) is a range the cache may fetch:
-// it starts and ends in data and no hole inside is longer than coalesceGap.
+// it starts and ends in data and no hole inside is longer than defaultGap.
 func coalescedRange(m extent.Map, off, n int64) bool {
 	if n <= 0 || !m.Contains(off, 1) || !m.Contains(off+n-1, 1) {
 		return false
 	}
 	exts := m.Clip(off, n)
 	for i := 1; i < len(exts); i++ {
-		if exts[i].Off-exts[i-1].End() > coalesceGap {
+		if exts[i].Off-exts[i-1].End() > defaultGap {
 			return false
 		}
 	}
@@ -184,7 +184,7 @@ func TestSequentialFetchesExactlyAllocated(t *testing.T) {
 			want := runBytes(src.data, size, 256<<10)
 			assert.Equal(t, want, src.bytes.Load())
 			assert.Equal(t, want, c.Stats().FetchedBytes)
-			assert.LessOrEqual(t, want-src.data.Bytes(), int64(src.data.Len())*coalesceGap)
+			assert.LessOrEqual(t, want-src.data.Bytes(), int64(src.data.Len())*defaultGap)
 		})
 	}
 }
@@ -372,7 +372,7 @@ func TestBadRange(t *testing.T) {
 func runBytes(m extent.Map, size, bs int64) int64 {
 	var n int64
 	for lo := int64(0); lo < size; lo += bs {
-		for _, r := range m.Runs(lo, min(bs, size-lo), coalesceGap) {
+		for _, r := range m.Runs(lo, min(bs, size-lo), defaultGap) {
 			n += r.Len
 		}
 	}
@@ -380,7 +380,7 @@ func runBytes(m extent.Map, size, bs int64) int64 {
 }
 
 // TestCoalescedFetches: a block's extents separated by holes of at most
-// coalesceGap are one request, the holes read as zeros whatever the backend
+// defaultGap are one request, the holes read as zeros whatever the backend
 // sent for them, and extents further apart are fetched apart.
 func TestCoalescedFetches(t *testing.T) {
 	const bs = 1 << 20
@@ -399,8 +399,8 @@ func TestCoalescedFetches(t *testing.T) {
 		fetched int64
 	}{
 		{"4096 extents of 16 bytes 256 apart", bs, every(4096, 16, 256, 0), 1, 4095*256 + 16},
-		{"hole of exactly coalesceGap", bs, []extent.Extent{{Off: 0, Len: 100}, {Off: 100 + coalesceGap, Len: 100}}, 1, 200 + coalesceGap},
-		{"hole one byte longer", bs, []extent.Extent{{Off: 0, Len: 100}, {Off: 101 + coalesceGap, Len: 100}}, 2, 200},
+		{"hole of exactly defaultGap", bs, []extent.Extent{{Off: 0, Len: 100}, {Off: 100 + defaultGap, Len: 100}}, 1, 200 + defaultGap},
+		{"hole one byte longer", bs, []extent.Extent{{Off: 0, Len: 100}, {Off: 101 + defaultGap, Len: 100}}, 2, 200},
 		{"far apart: fetched as they are", bs, every(4, 64<<10, 256<<10, 0), 4, 4 * 64 << 10},
 		{"a run is cut at the block end", 2 * bs, every(2, 4096, 8192, bs-4096), 2, 2 * 4096},
 		{"bench layout: 8 MiB every 32 MiB", 64 << 20, every(2, 8<<20, 32<<20, 0), 16, 16 << 20},

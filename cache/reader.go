@@ -24,6 +24,7 @@ type Reader struct {
 	size   int64
 	data   extent.Map
 	f      Fetcher
+	cost   *costModel
 	tally  *Tally          // nil: not counted
 	ctx    context.Context // readahead runs under it; Close cancels it
 	cancel context.CancelFunc
@@ -164,22 +165,50 @@ func (r *Reader) track(off, n int64) {
 		r.window = min(2*bs, limit)
 		r.raNext = cur + 1
 	}
+	// One fetch carries up to span bytes; it waits until that much is
+	// due, keeping at least half the window in flight.
+	// All fetches in flight together stay within half the capacity.
+	span := r.cost.span(bs, max(min(r.window/2, c.opts.Capacity/int64(2*c.opts.Parallel)), bs))
+	last := (r.size - 1) / bs
 	from := max(r.raNext, cur+1)
-	to := min(cur+r.window/bs, (r.size-1)/bs) // inclusive
+	to := min(cur+r.window/bs, last) // inclusive
+	if to < last && (to-from+1)*bs < span {
+		to = from - 1
+	}
 	if from <= to {
 		r.raNext = to + 1
 		// Grow once per window consumed, so the window doubles per "round".
 		r.window = min(r.window*2, limit)
 	}
 	r.mu.Unlock()
-	for idx := from; idx <= to; idx++ {
-		lo := idx * bs
-		if !r.data.Overlaps(lo, c.blockLen(idx, r.size)) {
-			continue
-		}
-		if r.ctx.Err() != nil {
-			return
-		}
-		c.startFetch(r, blockKey{r.file, idx}, true)
+	if from <= to && r.ctx.Err() == nil {
+		c.startSpans(r, from, to, span)
 	}
+}
+
+// readRun reads run, which lies inside the job's blocks (the first at lo),
+// into their buffers: with one request when the fetcher can fill several
+// buffers at once.
+func (r *Reader) readRun(ctx context.Context, job []*block, lo int64, run extent.Extent) error {
+	bs := r.c.opts.BlockSize
+	first := (run.Off - lo) / bs
+	last := (run.End() - 1 - lo) / bs
+	bufs := make([][]byte, 0, last-first+1)
+	for i := first; i <= last; i++ {
+		b := job[i]
+		blo := b.key.idx * bs
+		from, to := max(run.Off, blo), min(run.End(), blo+int64(len(b.buf)))
+		bufs = append(bufs, b.buf[from-blo:to-blo])
+	}
+	if v, ok := r.f.(VecFetcher); ok && len(bufs) > 1 {
+		return v.ReadVecAt(ctx, bufs, run.Off)
+	}
+	off := run.Off
+	for _, p := range bufs {
+		if err := r.f.ReadAt(ctx, p, off); err != nil {
+			return err
+		}
+		off += int64(len(p))
+	}
+	return nil
 }

@@ -315,6 +315,12 @@ func (h *diskHandle) Size() int64           { return h.size }
 func (h *diskHandle) Allocated() extent.Map { return h.alloc }
 
 func (h *diskHandle) ReadAt(ctx context.Context, p []byte, off int64) error {
+	return h.ReadVecAt(ctx, [][]byte{p}, off)
+}
+
+// ReadVecAt is ReadAt into bufs laid end to end from off, in one request
+// where the disk can (backend.VecReader): the cache's multi-block fetches.
+func (h *diskHandle) ReadVecAt(ctx context.Context, bufs [][]byte, off int64) error {
 	o, err := h.pool.acquire(ctx, h.key)
 	if err != nil {
 		return err
@@ -325,13 +331,15 @@ func (h *diskHandle) ReadAt(ctx context.Context, p []byte, off int64) error {
 	}
 	m := h.meter()
 	m.fetches.Add(1)
-	if err := o.disk.ReadAt(ctx, p, off); err != nil {
+	if err := backend.ReadVec(ctx, o.disk, bufs, off); err != nil {
 		if ctx.Err() == nil {
 			m.fetchErrors.Add(1)
 		}
 		return err
 	}
-	m.fetchedBytes.Add(int64(len(p)))
+	for _, p := range bufs {
+		m.fetchedBytes.Add(int64(len(p)))
+	}
 	return nil
 }
 

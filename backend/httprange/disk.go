@@ -34,7 +34,10 @@ type DiskOptions struct {
 	OnClose func()
 }
 
-var _ backend.Disk = (*Disk)(nil)
+var (
+	_ backend.Disk      = (*Disk)(nil)
+	_ backend.VecReader = (*Disk)(nil)
+)
 
 // Disk returns the disk at url, of size bytes with alloc allocated.
 func (c *Client) Disk(url string, size int64, alloc extent.Map, opts DiskOptions) *Disk {
@@ -64,6 +67,43 @@ func (d *Disk) ReadAt(ctx context.Context, p []byte, off int64) error {
 		read = d.read
 	}
 	if err := read(ctx, d.url, d.size, p, off); err != nil {
+		err = fmt.Errorf("%s: %w", d.opts.Name, err)
+		if d.opts.Explain != nil {
+			err = d.opts.Explain(err)
+		}
+		return err
+	}
+	return nil
+}
+
+// ReadVecAt implements backend.VecReader: bufs, laid end to end from off,
+// filled by one Range request, so a read planned across several cache
+// blocks costs the platform one request. A query route (ReadQuery) reads
+// each buffer on its own.
+func (d *Disk) ReadVecAt(ctx context.Context, bufs [][]byte, off int64) error {
+	n := vecLen(bufs)
+	if d.read != nil || len(bufs) == 1 {
+		for _, p := range bufs {
+			if err := d.ReadAt(ctx, p, off); err != nil {
+				return err
+			}
+			off += int64(len(p))
+		}
+		return nil
+	}
+	if off < 0 || off > d.size || n > d.size-off {
+		return fmt.Errorf("%s: read: %w: %d bytes at %d past disk size %d", d.opts.Name, backend.ErrInvalid, n, off, d.size)
+	}
+	if d.closed.Load() {
+		return fmt.Errorf("%s: read: %w: disk closed", d.opts.Name, backend.ErrInvalid)
+	}
+	if !d.alloc.Overlaps(off, n) {
+		for _, p := range bufs {
+			clear(p)
+		}
+		return nil
+	}
+	if err := d.client.ReadRangeVec(ctx, d.url, d.size, bufs, off); err != nil {
 		err = fmt.Errorf("%s: %w", d.opts.Name, err)
 		if d.opts.Explain != nil {
 			err = d.opts.Explain(err)

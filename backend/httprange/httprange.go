@@ -325,7 +325,13 @@ func (c *Client) Size(ctx context.Context, rawURL string) (int64, error) {
 // ReadRange fills p with bytes [off, off+len(p)) of url, a resource of size
 // bytes, or returns an error. p's contents are unspecified after an error.
 func (c *Client) ReadRange(ctx context.Context, rawURL string, size int64, p []byte, off int64) error {
-	n := int64(len(p))
+	return c.ReadRangeVec(ctx, rawURL, size, [][]byte{p}, off)
+}
+
+// ReadRangeVec is ReadRange into bufs laid end to end from off: one request
+// fills several cache blocks.
+func (c *Client) ReadRangeVec(ctx context.Context, rawURL string, size int64, bufs [][]byte, off int64) error {
+	n := vecLen(bufs)
 	if off < 0 || size < 0 || off > size || n > size-off {
 		return fmt.Errorf("read range: %w: offset %d length %d of a %d-byte resource", backend.ErrInvalid, off, n, size)
 	}
@@ -346,16 +352,24 @@ func (c *Client) ReadRange(ctx context.Context, rawURL string, size int64, p []b
 			return aerr
 		}
 		defer resp.Body.Close()
-		return c.checkRange(resp, size, p, off)
+		return c.checkRange(resp, size, bufs, off)
 	})
 }
 
-// checkRange reads a Range answer into p, detecting every way it can differ
-// from what was asked: nothing unchecked reaches p's caller (and so the
-// cache). Every failure is a fault to retry: the range is inside the
+func vecLen(bufs [][]byte) int64 {
+	var n int64
+	for _, b := range bufs {
+		n += int64(len(b))
+	}
+	return n
+}
+
+// checkRange reads a Range answer into bufs, detecting every way it can
+// differ from what was asked: nothing unchecked reaches the caller (and so
+// the cache). Every failure is a fault to retry: the range is inside the
 // resource, so no answer but the right bytes is legitimate.
-func (c *Client) checkRange(resp *http.Response, size int64, p []byte, off int64) *attemptError {
-	n := int64(len(p))
+func (c *Client) checkRange(resp *http.Response, size int64, bufs [][]byte, off int64) *attemptError {
+	n := vecLen(bufs)
 	switch resp.StatusCode {
 	case http.StatusPartialContent:
 	case http.StatusOK:
@@ -380,7 +394,7 @@ func (c *Client) checkRange(resp *http.Response, size int64, p []byte, off int64
 	if first != off || last != off+n-1 {
 		return fault(retryable, "Content-Range mismatch: got %d-%d, asked %d-%d", first, last, off, off+n-1)
 	}
-	return readExactly(resp, p)
+	return readExactly(resp, bufs...)
 }
 
 // checkPlainBody refuses a body that is not the bytes themselves: one the
@@ -397,18 +411,23 @@ func (c *Client) checkPlainBody(resp *http.Response, answer, request string) *at
 	return nil
 }
 
-// readExactly fills p from the body, which must hold exactly len(p) bytes.
-func readExactly(resp *http.Response, p []byte) *attemptError {
-	n := int64(len(p))
+// readExactly fills bufs, end to end, from the body, which must hold
+// exactly their total length.
+func readExactly(resp *http.Response, bufs ...[]byte) *attemptError {
+	n := vecLen(bufs)
 	if resp.ContentLength >= 0 && resp.ContentLength != n {
 		return fault(retryable, "Content-Length mismatch: got %d, asked %d", resp.ContentLength, n)
 	}
-	got, err := io.ReadFull(resp.Body, p)
-	if err != nil {
-		if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
-			return fault(retryable, "short body: got %d of %d bytes", got, n)
+	var got int64
+	for _, p := range bufs {
+		m, err := io.ReadFull(resp.Body, p)
+		got += int64(m)
+		if err != nil {
+			if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
+				return fault(retryable, "short body: got %d of %d bytes", got, n)
+			}
+			return fault(retryable, "read body after %d of %d bytes: %w", got, n, err)
 		}
-		return fault(retryable, "read body after %d of %d bytes: %w", got, n, err)
 	}
 	var extra [1]byte
 	if m, _ := io.ReadFull(resp.Body, extra[:]); m > 0 {

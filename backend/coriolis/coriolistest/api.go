@@ -485,9 +485,13 @@ type countingWriter struct {
 	n *atomic.Int64
 }
 
+// Write counts p before writing it, then takes back what was not written:
+// a large Write reaches the client before it returns, and a client that
+// reads its stats as soon as it has the body must find the bytes counted.
 func (c countingWriter) Write(p []byte) (int, error) {
+	c.n.Add(int64(len(p)))
 	n, err := c.ResponseWriter.Write(p)
-	c.n.Add(int64(n))
+	c.n.Add(int64(n - len(p)))
 	return n, err
 }
 
@@ -506,6 +510,12 @@ func (s *Server) serveDisk(w http.ResponseWriter, r *http.Request, rt route) {
 	}
 	var f *os.File
 	var name string
+	var chunks int
+	if snap != nil {
+		for _, d := range snap.disks {
+			chunks += len(d.chunks)
+		}
+	}
 	if sd != nil {
 		name = v.snapshotPath(snap.id, sd.spec.Name)
 		// Opened under the lock so a concurrent delete cannot race the open.
@@ -526,5 +536,12 @@ func (s *Server) serveDisk(w http.ResponseWriter, r *http.Request, rt route) {
 		return
 	}
 	defer f.Close()
+	if wait := time.Duration(chunks) * s.opts.ChunkListCost; wait > 0 {
+		select {
+		case <-time.After(wait):
+		case <-r.Context().Done():
+			return
+		}
+	}
 	http.ServeContent(countingWriter{ResponseWriter: w, n: &s.diskBytes}, r, name, time.Time{}, f)
 }

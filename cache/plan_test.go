@@ -1,0 +1,139 @@
+package cache
+
+import (
+	"context"
+	"errors"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/vmexportfs/vmexportfs/backend/extent"
+)
+
+// costlySource is a backend whose every request costs a fixed time however
+// little it carries (the Coriolis exporter re-reading a long chunk list),
+// and which fills several buffers with one request.
+type costlySource struct {
+	t        testing.TB
+	ref      []byte
+	data     extent.Map
+	fixed    time.Duration
+	requests atomic.Int64
+	bytes    atomic.Int64
+}
+
+func (s *costlySource) ReadAt(ctx context.Context, p []byte, off int64) error {
+	return s.ReadVecAt(ctx, [][]byte{p}, off)
+}
+
+func (s *costlySource) ReadVecAt(ctx context.Context, bufs [][]byte, off int64) error {
+	var n int64
+	for _, p := range bufs {
+		n += int64(len(p))
+	}
+	// Reads may cross holes of any length the plan chose, but never start
+	// or end in one.
+	if !s.data.Contains(off, 1) || !s.data.Contains(off+n-1, 1) {
+		s.t.Errorf("request [%d, +%d) starts or ends in a hole", off, n)
+		return errors.New("hole fetched")
+	}
+	select {
+	case <-time.After(s.fixed):
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	s.requests.Add(1)
+	s.bytes.Add(n)
+	for _, p := range bufs {
+		copy(p, s.ref[off:])
+		off += int64(len(p))
+	}
+	return nil
+}
+
+// TestPlannedByCost: a sequential read of a disk of 4 KiB extents every
+// 256 KiB (holes longer than the default gap) from a backend whose requests
+// cost 5 ms each. The cache learns that cost from its first fetches and
+// from then on reads through the holes and several blocks a request; from a
+// backend too fast to plan around it fetches each block's extents apart, as
+// before.
+func TestPlannedByCost(t *testing.T) {
+	const bs, size = 1 << 20, 64 << 20
+	var raw []extent.Extent
+	for off := int64(0); off < size; off += 256 << 10 {
+		raw = append(raw, extent.Extent{Off: off, Len: 4 << 10})
+	}
+	m, err := extent.Normalize(raw, size)
+	require.NoError(t, err)
+	ref := make([]byte, size)
+	for _, e := range m.Extents() {
+		for i := e.Off; i < e.End(); i++ {
+			ref[i] = byte(i%251) | 1
+		}
+	}
+	tests := []struct {
+		name        string
+		fixed       time.Duration
+		maxRequests int64
+	}{
+		// 64 blocks of 4 extents: 256 requests extent by extent. Learnt,
+		// a fetch carries up to Capacity/(2 × Parallel) = 4 MiB: 16, plus
+		// the first fetches made before the cost was known.
+		{"5 ms a request", 5 * time.Millisecond, 32},
+		{"too fast to plan around", 0, 256},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			src := &costlySource{t: t, ref: ref, data: m, fixed: tt.fixed}
+			c := New(Options{BlockSize: bs, Capacity: 64 << 20})
+			defer c.Close()
+			r := c.Open("d", size, m, src)
+			defer r.Close()
+			got := make([]byte, size)
+			for off := int64(0); off < size; off += 128 << 10 {
+				require.NoError(t, r.ReadAt(context.Background(), got[off:off+128<<10], off))
+			}
+			require.Equal(t, ref, got)
+			t.Logf("%d requests, %d bytes (%d of data)", src.requests.Load(), src.bytes.Load(), m.Bytes())
+			assert.LessOrEqual(t, src.requests.Load(), tt.maxRequests, "requests")
+			assert.LessOrEqual(t, src.bytes.Load(), int64(size), "bytes")
+			if tt.fixed == 0 {
+				assert.Equal(t, m.Bytes(), src.bytes.Load(), "holes longer than the default gap are not read")
+			}
+		})
+	}
+}
+
+// TestCostModel: the fixed part and the part per byte come back from
+// fetches of several sizes; a fixed part too small to plan around leaves
+// the defaults.
+func TestCostModel(t *testing.T) {
+	tests := []struct {
+		name            string
+		fixed           time.Duration
+		perMiB          time.Duration
+		wantGap, spanHi int64
+	}{
+		{"half a second a request, 1 ms a MiB", 500 * time.Millisecond, time.Millisecond, 500 << 20, 32 << 20},
+		{"10 ms a request, 4 ms a MiB", 10 * time.Millisecond, 4 * time.Millisecond, 2560 << 10, 32 << 20},
+		{"100 µs: defaults", 100 * time.Microsecond, time.Millisecond, defaultGap, defaultSpan},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := newCostModel()
+			for i := range 40 {
+				n := int64(1+i%4) << 20
+				m.observe(n, tt.fixed+time.Duration(n>>20)*tt.perMiB)
+			}
+			assert.InEpsilon(t, tt.wantGap, m.gap(), 0.01, "gap")
+			want := min(max(int64(float64(tt.wantGap)*(1/fixedShare-1)), 1<<20), tt.spanHi)
+			if tt.wantGap == defaultGap {
+				want = defaultSpan
+			}
+			assert.InEpsilon(t, want, m.span(1<<20, tt.spanHi), 0.01, "span")
+		})
+	}
+}
