@@ -61,7 +61,32 @@ func FuzzParseRoute(f *testing.F) {
 		if rt.kind >= routeVM && rt.vmID == "" {
 			t.Fatalf("route %v from %q has no vm id", rt.kind, p)
 		}
+		// Routed are exactly the route's own path and that path with one
+		// trailing slash, as the server registers them.
+		canon := routePath(rt)
+		require.Equal(t, rt, parseRoute(canon), "route %+v rendered %q", rt, canon)
+		require.Contains(t, []string{canon, canon + "/"}, p, "route %+v", rt)
 	})
+}
+
+// routePath is the path of a route, without a trailing slash.
+func routePath(rt route) string {
+	vm := "/api/v1/vms/" + rt.vmID
+	switch rt.kind {
+	case routeLogin:
+		return "/api/v1/auth/login"
+	case routeVMs:
+		return "/api/v1/vms"
+	case routeVM:
+		return vm
+	case routeSnapshots:
+		return vm + "/snapshots"
+	case routeSnapshot:
+		return vm + "/snapshots/" + rt.snapID
+	case routeDisk:
+		return vm + "/snapshots/" + rt.snapID + "/disks/" + rt.diskID
+	}
+	return ""
 }
 
 // FuzzDiskModel applies a random sequence of writes and discards, then checks
