@@ -31,12 +31,17 @@ type memSource struct {
 	maxOff   atomic.Int64 // highest end offset requested
 	fail     atomic.Int64 // remaining calls to fail
 	gate     chan struct{}
+	atGate   chan struct{} // optional: a send (when there is room) per call held at gate
 }
 
 var errInjected = errors.New("injected backend failure")
 
 func (m *memSource) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if m.gate != nil {
+		select {
+		case m.atGate <- struct{}{}:
+		default:
+		}
 		select {
 		case <-m.gate:
 		case <-ctx.Done():
@@ -196,16 +201,20 @@ func TestSingleflight(t *testing.T) {
 	defer c.Close()
 	r := c.Open("d", size, src.data, src)
 	const n = 16
+	waiting := make(chan struct{}, n)
+	ctx := waitingCtx{context.Background(), waiting}
 	var wg sync.WaitGroup
 	errs := make([]error, n)
 	for i := range n {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			errs[i] = r.ReadAt(context.Background(), make([]byte, 4096), int64(i)*4096)
+			errs[i] = r.ReadAt(ctx, make([]byte, 4096), int64(i)*4096)
 		}()
 	}
-	time.Sleep(50 * time.Millisecond)
+	// The gate holds the fetch, so no reader can have been answered: all n
+	// are waiting for a fetch when the gate opens.
+	awaitN(t, waiting, n, "readers waiting for the block")
 	close(src.gate)
 	wg.Wait()
 	for _, err := range errs {
@@ -216,20 +225,27 @@ func TestSingleflight(t *testing.T) {
 
 func TestCancelledWaiterDoesNotFailOthers(t *testing.T) {
 	size := int64(64 << 10)
-	src := &memSource{t: t, ref: make([]byte, size), data: extent.Full(size), gate: make(chan struct{})}
+	src := &memSource{t: t, ref: make([]byte, size), data: extent.Full(size), gate: make(chan struct{}), atGate: make(chan struct{}, 1)}
 	for i := range src.ref {
 		src.ref[i] = byte(i)
 	}
 	c := New(Options{BlockSize: size})
 	defer c.Close()
 	r := c.Open("d", size, src.data, src)
+	// The reader to be cancelled starts the fetch; the other joins it. Each
+	// tells through its own channel, so neither is taken for the other.
+	waitingFirst, waitingSecond := make(chan struct{}, 1), make(chan struct{}, 1)
 	cctx, cancel := context.WithCancel(context.Background())
 	cancelled := make(chan error, 1)
-	go func() { cancelled <- r.ReadAt(cctx, make([]byte, 10), 0) }()
+	go func() { cancelled <- r.ReadAt(waitingCtx{cctx, waitingFirst}, make([]byte, 10), 0) }()
+	awaitN(t, waitingFirst, 1, "first reader waiting for its fetch")
 	ok := make(chan error, 1)
 	p := make([]byte, 100)
-	go func() { ok <- r.ReadAt(context.Background(), p, 5) }()
-	time.Sleep(30 * time.Millisecond)
+	go func() { ok <- r.ReadAt(waitingCtx{context.Background(), waitingSecond}, p, 5) }()
+	awaitN(t, waitingSecond, 1, "second reader waiting for the same fetch")
+	// The fetch is held at the gate when the cancel comes: a fetch bound to
+	// the cancelled reader would end now, before the gate opens.
+	awaitN(t, src.atGate, 1, "fetch held at the gate")
 	cancel()
 	require.ErrorIs(t, <-cancelled, context.Canceled)
 	close(src.gate)
@@ -319,22 +335,24 @@ func TestReadaheadPrefetchesAndStopsOnClose(t *testing.T) {
 	const bs = 64 << 10
 	size := int64(64 * bs)
 	src := &memSource{t: t, ref: make([]byte, size), data: extent.Full(size)}
-	c := New(Options{BlockSize: bs, MaxReadahead: 8 * bs, Capacity: 64 * bs})
+	hold := &holdFrom{memSource: src, limit: 2 * bs, held: make(chan struct{}, 64)}
+	// Parallel above the readahead window: held readahead never keeps a
+	// read's own fetch from starting.
+	c := New(Options{BlockSize: bs, MaxReadahead: 8 * bs, Capacity: 64 * bs, Parallel: 16})
 	defer c.Close()
-	r := c.Open("d", size, src.data, src)
+	r := c.Open("d", size, src.data, hold)
 	ctx := context.Background()
 	p := make([]byte, 16<<10)
 	var off int64
 	for ; off < 2*bs; off += int64(len(p)) {
 		require.NoError(t, r.ReadAt(ctx, p, off))
 	}
-	require.Eventually(t, func() bool { return src.maxOff.Load() > off+bs }, 5*time.Second, 5*time.Millisecond,
-		"readahead should fetch beyond the read position %d", off)
+	awaitN(t, hold.held, 1, "readahead past the read position")
 	r.Close()
-	time.Sleep(20 * time.Millisecond)
-	calls := src.calls.Load()
-	time.Sleep(50 * time.Millisecond)
-	assert.Equal(t, calls, src.calls.Load(), "no fetches after Close")
+	// No read runs any more, so no fetch can start: wait for those started.
+	c.wg.Wait()
+	assert.Zero(t, hold.served.Load(), "readahead in flight at Close ran on")
+	assert.LessOrEqual(t, src.maxOff.Load(), hold.limit, "nothing past the reads was fetched")
 	require.ErrorIs(t, r.ReadAt(ctx, p, off), ErrClosed)
 
 	// Random reads do not trigger readahead.
@@ -344,8 +362,67 @@ func TestReadaheadPrefetchesAndStopsOnClose(t *testing.T) {
 	for _, o := range []int64{40 * bs, 3 * bs, 50 * bs, 10 * bs, 30 * bs} {
 		require.NoError(t, r2.ReadAt(ctx, p, o))
 	}
-	time.Sleep(30 * time.Millisecond)
+	c.wg.Wait() // a readahead the reads started would have ended by now
 	assert.Equal(t, int64(5), src2.calls.Load())
+}
+
+// holdFrom serves reads below limit and holds those from limit on until
+// their context ends, as a slow backend keeps readahead in flight. A held
+// read still held after 10 s is served and counted: a fetch that Close did
+// not stop.
+type holdFrom struct {
+	*memSource
+	limit  int64
+	held   chan struct{} // a send (when there is room) per held read
+	served atomic.Int64
+}
+
+func (h *holdFrom) ReadAt(ctx context.Context, p []byte, off int64) error {
+	if off < h.limit {
+		return h.memSource.ReadAt(ctx, p, off)
+	}
+	select {
+	case h.held <- struct{}{}:
+	default:
+	}
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(10 * time.Second):
+		h.served.Add(1)
+		return h.memSource.ReadAt(ctx, p, off)
+	}
+}
+
+// waitingCtx tells when a read starts waiting for a block fetch: the read
+// selects on its context's Done then, so a test knows each reader it
+// started is waiting on the fetch, not merely running. A send is dropped
+// when waiting is full.
+type waitingCtx struct {
+	context.Context
+	waiting chan<- struct{}
+}
+
+func (c waitingCtx) Done() <-chan struct{} {
+	select {
+	case c.waiting <- struct{}{}:
+	default:
+	}
+	return c.Context.Done()
+}
+
+// awaitN receives n values from ch, failing the test when they do not come
+// within 10 s.
+func awaitN(t *testing.T, ch <-chan struct{}, n int, what string) {
+	t.Helper()
+	timeout := time.After(10 * time.Second)
+	for i := range n {
+		select {
+		case <-ch:
+		case <-timeout:
+			t.Fatalf("%s: %d of %d after 10s", what, i, n)
+		}
+	}
 }
 
 func TestClosedCache(t *testing.T) {

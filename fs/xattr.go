@@ -53,14 +53,21 @@ func xattrList(names []string, dest []byte) (uint32, syscall.Errno) {
 }
 
 // splitPage splits "name@from" into name and from; a name without a numeric
-// suffix is not paged.
+// suffix is not paged. The suffix is read only as ReadMap writes it
+// (decimal digits, no sign, no leading zero), so one attribute name has one
+// meaning: "changed.x@+5" or "changed.x@05" is the base "x@+5" or "x@05",
+// not the base "x" paged from 5.
 func splitPage(attr string) (string, int64, bool) {
 	i := strings.LastIndexByte(attr, '@')
 	if i < 0 {
 		return attr, 0, false
 	}
-	from, err := strconv.ParseInt(attr[i+1:], 10, 64)
-	if err != nil || from < 0 {
+	digits := attr[i+1:]
+	if digits == "" || strings.Trim(digits, "0123456789") != "" || len(digits) > 1 && digits[0] == '0' {
+		return attr, 0, false
+	}
+	from, err := strconv.ParseInt(digits, 10, 64)
+	if err != nil {
 		return attr, 0, false
 	}
 	return attr[:i], from, true

@@ -3,6 +3,7 @@ package fs
 import (
 	"math"
 	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -23,6 +24,9 @@ func TestSplitPage(t *testing.T) {
 		{"user.vmexport.changed.a@b@42", "user.vmexport.changed.a@b", 42, true},
 		{"user.vmexport.changed.a@-1", "user.vmexport.changed.a@-1", 0, false},
 		{"user.vmexport.changed.a@x", "user.vmexport.changed.a@x", 0, false},
+		{"user.vmexport.changed.a@+5", "user.vmexport.changed.a@+5", 0, false},
+		{"user.vmexport.changed.a@05", "user.vmexport.changed.a@05", 0, false},
+		{"user.vmexport.extents@9223372036854775808", "user.vmexport.extents@9223372036854775808", 0, false},
 	}
 	for _, tc := range tests {
 		name, from, ok := splitPage(tc.in)
@@ -66,20 +70,36 @@ func FuzzPage(f *testing.F) {
 	})
 }
 
-// FuzzXattrName: any attribute name a user can pass to getxattr parses to a
-// name and a non-negative page start, or to itself unpaged.
+// FuzzXattrName: an attribute name is paged exactly when it is well formed,
+// NAME@FROM with FROM as ReadMap writes it (the canonical decimal of an
+// int64 >= 0); paged names decode and encode back to themselves, and no
+// decoding leaves the namespace the attribute was in.
 func FuzzXattrName(f *testing.F) {
-	for _, s := range []string{"user.vmexport.extents", "user.vmexport.extents@0", "user.vmexport.changed.a@b@12", "@", "x@-1", "x@99999999999999999999"} {
+	for _, s := range []string{"user.vmexport.extents", "user.vmexport.extents@0", "user.vmexport.changed.a@b@12", "@", "x@-1", "x@99999999999999999999",
+		"x@+5", "x@05", "x@-0", "user.vmexport.changed.@7"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, attr string) {
 		name, from, paged := splitPage(attr)
+		wellFormed := false
+		if i := strings.LastIndexByte(attr, '@'); i >= 0 {
+			n, err := strconv.ParseInt(attr[i+1:], 10, 64)
+			wellFormed = err == nil && n >= 0 && strconv.FormatInt(n, 10) == attr[i+1:]
+		}
+		require.Equal(t, wellFormed, paged, "%q", attr)
 		if !paged {
 			require.Equal(t, attr, name)
 			require.Zero(t, from)
 			return
 		}
 		require.GreaterOrEqual(t, from, int64(0))
-		require.Equal(t, attr, name+"@"+attr[len(name)+1:])
+		require.Equal(t, attr, name+"@"+strconv.FormatInt(from, 10), "decode and encode again")
+		for _, at := range []int64{0, from, math.MaxInt64} {
+			n, f, ok := splitPage(name + "@" + strconv.FormatInt(at, 10))
+			require.True(t, ok && n == name && f == at, "encode %q at %d, decode: %q %d %v", name, at, n, f, ok)
+		}
+		for _, ns := range []string{"user.vmexport.", xattrChangedPrefix} {
+			require.Equal(t, strings.HasPrefix(attr, ns), strings.HasPrefix(name, ns), "%q decoded to %q", attr, name)
+		}
 	})
 }

@@ -188,8 +188,12 @@ func decodeJSON(r io.Reader, v any) error {
 	default:
 		err = dec.Decode(v)
 	}
-	if err == nil && dec.More() {
-		err = errors.New("trailing data")
+	if err == nil {
+		// dec.More is false at a closing ']' or '}' too: only the end of
+		// the body ends the answer.
+		if _, terr := dec.Token(); !errors.Is(terr, io.EOF) {
+			err = errors.New("trailing data")
+		}
 	}
 	switch {
 	case body.n > maxJSONBody:

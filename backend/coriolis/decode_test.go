@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"runtime"
 	"strconv"
 	"strings"
@@ -55,12 +56,7 @@ func refNumber(n json.Number) (int64, error) {
 // refDecode decodes like the old decodeJSON; disks' chunks come back as raw
 // extents, or nil with ok=false when a chunk value was bad.
 func refDecode(s string) (snap refSnapshot, chunks [][]extent.Extent, ok []bool, err error) {
-	dec := json.NewDecoder(strings.NewReader(s))
-	if err = dec.Decode(&snap); err != nil {
-		return
-	}
-	if dec.More() {
-		err = errors.New("trailing data")
+	if err = json.Unmarshal([]byte(s), &snap); err != nil {
 		return
 	}
 	if snap.VMID == "" {
@@ -311,10 +307,53 @@ func FuzzDecodeSnapshotStream(f *testing.F) {
 	f.Add(`{"disks":[{"chunks":[{"st\u0061rt":1,"length":2,"x":{"y":["}"]}}]}],"other":[1,2]}`)
 	f.Add(`{"disks":[{"chunks":[{"ſtart":1,"length":2}]}]}`)
 	f.Add(`{"disks":[{"chunks":null,"chunks":[{}]}]} `)
+	f.Add(`{"id":"s","disks":[{"chunks":[{"start":0,"length":1,"physical_start":4096}]}]} }`)
 	f.Fuzz(func(t *testing.T, s string) {
 		checkAgainstReference(t, s)
 		checkListAgainstReference(t, s)
+		var keep apiSnapshot
+		err := decodeJSON(strings.NewReader(s), &keep)
+		requireRefusedUnlessJSON(t, s, err)
+		if err != nil {
+			return
+		}
+		for _, d := range keep.Disks {
+			requireByteRanges(t, d.Chunks.extents())
+		}
+		// Decoded for a delta, the chunks are the same, with a
+		// non-negative physical start for each or none at all.
+		var phys unsquashedSnapshot
+		require.NoError(t, decodeJSON(strings.NewReader(s), &phys))
+		require.Len(t, phys.Disks, len(keep.Disks))
+		for i, d := range phys.Disks {
+			require.Equal(t, keep.Disks[i].Chunks.extents(), d.Chunks.extents())
+			require.Equal(t, keep.Disks[i].Chunks.bad, d.Chunks.bad)
+			if d.Chunks.phys != nil {
+				require.Len(t, d.Chunks.phys, len(d.Chunks.extents()))
+				for _, p := range d.Chunks.phys {
+					require.GreaterOrEqual(t, p, int64(0))
+				}
+			}
+		}
 	})
+}
+
+// requireRefusedUnlessJSON fails t when decodeJSON accepted s though it is
+// not one JSON value (encoding/json refuses it).
+func requireRefusedUnlessJSON(t *testing.T, s string, err error) {
+	t.Helper()
+	if !json.Valid([]byte(s)) {
+		require.Error(t, err, "accepted what is not JSON: %.200q", s)
+	}
+}
+
+// requireByteRanges fails t unless every extent is a byte range of an
+// int64 offset space: non-negative, and ending where an int64 can say.
+func requireByteRanges(t *testing.T, exts []extent.Extent) {
+	t.Helper()
+	for _, e := range exts {
+		require.True(t, e.Off >= 0 && e.Len >= 0 && e.Off <= math.MaxInt64-e.Len, "chunk %+v is no byte range", e)
+	}
 }
 
 // checkListAgainstReference is checkAgainstReference for the list route,
@@ -323,8 +362,7 @@ func FuzzDecodeSnapshotStream(f *testing.F) {
 func checkListAgainstReference(t *testing.T, one string) {
 	s := "[" + one + "]"
 	var ref []refSnapshot
-	dec := json.NewDecoder(strings.NewReader(s))
-	if dec.Decode(&ref) != nil || dec.More() {
+	if json.Unmarshal([]byte(s), &ref) != nil {
 		return
 	}
 	var got []apiSnapshot

@@ -1,16 +1,20 @@
 package coriolis
 
 import (
+	"encoding/json"
 	"math"
 	"reflect"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/stretchr/testify/require"
 )
 
 func FuzzDecodeVMs(f *testing.F) {
 	f.Add(`[{"friendly_name":"a","name":"vm","disks":[{"name":"d","device_name":"xvda","mode":"w"},{"name":"c","device_name":"xvdb:cdrom","mode":"r"}],"snapshots":["x","x"]}]`)
 	f.Add(`[{"name":"../..","disks":null}] trailing`)
+	f.Add(`[{"name":"a"}] ]`)
 	f.Fuzz(func(t *testing.T, s string) {
 		// The listing is decoded one VM at a time; encoding/json decoding
 		// the whole array is what it must agree with.
@@ -20,6 +24,15 @@ func FuzzDecodeVMs(f *testing.F) {
 		errWhole := decodeJSON(strings.NewReader(s), &whole)
 		if (errStream == nil) != (errWhole == nil) {
 			t.Fatalf("streamed: %v, whole: %v", errStream, errWhole)
+		}
+		requireRefusedUnlessJSON(t, s, errStream)
+		// Where encoding/json reads the listing, the stream reads the same.
+		var ref []apiVM
+		if json.Unmarshal([]byte(s), &ref) == nil {
+			require.NoError(t, errStream, "refused what encoding/json reads: %.200q", s)
+			if len(ref) > 0 || len(vms) > 0 {
+				require.Equal(t, ref, vms)
+			}
 		}
 		if errStream != nil {
 			return
@@ -44,7 +57,9 @@ func FuzzDecodeSnapshot(f *testing.F) {
 	f.Add(`{"id":"s","vmID":"v","disks":[{"name":"d","snapshotID":"s","chunks":[{"start":-1,"length":1e30}]}]}`, int64(1))
 	f.Fuzz(func(t *testing.T, s string, size int64) {
 		var snap apiSnapshot
-		if decodeJSON(strings.NewReader(s), &snap) != nil {
+		err := decodeJSON(strings.NewReader(s), &snap)
+		requireRefusedUnlessJSON(t, s, err)
+		if err != nil {
 			return
 		}
 		snap.toBackend(apiVM{})
@@ -65,11 +80,16 @@ func FuzzDecodeSnapshot(f *testing.F) {
 func FuzzDecodeLogin(f *testing.F) {
 	f.Add(`{"token":"eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjQxMDI0NDQ4MDB9.x"}`)
 	f.Add(`{"token":""}`)
+	f.Add(`{"token":"x"} ]`)
 	f.Fuzz(func(t *testing.T, s string) {
-		var ans loginAnswer
-		if decodeJSON(strings.NewReader(s), &ans) != nil {
+		var ans, ref loginAnswer
+		err := decodeJSON(strings.NewReader(s), &ans)
+		refErr := json.Unmarshal([]byte(s), &ref)
+		require.Equal(t, refErr == nil, err == nil, "decoded: %v, encoding/json: %v", err, refErr)
+		if err != nil {
 			return
 		}
+		require.Equal(t, ref, ans)
 		now := time.Unix(1_700_000_000, 0)
 		at, err := tokenRenewal(ans.Token, now)
 		if err != nil {

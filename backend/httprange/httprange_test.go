@@ -11,6 +11,8 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"regexp"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -295,6 +297,11 @@ func FuzzParseContentRange(f *testing.F) {
 	for _, s := range []string{"bytes 0-99/100", "bytes 5-5/*", "bytes 10-5/100", "bytes -1-2/3", "bytes 0-9223372036854775807/*", "items 0-1/2", ""} {
 		f.Add(s)
 	}
+	f.Add("bytes 007-09/0100")
+	f.Add(" bytes 0-0/1\t")
+	f.Add("bytes +0-1/+2")
+	// The leading zeros of a decimal number, keeping its last digit.
+	leadingZeros := regexp.MustCompile(`\b0+([0-9])`)
 	f.Fuzz(func(t *testing.T, s string) {
 		first, last, total, err := ParseContentRange(s)
 		if err != nil {
@@ -304,8 +311,19 @@ func FuzzParseContentRange(f *testing.F) {
 			t.Fatalf("accepted inconsistent range %q: %d-%d/%d", s, first, last, total)
 		}
 		want := fmt.Sprintf("bytes %d-%d/", first, last)
-		if !strings.HasPrefix(strings.TrimSpace(s), "bytes ") {
-			t.Fatalf("accepted %q without bytes unit (%s)", s, want)
+		if total == -1 {
+			want += "*"
+		} else {
+			want += strconv.FormatInt(total, 10)
+		}
+		// What was accepted is the canonical header, up to surrounding
+		// space and leading zeros: the numbers read are the numbers sent.
+		if got := leadingZeros.ReplaceAllString(strings.TrimSpace(s), "$1"); got != want {
+			t.Fatalf("accepted %q as %q", s, want)
+		}
+		f2, l2, t2, err := ParseContentRange(want)
+		if err != nil || f2 != first || l2 != last || t2 != total {
+			t.Fatalf("canonical %q of %q reads as %d-%d/%d (%v)", want, s, f2, l2, t2, err)
 		}
 	})
 }

@@ -2,8 +2,13 @@ package kubevirt
 
 import (
 	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -42,21 +47,46 @@ func TestParseSourceURL(t *testing.T) {
 	}
 }
 
+// FuzzParseSourceURL: an accepted address renders back to one that parses
+// to the same value, carries no credentials, query or fragment, and a
+// password put into any address is refused and quoted nowhere.
 func FuzzParseSourceURL(f *testing.F) {
-	for _, s := range []string{"kubevirt+https://a/namespaces/b", "https://a/x/virtualmachineexports/e", "kubevirt+https://a:1/%zz", ""} {
+	for _, s := range []string{"kubevirt+https://a/namespaces/b", "https://a/x/virtualmachineexports/e", "kubevirt+https://a:1/%zz", "",
+		"kubevirt+https://a/p%2Fq/namespaces/n%20s", "https://a/virtualmachineexports/e%3F", "kubevirt+https://a:bad/namespaces/n"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, raw string) {
+		if i := strings.Index(raw, "://"); i >= 0 && !strings.ContainsAny(raw[:i], "/?#") {
+			const secret = "Pw0rdFuzzSecret"
+			_, err := ParseSourceURL(raw[:i+3] + "user:" + secret + "@" + raw[i+3:])
+			require.Error(t, err, "credentials accepted")
+			require.NotContains(t, err.Error(), secret)
+		}
 		u, err := ParseSourceURL(raw)
 		if err != nil {
 			return
 		}
+		var again string
 		if u.Standalone() {
-			assert.NotEmpty(t, u.Export)
+			require.NotEmpty(t, u.Export)
+			require.Empty(t, u.APIServer+u.Namespace)
+			again = "kubevirt+" + u.ExportURL
 		} else {
-			assert.NotEmpty(t, u.Namespace)
-			assert.NotEmpty(t, u.APIServer)
+			require.NotEmpty(t, u.Namespace)
+			require.NotEmpty(t, u.APIServer)
+			again = "kubevirt+" + u.APIServer + "/namespaces/" + url.PathEscape(u.Namespace)
 		}
+		for _, s := range []string{u.ExportURL, u.APIServer} {
+			if s == "" {
+				continue
+			}
+			pu, err := url.Parse(s)
+			require.NoError(t, err, "rendered %q", s)
+			require.True(t, pu.User == nil && pu.RawQuery == "" && pu.Fragment == "" && pu.Scheme == "https", "rendered %q", s)
+		}
+		u2, err := ParseSourceURL(again)
+		require.NoError(t, err, "the rendering %q of %q", again, raw)
+		require.Equal(t, u, u2, "the rendering %q of %q", again, raw)
 	})
 }
 
@@ -112,14 +142,23 @@ users: [{name: u, user: {tokenFile: tok}}]
 }
 
 func FuzzParseKubeconfig(f *testing.F) {
-	f.Add([]byte("current-context: x\nclusters: [{name: c, cluster: {server: s}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\nusers: [{name: u, user: {token: t}}]"))
+	f.Add([]byte("current-context: x\nclusters: [{name: c, cluster: {server: s}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\nusers: [{name: u, user: {token: tok3n-secret}}]"))
 	f.Add([]byte("current-context: x\nclusters: [{name: c, cluster: {server: s, certificate-authority-data: QUJD}}]\ncontexts: [{name: x, context: {cluster: c}}]"))
 	f.Add([]byte("{{"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		// File references resolve inside an empty directory: nothing to read.
 		c, err := ParseKubeconfig(data, t.TempDir())
-		if err == nil {
-			assert.NotEmpty(t, c.Server)
+		if err != nil {
+			return
+		}
+		require.NotEmpty(t, c.Server)
+		// However it is printed, the credentials never show the token
+		// (unless the server or namespace spell it too).
+		shown := "Credentials{Server: Namespace: token:true}" + c.Server + c.Namespace
+		if len(c.Token) >= 4 && !strings.Contains(shown, c.Token) {
+			for _, format := range []string{"%v", "%+v", "%s"} {
+				require.NotContains(t, fmt.Sprintf(format, c), c.Token, format)
+			}
 		}
 	})
 }
@@ -150,30 +189,75 @@ func TestParseExportStatus(t *testing.T) {
 func FuzzParseExportStatus(f *testing.F) {
 	f.Add([]byte(`{"phase":"Ready","links":{"external":{"cert":"x","volumes":[{"name":"v","formats":[{"format":"raw","url":"u"}]}]}}}`))
 	f.Add([]byte("status:\n  phase: Ready\n"))
+	f.Add([]byte(`{"phase":"Ready","virtualMachineName":"vm","links":{"external":{"volumes":[{"name":"v"},{"name":"v"}],"backups":[{"name":"b","endpoints":[{"endpoint":"map","url":"m"}]}]}}}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		st, err := ParseExportStatus(data)
 		if err != nil {
 			return
 		}
-		if link, err := st.link(false); err == nil {
-			for _, n := range link.volumeNames() {
-				_ = link.rawURL(n)
-				_ = link.mapURL(n)
+		// What kubectl -o json prints of it reads back the same.
+		js, err := json.Marshal(map[string]ExportStatus{"status": st})
+		require.NoError(t, err)
+		again, err := ParseExportStatus(js)
+		require.NoError(t, err, "%s", js)
+		require.Equal(t, st, again, "%s", js)
+		link, err := st.link(false)
+		if err != nil {
+			return
+		}
+		// Each disk is named once, by a name; a backup's disk has both of
+		// its routes.
+		seen := map[string]bool{}
+		for _, n := range link.volumeNames() {
+			require.NotEmpty(t, n)
+			require.False(t, seen[n], "disk %q listed twice", n)
+			seen[n] = true
+			if !slices.ContainsFunc(link.Volumes, func(v exportVolume) bool { return v.Name == n }) {
+				require.NotEmpty(t, link.mapURL(n), "backup disk %q without a map", n)
+				require.NotEmpty(t, link.backupURL(n, "data"), "backup disk %q without a data route", n)
 			}
 		}
 	})
 }
 
+// FuzzDecodeMapPage: a page is accepted exactly when it is JSON of the
+// map route's shape that can be paged through safely, and then it is what
+// encoding/json reads.
 func FuzzDecodeMapPage(f *testing.F) {
 	f.Add([]byte(`{"extents":[{"offset":0,"length":65536,"type":0,"description":"data"}],"next_offset":65536}`))
 	f.Add([]byte(`{"extents":[],"next_offset":null}`))
+	f.Add([]byte(`{"extents":[{"offset":0,"length":65536}],"next_offset":4096}`))
+	f.Add([]byte(`{"extents":[{"offset":65536,"length":4096},{"offset":0,"length":65536}],"next_offset":69632}`))
+	f.Add([]byte(`{"extents":[],"next_offset":0}`))
+	f.Add([]byte(`{"extents":[{"offset":72057594037927935,"length":1}]}`))
+	f.Add([]byte(`{"extents":[{"offset":72057594037927935,"length":2}]}`))
+	f.Add([]byte(`{"extents":[{"offset":1,"length":18446744073709551615}]}`))
+	f.Add([]byte(`{"extents":[{"offset":18446744073709551615,"length":1}],"next_offset":0}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		p, err := decodeMapPage(data)
-		if err != nil {
+		var ref mapPage
+		if json.Unmarshal(data, &ref) != nil {
+			require.Error(t, err, "accepted what encoding/json refuses")
 			return
 		}
-		for _, e := range p.Extents {
-			_ = e.Offset + e.Length
+		var end uint64
+		safe := true
+		for _, e := range ref.Extents {
+			// An extent must fit the int64 offsets of a map: its end is at
+			// most maxBackupSize, and computing it does not wrap.
+			if e.Offset > maxBackupSize || e.Offset+e.Length > maxBackupSize || e.Offset+e.Length < e.Offset {
+				safe = false
+			}
+			end = max(end, e.Offset+e.Length)
 		}
+		if n := ref.NextOffset; n != nil && (len(ref.Extents) == 0 || *n < end || *n > maxBackupSize) {
+			safe = false // paging from *n would read this page again
+		}
+		if !safe {
+			require.Error(t, err, "accepted a page that cannot be paged through")
+			return
+		}
+		require.NoError(t, err)
+		require.Equal(t, ref, p)
 	})
 }

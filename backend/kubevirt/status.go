@@ -145,10 +145,30 @@ type mapPage struct {
 	NextOffset *uint64 `json:"next_offset"`
 }
 
+// decodeMapPage decodes one map page and refuses one that cannot be paged
+// through safely: an extent past maxBackupSize (its offset plus length
+// would not fit the int64 offsets a map holds, or would overflow), or a
+// next_offset before the end of an extent the page holds, or on a page
+// without extents, from which the next page would start over what was
+// read, so that paging repeats itself.
 func decodeMapPage(data []byte) (mapPage, error) {
 	var p mapPage
 	if err := json.Unmarshal(data, &p); err != nil {
 		return mapPage{}, fmt.Errorf("decode map page: %w", err)
+	}
+	var end uint64
+	for i, e := range p.Extents {
+		if e.Offset > maxBackupSize || e.Length > maxBackupSize-e.Offset {
+			return mapPage{}, fmt.Errorf("decode map page: extent %d (%d+%d) ends past %d bytes", i, e.Offset, e.Length, uint64(maxBackupSize))
+		}
+		end = max(end, e.Offset+e.Length)
+	}
+	switch {
+	case p.NextOffset == nil:
+	case len(p.Extents) == 0:
+		return mapPage{}, fmt.Errorf("decode map page: next_offset %d on a page without extents", *p.NextOffset)
+	case *p.NextOffset < end || *p.NextOffset > maxBackupSize:
+		return mapPage{}, fmt.Errorf("decode map page: next_offset %d before the end %d of the page's extents", *p.NextOffset, end)
 	}
 	return p, nil
 }

@@ -1,6 +1,7 @@
 package kubevirt
 
 import (
+	"errors"
 	"fmt"
 	"net/url"
 	"strings"
@@ -25,6 +26,11 @@ func ParseSourceURL(raw string) (SourceURL, error) {
 	s := strings.TrimPrefix(raw, "kubevirt+")
 	u, err := url.Parse(s)
 	if err != nil {
+		// A url.Error quotes the whole address, a password in it included.
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err
+		}
 		return SourceURL{}, fmt.Errorf("parse source url: %w", err)
 	}
 	if u.Scheme != "https" || u.Host == "" {

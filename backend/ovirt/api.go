@@ -210,6 +210,9 @@ func decodeExtents(r io.Reader, size int64) (data, allocated extent.Map, err err
 	if _, err := dec.Token(); err != nil {
 		return extent.Map{}, extent.Map{}, fmt.Errorf("%w: extents: %w", backend.ErrUnavailable, err)
 	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		return extent.Map{}, extent.Map{}, fmt.Errorf("%w: extents: more after the list", backend.ErrUnavailable)
+	}
 	if pos != size {
 		return extent.Map{}, extent.Map{}, fmt.Errorf("%w: extents cover %d bytes of a %d-byte image", backend.ErrUnavailable, pos, size)
 	}

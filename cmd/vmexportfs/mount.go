@@ -170,21 +170,37 @@ func parseMountArgs(args []string, registry []platform.Platform) (mountConfig, e
 func splitSource(source string, ps []registered) (registered, *url.URL, error) {
 	u, err := url.Parse(source)
 	if err != nil {
-		return registered{}, nil, fmt.Errorf("source %q: not a URL", truncate(source, 80))
+		return registered{}, nil, fmt.Errorf("source %q: not a URL", shownSource(source))
 	}
 	name, scheme, ok := strings.Cut(u.Scheme, "+")
 	if !ok || (scheme != "https" && scheme != "http") || u.Host == "" {
-		return registered{}, nil, fmt.Errorf("source %q: want PLATFORM+https://HOST[:PORT][/PATH], e.g. coriolis+https://ovm:5544", truncate(source, 80))
+		return registered{}, nil, fmt.Errorf("source %q: want PLATFORM+https://HOST[:PORT][/PATH], e.g. coriolis+https://ovm:5544", shownSource(source))
 	}
 	if u.User != nil {
 		return registered{}, nil, fmt.Errorf("source: credentials in the URL are not accepted; use --username and --password-file")
 	}
 	i := slices.IndexFunc(ps, func(p registered) bool { return p.Scheme == name })
 	if i < 0 {
-		return registered{}, nil, fmt.Errorf("source %q: unknown platform %q (known: %s)", truncate(source, 80), name, strings.Join(schemes(ps), ", "))
+		return registered{}, nil, fmt.Errorf("source %q: unknown platform %q (known: %s)", shownSource(source), name, strings.Join(schemes(ps), ", "))
 	}
 	u.Scheme = scheme
 	return ps[i], u, nil
+}
+
+// shownSource is source as an error quotes it: at most 80 bytes, and with
+// what a user:password@ part could hold masked, whether the URL parses or
+// not (one that does not parse still holds the password typed into it).
+func shownSource(source string) string {
+	if at := strings.LastIndexByte(source, '@'); at >= 0 {
+		start := 0
+		if i := strings.Index(source, "://"); i >= 0 && i < at {
+			start = i + 3
+		} else if i := strings.IndexByte(source, ':'); i >= 0 && i < at {
+			start = i + 1
+		}
+		source = source[:start] + redact.Mask + source[at:]
+	}
+	return truncate(source, 80)
 }
 
 // checkMountpoint fails early on a mountpoint that cannot be used.

@@ -1,6 +1,9 @@
 package main
 
 import (
+	"slices"
+	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -62,29 +65,79 @@ func TestParseSize(t *testing.T) {
 	}
 }
 
+// FuzzParseMountOptions: accepted options render back (key=value with '_'
+// for '-', allow_other, debug) to a list that parses to the same options,
+// each value one the list gave its key; a refused option's value (a
+// secret) is quoted in no error.
 func FuzzParseMountOptions(f *testing.F) {
 	f.Add("rw,username=a,password_file=/x,allow_other")
 	f.Add("password=secret")
+	f.Add("password=hunter22")
 	f.Add(",,=,_=")
+	f.Add("cache_size=1G,cache-size=2G,debug,log_file=/a=b")
+	f.Add("rw,s3_secret_key=hunter22,token=x")
 	f.Fuzz(func(t *testing.T, list string) {
+		items := strings.Split(list, ",")
 		mo, err := parseMountOptions([]string{list})
 		if err != nil {
+			for i, item := range items {
+				key, value, _ := strings.Cut(item, "=")
+				advice := defaultOptions.refused[strings.ReplaceAll(key, "_", "-")]
+				// A value the refusal's own words hold proves nothing.
+				if advice == "" || len(value) < 4 || strings.Contains("-o "+key+": secrets are not accepted as options; "+advice, value) {
+					continue
+				}
+				others := strings.Join(slices.Delete(slices.Clone(items), i, i+1), ",")
+				if !strings.Contains(others, value) {
+					require.NotContains(t, err.Error(), value, "the value of -o %s", key)
+				}
+			}
 			return
 		}
+		var again []string
 		for k, v := range mo.set {
-			if !flagOptions[k] || v == "" {
-				t.Fatalf("accepted %q=%q", k, v)
-			}
+			require.True(t, flagOptions[k], "accepted %q", k)
+			require.NotEmpty(t, v, "accepted %q with no value", k)
+			given := slices.ContainsFunc(items, func(item string) bool {
+				key, value, _ := strings.Cut(item, "=")
+				return strings.ReplaceAll(key, "_", "-") == k && value == v
+			})
+			require.True(t, given, "%s=%q was not given", k, v)
+			again = append(again, strings.ReplaceAll(k, "-", "_")+"="+v)
 		}
+		if mo.allowOther {
+			again = append(again, "allow_other")
+		}
+		if mo.debug {
+			again = append(again, "debug")
+		}
+		mo2, err := parseMountOptions([]string{strings.Join(again, ",")})
+		require.NoError(t, err, "rendered %q of %q", again, list)
+		require.Equal(t, mo, mo2, "rendered %q of %q", again, list)
 	})
 }
 
+// FuzzParseSize: an accepted size is a byte count that reads back the same
+// written as a plain number, and as many KiB with a K.
 func FuzzParseSize(f *testing.F) {
 	f.Add("256M")
 	f.Add("1e300G")
+	f.Add("9007199254740993")
+	f.Add("1.5KiB")
 	f.Fuzz(func(t *testing.T, s string) {
-		if v, err := parseSize(s); err == nil && v < 0 {
-			t.Fatalf("negative size %d from %q", v, s)
+		v, err := parseSize(s)
+		if err != nil {
+			return
+		}
+		require.GreaterOrEqual(t, v, int64(0), "from %q", s)
+		plain := strconv.FormatInt(v, 10)
+		again, err := parseSize(plain)
+		require.NoError(t, err, "%q, read from %q", plain, s)
+		require.Equal(t, v, again, "%q, read from %q", plain, s)
+		if v < 1<<40 {
+			k, err := parseSize(plain + "K")
+			require.NoError(t, err)
+			require.Equal(t, v<<10, k, "%sK", plain)
 		}
 	})
 }
