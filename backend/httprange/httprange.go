@@ -46,6 +46,10 @@ type Client struct {
 	// login body). nil follows same-origin redirects only. https to http is
 	// refused whatever it says.
 	TrustRedirect func(from, to *url.URL) bool
+	// TrustAdvice says, in the error of a certificate signed by an unknown
+	// authority, where the trusted CA comes from; "" is the common
+	// --ca-file (retry.DefaultAdvice).
+	TrustAdvice string
 
 	// accepted records that the server has taken our credentials at least
 	// once: 401s that outlast the retries after that are an outage (EIO),
@@ -123,6 +127,9 @@ func (c *Client) send(ctx context.Context, req *http.Request) (*http.Response, *
 	hc.CheckRedirect = c.checkRedirect
 	resp, err := hc.Do(req)
 	if err != nil {
+		if ce := retry.Certificate(err, c.TrustAdvice); ce != nil {
+			return nil, &attemptError{Kind: final, Err: ce}
+		}
 		if errors.Is(err, ErrRedirectRefused) {
 			// url.Error would quote the Location, query and all.
 			var ue *url.Error

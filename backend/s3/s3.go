@@ -319,8 +319,12 @@ func kindOf(status int) retry.Kind {
 }
 
 // transportFault is a failed round trip: retried, since every request we
-// send is idempotent (GET, HEAD, PUT of the same bytes, DELETE).
+// send is idempotent (GET, HEAD, PUT of the same bytes, DELETE), unless the
+// server's certificate did not verify, which it would not the next time.
 func (c *Client) transportFault(op string, err error) *retry.Fault {
+	if ce := retry.Certificate(err, ""); ce != nil {
+		return &retry.Fault{Kind: retry.Stop, Err: ce}
+	}
 	return &retry.Fault{Kind: retry.Again, Err: fmt.Errorf("%w: %s", backend.ErrUnavailable, c.secrets.String(err.Error()))}
 }
 

@@ -232,6 +232,10 @@ func (c *rpcClient) roundTrip(ctx context.Context, method string, params []any, 
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Accept-Encoding", "identity")
 	resp, err := c.http.Do(req)
+	if ce := retry.Certificate(err, ""); ce != nil {
+		// Not errTransport: the same certificate would fail again.
+		return fmt.Errorf("xapi: %s: %w", method, ce)
+	}
 	if err != nil {
 		return fmt.Errorf("xapi: %s: %w: %w: %s", method, errTransport, backend.ErrUnavailable, c.secrets.String(err.Error()))
 	}

@@ -2,19 +2,33 @@ package main
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/base64"
+	"encoding/pem"
 	"errors"
 	"io"
+	"math/big"
 	"net"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/vmexportfs/vmexportfs/backend/coriolis/coriolistest"
+	"github.com/vmexportfs/vmexportfs/backend/ovirt/ovirttest"
+	"github.com/vmexportfs/vmexportfs/backend/xapi/xapitest"
 )
 
 // runVmexportfs runs the command as a user does, in a child process, and
@@ -153,6 +167,154 @@ func TestPlainHTTPSourceRefused(t *testing.T) {
 			conns, got := l.seen()
 			assert.Zero(t, conns, "the command connected to the plain listener")
 			assert.NotContains(t, string(got), password)
+		})
+	}
+}
+
+// connCounter is a TCP relay to a TLS server that counts connections: one
+// per handshake the client attempts, since a client reaches the server's
+// certificate only through an accepted connection.
+type connCounter struct {
+	ln    net.Listener
+	conns atomic.Int64
+	wg    sync.WaitGroup
+}
+
+// startConnCounter relays from host (a loopback address, ":0" port) to
+// target.
+func startConnCounter(t *testing.T, host, target string) *connCounter {
+	ln, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
+	require.NoError(t, err)
+	r := &connCounter{ln: ln}
+	r.wg.Add(1)
+	go func() {
+		defer r.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			r.conns.Add(1)
+			r.wg.Add(1)
+			go func() {
+				defer r.wg.Done()
+				defer c.Close()
+				up, err := net.Dial("tcp", target)
+				if err != nil {
+					return
+				}
+				defer up.Close()
+				go func() { _, _ = io.Copy(up, c); up.(*net.TCPConn).CloseWrite() }()
+				_, _ = io.Copy(c, up)
+			}()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); r.wg.Wait() })
+	return r
+}
+
+// throughCounter replaces the host of the source (the last argument) with
+// a counting relay on host and returns the new arguments and the relay.
+func throughCounter(t *testing.T, args []string, host string) ([]string, *connCounter) {
+	t.Helper()
+	src := args[len(args)-1]
+	u, err := url.Parse(src)
+	require.NoError(t, err, src)
+	r := startConnCounter(t, host, u.Host)
+	u.Host = r.ln.Addr().String()
+	return append(append([]string{}, args[:len(args)-1]...), u.String()), r
+}
+
+// foreignCA writes the PEM of a CA that signed none of the simulators'
+// certificates.
+func foreignCA(t *testing.T) (path string, pemBytes []byte) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "someone else's CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	require.NoError(t, err)
+	pemBytes = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+	path = filepath.Join(t.TempDir(), "foreign-ca.pem")
+	require.NoError(t, os.WriteFile(path, pemBytes, 0o600))
+	return path, pemBytes
+}
+
+// withFlag returns args with the value of flag replaced.
+func withFlag(t *testing.T, args []string, flag, value string) []string {
+	t.Helper()
+	out := append([]string{}, args...)
+	for i := range out[:len(out)-1] {
+		if out[i] == flag {
+			out[i+1] = value
+			return out
+		}
+	}
+	t.Fatalf("no %s in %q", flag, args)
+	return nil
+}
+
+// TestUntrustedCertificateFailsAtOnce: a server whose certificate does not
+// verify fails the mount on the first handshake, on every platform, with
+// what x509 said and what to do about it: no retries (the same certificate
+// would come back), no "backend unavailable".
+func TestUntrustedCertificateFailsAtOnce(t *testing.T) {
+	requireRoot(t)
+	caFile, caPEM := foreignCA(t)
+	for _, tc := range []struct {
+		name  string
+		host  string // where the relay listens
+		setup func(t *testing.T) []string
+		want  []string
+	}{
+		{"coriolis, unknown authority", "127.0.0.1", func(t *testing.T) []string {
+			f := newFixture(t, coriolistest.Options{})
+			return withFlag(t, append(f.mountArgs(), "coriolis+"+f.sim.URL()), "--ca-file", caFile)
+		}, []string{"x509: certificate signed by unknown authority", "pass --ca-file with the platform's CA"}},
+		// The simulator's certificate is for localhost, 127.0.0.1 and ::1.
+		{"coriolis, name mismatch", "127.0.0.2", func(t *testing.T) []string {
+			f := newFixture(t, coriolistest.Options{})
+			return append(f.mountArgs(), "coriolis+"+f.sim.URL())
+		}, []string{"x509: certificate is valid for", "not 127.0.0.2", "reach the server by a name its certificate is valid for"}},
+		{"xapi", "127.0.0.1", func(t *testing.T) []string {
+			return withFlag(t, newXapi(t, xapitest.Options{}).MountArgs(), "--ca-file", caFile)
+		}, []string{"x509: certificate signed by unknown authority", "pass --ca-file with the platform's CA"}},
+		{"ovirt", "127.0.0.1", func(t *testing.T) []string {
+			return withFlag(t, newOVirt(t, ovirttest.Options{}).MountArgs(), "--ca-file", caFile)
+		}, []string{"x509: certificate signed by unknown authority", "pass --ca-file with the platform's CA"}},
+		{"s3", "127.0.0.1", func(t *testing.T) []string {
+			return withFlag(t, newS3Platform(t).MountArgs(), "--ca-file", caFile)
+		}, []string{"x509: certificate signed by unknown authority", "pass --ca-file with the platform's CA"}},
+		{"jdcloud", "127.0.0.1", func(t *testing.T) []string {
+			return withFlag(t, newJDCloud(t).MountArgs(), "--ca-file", caFile)
+		}, []string{"x509: certificate signed by unknown authority", "pass --ca-file with the platform's CA"}},
+		// The API server's CA comes from the kubeconfig, not --ca-file.
+		{"kubevirt", "127.0.0.1", func(t *testing.T) []string {
+			f := newKVFixture(t)
+			kc, err := os.ReadFile(f.kubeconfig)
+			require.NoError(t, err)
+			good := base64.StdEncoding.EncodeToString(f.sim.CAPEM())
+			require.Contains(t, string(kc), good)
+			require.NoError(t, os.WriteFile(f.kubeconfig, []byte(strings.ReplaceAll(string(kc), good, base64.StdEncoding.EncodeToString(caPEM))), 0o600))
+			return f.mountArgs()
+		}, []string{"x509: certificate signed by unknown authority", "the kubeconfig's certificate-authority must be the API server's CA"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			args, relay := throughCounter(t, tc.setup(t), tc.host)
+			code, out := runVmexportfs(t, append(append([]string{"-f"}, args...), t.TempDir())...)
+			assert.Equal(t, 1, code, out)
+			msg := lastLine(out)
+			t.Logf("the user reads: %s", msg)
+			for _, want := range tc.want {
+				assert.Contains(t, msg, want)
+			}
+			assert.NotContains(t, msg, "backend unavailable")
+			assert.NotContains(t, out, "retry: retrying")
+			assert.EqualValues(t, 1, relay.conns.Load(), "TLS handshakes the server saw:\n%s", out)
 		})
 	}
 }
