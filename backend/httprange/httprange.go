@@ -6,6 +6,7 @@
 package httprange
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -111,6 +112,10 @@ func (c *Client) retry(ctx context.Context, opName func() string, attempt func(c
 	attempts := c.Policy.WithDefaults().Attempts
 	if last.Kind == unauthorized && c.accepted.Load() {
 		return fmt.Errorf("%s: %w after %d attempts: credentials that worked before refused (401 storm): %v", opName(), backend.ErrUnavailable, attempts, last)
+	}
+	if last.Kind == unauthorized {
+		// Never taken: a refusal, whose reason is the server's, not an outage.
+		return fmt.Errorf("%s: credentials refused (%d attempts): %w", opName(), attempts, last)
 	}
 	return fmt.Errorf("%s: %w after %d attempts: %w", opName(), backend.ErrUnavailable, attempts, last)
 }
@@ -219,7 +224,7 @@ func (c *Client) statusError(resp *http.Response) error {
 	default:
 		sentinel = backend.ErrUnavailable
 	}
-	return &StatusError{Code: resp.StatusCode, Kind: sentinel, Text: c.Secrets.Peer(b)}
+	return &StatusError{Code: resp.StatusCode, Kind: sentinel, Text: c.Secrets.Peer(b), Message: c.Secrets.Peer([]byte(serverMessage(b)))}
 }
 
 // StatusError is a non-2xx answer: its status code, the backend sentinel it
@@ -229,10 +234,20 @@ type StatusError struct {
 	Code int
 	Kind error  // a backend sentinel
 	Text string // the server's answer, cut, stripped and with secrets masked
+	// Message is what a JSON answer says went wrong, in words ("Not
+	// Authorized: failed to login: ..."), made safe as Text; "" when the
+	// answer is not one, and Text is shown.
+	Message string
 }
 
+// Error shows the server's words as they are, not quoted: they were made
+// printable and cut, and a JSON body quoted again is unreadable.
 func (e *StatusError) Error() string {
-	return fmt.Sprintf("%v: status %d: %q", e.Kind, e.Code, e.Text)
+	msg := cmp.Or(e.Message, e.Text)
+	if msg == "" {
+		return fmt.Sprintf("%v: status %d", e.Kind, e.Code)
+	}
+	return fmt.Sprintf("%v: status %d: %s", e.Kind, e.Code, msg)
 }
 
 func (e *StatusError) Unwrap() error { return e.Kind }

@@ -245,7 +245,8 @@ func (e *StatusError) Error() string {
 		s += " " + e.Code
 	}
 	if e.Message != "" {
-		s += fmt.Sprintf(": %q", e.Message)
+		// As the server said it: Message was made printable and cut.
+		s += ": " + e.Message
 	}
 	return s
 }
