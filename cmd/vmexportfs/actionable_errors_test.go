@@ -70,3 +70,33 @@ func TestLoginRefusedSaysWhy(t *testing.T) {
 		})
 	}
 }
+
+// TestMissingUsername: a platform that logs in with a user refuses a mount
+// without one as a bad invocation (exit 2) naming the flag, before it
+// daemonizes.
+func TestMissingUsername(t *testing.T) {
+	pw := filepath.Join(t.TempDir(), "password")
+	require.NoError(t, os.WriteFile(pw, []byte("pw\n"), 0o600))
+	// Were the invocation taken, the mount would fail later (exit 1):
+	// nothing listens at port 1.
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"coriolis", []string{"coriolis+https://127.0.0.1:1"}, "coriolis needs --username"},
+		{"xapi", []string{"xapi+https://127.0.0.1:1"}, "xapi needs --username"},
+		{"ovirt", []string{"ovirt+https://127.0.0.1:1"}, "ovirt needs --username (such as admin@internal)"},
+		{"foreground", []string{"-f", "coriolis+https://127.0.0.1:1"}, "coriolis needs --username"},
+		{"empty --username", []string{"--username", "", "coriolis+https://127.0.0.1:1"}, "coriolis needs --username"},
+		{"empty -o username=", []string{"-o", "username=", "coriolis+https://127.0.0.1:1"}, "-o username: needs a value (username=...)"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			args := append([]string{"--password-file", pw, "--retries", "1", "--state-dir", t.TempDir(), "--cache-dir", t.TempDir()}, tc.args...)
+			args = append(args, t.TempDir())
+			code, out := runVmexportfs(t, args...)
+			assert.Equal(t, 2, code, out)
+			assert.Equal(t, "vmexportfs: usage: "+tc.want, lastLine(out))
+		})
+	}
+}
