@@ -86,7 +86,10 @@ var (
 // New builds a client and logs in once, so bad credentials fail here.
 func New(ctx context.Context, cfg Config) (*Client, error) {
 	base, err := url.Parse(strings.TrimRight(cfg.URL, "/"))
-	if err != nil || base.Host == "" || (base.Scheme != "https" && base.Scheme != "http") || base.RawQuery != "" || base.User != nil {
+	if err == nil && base.Scheme == "http" {
+		return nil, fmt.Errorf("coriolis: %w: URL %s: plain http would send the password in cleartext; use https", backend.ErrInvalid, base.Redacted())
+	}
+	if err != nil || base.Host == "" || base.Scheme != "https" || base.RawQuery != "" || base.User != nil {
 		return nil, fmt.Errorf("coriolis: %w: URL must be https://host:port", backend.ErrInvalid)
 	}
 	logger := cfg.Logger

@@ -6,6 +6,7 @@
 package httprange
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -46,6 +47,10 @@ type Client struct {
 	// login body). nil follows same-origin redirects only. https to http is
 	// refused whatever it says.
 	TrustRedirect func(from, to *url.URL) bool
+	// TrustAdvice says, in the error of a certificate signed by an unknown
+	// authority, where the trusted CA comes from; "" is the common
+	// --ca-file (retry.DefaultAdvice).
+	TrustAdvice string
 
 	// accepted records that the server has taken our credentials at least
 	// once: 401s that outlast the retries after that are an outage (EIO),
@@ -108,6 +113,10 @@ func (c *Client) retry(ctx context.Context, opName func() string, attempt func(c
 	if last.Kind == unauthorized && c.accepted.Load() {
 		return fmt.Errorf("%s: %w after %d attempts: credentials that worked before refused (401 storm): %v", opName(), backend.ErrUnavailable, attempts, last)
 	}
+	if last.Kind == unauthorized {
+		// Never taken: a refusal, whose reason is the server's, not an outage.
+		return fmt.Errorf("%s: credentials refused (%d attempts): %w", opName(), attempts, last)
+	}
 	return fmt.Errorf("%s: %w after %d attempts: %w", opName(), backend.ErrUnavailable, attempts, last)
 }
 
@@ -123,6 +132,9 @@ func (c *Client) send(ctx context.Context, req *http.Request) (*http.Response, *
 	hc.CheckRedirect = c.checkRedirect
 	resp, err := hc.Do(req)
 	if err != nil {
+		if ce := retry.Certificate(err, c.TrustAdvice); ce != nil {
+			return nil, &attemptError{Kind: final, Err: ce}
+		}
 		if errors.Is(err, ErrRedirectRefused) {
 			// url.Error would quote the Location, query and all.
 			var ue *url.Error
@@ -212,7 +224,7 @@ func (c *Client) statusError(resp *http.Response) error {
 	default:
 		sentinel = backend.ErrUnavailable
 	}
-	return &StatusError{Code: resp.StatusCode, Kind: sentinel, Text: c.Secrets.Peer(b)}
+	return &StatusError{Code: resp.StatusCode, Kind: sentinel, Text: c.Secrets.Peer(b), Message: c.Secrets.Peer([]byte(serverMessage(b)))}
 }
 
 // StatusError is a non-2xx answer: its status code, the backend sentinel it
@@ -222,10 +234,20 @@ type StatusError struct {
 	Code int
 	Kind error  // a backend sentinel
 	Text string // the server's answer, cut, stripped and with secrets masked
+	// Message is what a JSON answer says went wrong, in words ("Not
+	// Authorized: failed to login: ..."), made safe as Text; "" when the
+	// answer is not one, and Text is shown.
+	Message string
 }
 
+// Error shows the server's words as they are, not quoted: they were made
+// printable and cut, and a JSON body quoted again is unreadable.
 func (e *StatusError) Error() string {
-	return fmt.Sprintf("%v: status %d: %q", e.Kind, e.Code, e.Text)
+	msg := cmp.Or(e.Message, e.Text)
+	if msg == "" {
+		return fmt.Sprintf("%v: status %d", e.Kind, e.Code)
+	}
+	return fmt.Sprintf("%v: status %d: %s", e.Kind, e.Code, msg)
 }
 
 func (e *StatusError) Unwrap() error { return e.Kind }

@@ -161,6 +161,10 @@ func parseOSS(ossURL, endpoint string) (bucket, region, readFrom string, err err
 	if endpoint == "" {
 		endpoint = "https://s3." + region + ".jdcloud-oss.com"
 	}
+	if e, perr := url.Parse(endpoint); perr != nil || e.Scheme != "https" || e.Host == "" || e.User != nil {
+		// Checked with the flags, not when the first read fails.
+		return "", "", "", fmt.Errorf("%w: %w: --oss-endpoint: want https://HOST[:PORT]; plain http would send the signed requests and the disks in cleartext", errConfig, backend.ErrInvalid)
+	}
 	return bucket, region, endpoint, nil
 }
 

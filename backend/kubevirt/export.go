@@ -1,6 +1,7 @@
 package kubevirt
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -36,6 +37,9 @@ type exportConn struct {
 	// rootFallback: the raw URL was built from the export URL; at the
 	// export pod itself (port-forward) only root paths exist.
 	rootFallback bool
+	// trustAdvice says where the export's CA comes from, for the error of
+	// a certificate it does not sign.
+	trustAdvice string
 
 	mu       sync.Mutex
 	tok      string
@@ -144,7 +148,8 @@ func isCertError(err error) bool {
 // server ever accepted the token (a 401 storm after that is an outage).
 func (c *exportConn) client() *httprange.Client {
 	c.httpOnce.Do(func() {
-		c.http = &httprange.Client{HTTP: &http.Client{Transport: c}, Auth: c, Policy: c.policy, Logger: c.logger, Secrets: c.secrets}
+		c.http = &httprange.Client{HTTP: &http.Client{Transport: c}, Auth: c, Policy: c.policy, Logger: c.logger, Secrets: c.secrets,
+			TrustAdvice: cmp.Or(c.trustAdvice, "the export status's cert does not sign the export server's (is a proxy in front of it?)")}
 	})
 	return c.http
 }

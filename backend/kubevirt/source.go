@@ -153,10 +153,11 @@ func New(cfg Config) (*Source, error) {
 		hc = &http.Client{Transport: httprange.NewTransport(tlsCfg, cfg.Policy.Meter)}
 	}
 	return &Source{
-		cfg:      cfg,
-		server:   server,
-		logger:   logger,
-		api:      &httprange.Client{HTTP: hc, Auth: &bearer{token: cred.Token, cred: cred, secrets: cfg.Secrets}, Policy: cfg.Policy, Logger: logger, Secrets: cfg.Secrets},
+		cfg:    cfg,
+		server: server,
+		logger: logger,
+		api: &httprange.Client{HTTP: hc, Auth: &bearer{token: cred.Token, cred: cred, secrets: cfg.Secrets}, Policy: cfg.Policy, Logger: logger, Secrets: cfg.Secrets,
+			TrustAdvice: "the kubeconfig's certificate-authority must be the API server's CA"},
 		versions: map[string]string{},
 	}, nil
 }

@@ -184,7 +184,8 @@ func (s *Standalone) connection(ctx context.Context, st ExportStatus) (*exportCo
 		return s.conn, nil
 	}
 	conn := &exportConn{name: s.export, internal: s.cfg.Internal, status: s.status, token: s.token, logger: s.logger, policy: s.cfg.Policy, secrets: s.cfg.Secrets, connectWait: s.cfg.BackupConnectTimeout,
-		serverName: s.cfg.TLSServerName, rootFallback: s.cfg.ExportStatusFile == ""}
+		serverName: s.cfg.TLSServerName, rootFallback: s.cfg.ExportStatusFile == "",
+		trustAdvice: "pass --export-status or --ca-file with the export's certificate"}
 	if err := newExportConn(ctx, conn, st); err != nil {
 		return nil, err
 	}

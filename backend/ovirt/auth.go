@@ -1,6 +1,7 @@
 package ovirt
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -55,7 +56,7 @@ func (a *ssoAuth) Login(ctx context.Context) (string, time.Time, error) {
 		var se *httprange.StatusError
 		if errors.As(err, &se) && se.Code == http.StatusBadRequest {
 			// The engine's SSO answers a wrong password with a 400.
-			return "", time.Time{}, fmt.Errorf("ovirt: log in as %q: %w: %s", a.user, backend.ErrPermission, se.Text)
+			return "", time.Time{}, fmt.Errorf("ovirt: log in as %q: %w: %s", a.user, backend.ErrPermission, cmp.Or(se.Message, se.Text))
 		}
 		return "", time.Time{}, fmt.Errorf("ovirt: log in as %q: %w", a.user, err)
 	}

@@ -8,12 +8,15 @@ package retry
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"time"
 
+	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/meter"
 )
 
@@ -116,6 +119,10 @@ func (r Runner) Do(ctx context.Context, op func() string, attempt func(ctx conte
 		if err := ctx.Err(); err != nil {
 			return last, fmt.Errorf("%s: %w", op(), err)
 		}
+		if ce := Certificate(last.Err, ""); ce != nil && last.Kind == Again {
+			// Whatever carried it: the same certificate fails the same way.
+			last = &Fault{Kind: Stop, Err: ce}
+		}
 		if last.Kind != Stop {
 			pol.Meter.Fault(last.Err, last.Kind == Renew)
 		}
@@ -146,6 +153,68 @@ func (r Runner) Do(ctx context.Context, op func() string, attempt func(ctx conte
 	}
 	pol.Meter.Exhausted()
 	return last, fmt.Errorf("%s: %w after %d attempts: %w", op(), ErrExhausted, pol.Attempts, last)
+}
+
+// CertificateError is a server certificate that did not verify: signed by
+// an authority not trusted here, issued for another name, expired. Trying
+// again meets the same certificate, so it is never retried; what the user
+// can do about it is part of the message.
+type CertificateError struct {
+	Err    error  // what crypto/x509 said
+	Advice string // for an unknown authority: where the trusted CA comes from
+}
+
+// DefaultAdvice is the advice for an unknown authority when the platform
+// is verified with the common --ca-file.
+const DefaultAdvice = "pass --ca-file with the platform's CA"
+
+func (e *CertificateError) Error() string {
+	var invalid x509.CertificateInvalidError
+	switch {
+	case errors.As(e.Err, new(x509.HostnameError)):
+		// x509 says which names the certificate has and which we asked for.
+		return fmt.Sprintf("TLS: %v; reach the server by a name its certificate is valid for", e.Err)
+	case errors.As(e.Err, &invalid) && invalid.Reason == x509.Expired:
+		return fmt.Sprintf("TLS: %v; the server needs a new certificate, or this machine's clock is wrong", e.Err)
+	case errors.As(e.Err, new(x509.UnknownAuthorityError)):
+		return fmt.Sprintf("TLS: %v; %s", e.Err, e.Advice)
+	}
+	return "TLS: " + e.Err.Error()
+}
+
+// Unwrap is the x509 error and backend.ErrPermission: a read of a disk whose
+// server is not trusted is EACCES, not a passing EIO.
+func (e *CertificateError) Unwrap() []error { return []error{e.Err, backend.ErrPermission} }
+
+// Certificate returns err as a *CertificateError when it is, or wraps, a
+// certificate that did not verify, else nil. advice is for an unknown
+// authority ("" is DefaultAdvice).
+func Certificate(err error, advice string) *CertificateError {
+	if err == nil {
+		return nil
+	}
+	if ce := (*CertificateError)(nil); errors.As(err, &ce) {
+		return ce
+	}
+	if advice == "" {
+		advice = DefaultAdvice
+	}
+	var unknown x509.UnknownAuthorityError
+	var hostname x509.HostnameError
+	var invalid x509.CertificateInvalidError
+	switch {
+	case errors.As(err, &unknown):
+		return &CertificateError{Err: unknown, Advice: advice}
+	case errors.As(err, &hostname):
+		return &CertificateError{Err: hostname, Advice: advice}
+	case errors.As(err, &invalid):
+		return &CertificateError{Err: invalid, Advice: advice}
+	}
+	// A verification error of another kind (a custom VerifyConnection).
+	if cv := (*tls.CertificateVerificationError)(nil); errors.As(err, &cv) {
+		return &CertificateError{Err: cv.Err, Advice: advice}
+	}
+	return nil
 }
 
 // ErrExhausted marks an operation whose attempts were all used up.

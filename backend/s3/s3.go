@@ -245,7 +245,8 @@ func (e *StatusError) Error() string {
 		s += " " + e.Code
 	}
 	if e.Message != "" {
-		s += fmt.Sprintf(": %q", e.Message)
+		// As the server said it: Message was made printable and cut.
+		s += ": " + e.Message
 	}
 	return s
 }
@@ -319,8 +320,12 @@ func kindOf(status int) retry.Kind {
 }
 
 // transportFault is a failed round trip: retried, since every request we
-// send is idempotent (GET, HEAD, PUT of the same bytes, DELETE).
+// send is idempotent (GET, HEAD, PUT of the same bytes, DELETE), unless the
+// server's certificate did not verify, which it would not the next time.
 func (c *Client) transportFault(op string, err error) *retry.Fault {
+	if ce := retry.Certificate(err, ""); ce != nil {
+		return &retry.Fault{Kind: retry.Stop, Err: ce}
+	}
 	return &retry.Fault{Kind: retry.Again, Err: fmt.Errorf("%w: %s", backend.ErrUnavailable, c.secrets.String(err.Error()))}
 }
 

@@ -134,6 +134,11 @@ func (c *rpcClient) relogin(ctx context.Context, stale string) error {
 func (c *rpcClient) loginLocked(ctx context.Context) error {
 	var ref string
 	err := c.roundTrip(ctx, "session.login_with_password", []any{c.username, c.password, apiVersion, c.originator}, &ref, true)
+	var apiErr *APIError
+	if errors.As(err, &apiErr) && apiErr.Code == "SESSION_AUTHENTICATION_FAILED" && len(apiErr.Params) > 0 {
+		// [user, reason]: the pool's own words, then the code to look up.
+		return fmt.Errorf("xapi: log in as %q: %w: %s (%s)", c.username, backend.ErrPermission, apiErr.Params[len(apiErr.Params)-1], apiErr.Code)
+	}
 	if err != nil {
 		return fmt.Errorf("xapi: log in as %q: %w", c.username, err)
 	}
@@ -232,6 +237,10 @@ func (c *rpcClient) roundTrip(ctx context.Context, method string, params []any, 
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Accept-Encoding", "identity")
 	resp, err := c.http.Do(req)
+	if ce := retry.Certificate(err, ""); ce != nil {
+		// Not errTransport: the same certificate would fail again.
+		return fmt.Errorf("xapi: %s: %w", method, ce)
+	}
 	if err != nil {
 		return fmt.Errorf("xapi: %s: %w: %w: %s", method, errTransport, backend.ErrUnavailable, c.secrets.String(err.Error()))
 	}

@@ -172,12 +172,15 @@ func splitSource(source string, ps []registered) (registered, *url.URL, error) {
 	if err != nil {
 		return registered{}, nil, fmt.Errorf("source %q: not a URL", shownSource(source))
 	}
-	name, scheme, ok := strings.Cut(u.Scheme, "+")
-	if !ok || (scheme != "https" && scheme != "http") || u.Host == "" {
-		return registered{}, nil, fmt.Errorf("source %q: want PLATFORM+https://HOST[:PORT][/PATH], e.g. coriolis+https://ovm:5544", shownSource(source))
-	}
 	if u.User != nil {
 		return registered{}, nil, fmt.Errorf("source: credentials in the URL are not accepted; use --username and --password-file")
+	}
+	name, scheme, ok := strings.Cut(u.Scheme, "+")
+	if ok && scheme == "http" {
+		return registered{}, nil, plainHTTP(u, name)
+	}
+	if !ok || scheme != "https" || u.Host == "" {
+		return registered{}, nil, fmt.Errorf("source %q: want PLATFORM+https://HOST[:PORT][/PATH], e.g. coriolis+https://ovm:5544", shownSource(source))
 	}
 	i := slices.IndexFunc(ps, func(p registered) bool { return p.Scheme == name })
 	if i < 0 {

@@ -134,8 +134,15 @@ func (t optionTable) spellings() []string {
 	return keys
 }
 
-// parseSize reads a byte count such as 256M, 1.5GiB or 4096.
-func parseSize(s string) (int64, error) { return platform.ParseSize(s) }
+// parseSize reads a --cache-size such as 256M, 1.5GiB or 4096, no more than
+// the machine's memory (see checkMemory).
+func parseSize(s string) (int64, error) {
+	n, err := platform.ParseSize(s)
+	if err != nil {
+		return 0, err
+	}
+	return n, checkMemory(n)
+}
 
 // errUsage marks a bad invocation (exit status 2); platforms' checks wrap
 // the same error.

@@ -8,6 +8,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/vmexportfs/vmexportfs/backend/platform"
 )
 
 func TestParseMountOptions(t *testing.T) {
@@ -55,7 +57,8 @@ func TestParseSize(t *testing.T) {
 		{"9999999T", 0, false}, {"NaN", 0, false},
 	}
 	for _, tt := range tests {
-		got, err := parseSize(tt.in)
+		// The syntax; what the machine's memory allows is TestCacheSizeAboveMemory's.
+		got, err := platform.ParseSize(tt.in)
 		if !tt.ok {
 			assert.Error(t, err, tt.in)
 			continue

@@ -101,6 +101,17 @@ func checkForeignFlags(f *pflag.FlagSet, ps []registered, source registered) err
 	return nil
 }
 
+// plainHTTP refuses a source over plain http, whatever the platform: each
+// logs in or signs its requests (a password, a token, an access key's
+// signatures, which whoever sees them can replay), and the disks would
+// cross the network unauthenticated. There is no opt-in.
+func plainHTTP(u *url.URL, name string) error {
+	fixed := *u
+	fixed.Scheme = name + "+https"
+	return fmt.Errorf("source %s+http://%s: plain http would send the password, token or keys in cleartext; use %s",
+		name, truncate(u.Host, 80), truncate(fixed.Redacted(), 120))
+}
+
 // common is what every platform gets from the common flags.
 func (cfg mountConfig) common(logger *slog.Logger) platform.Common {
 	return platform.Common{

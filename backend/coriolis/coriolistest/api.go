@@ -218,7 +218,8 @@ func (s *Server) login(w http.ResponseWriter, r *http.Request) {
 		s.log.Info("coriolis simulator login refused", "user", req.Username)
 		w.Header().Add("Content-Type", "application/json")
 		w.WriteHeader(http.StatusUnauthorized)
-		encode(w, apiError{Error: "Not Authorized", Details: "Unauthorized"})
+		// The observed exporter passes on the OVM manager's refusal.
+		encode(w, apiError{Error: "Not Authorized", Details: "failed to login: Response code: 401, Unauthorized"})
 		return
 	}
 	ttl := time.Duration(s.tokenTTL.Load())
