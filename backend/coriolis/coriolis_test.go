@@ -324,7 +324,6 @@ func TestReloginOn401AndExpiry(t *testing.T) {
 	require.NoError(t, err)
 	require.EqualValues(t, 1, f.logins.Load())
 
-	time.Sleep(httprange.RenewDebounce + 50*time.Millisecond)
 	f.reject.Store(true)
 	_, err = c.VMs(context.Background())
 	require.NoError(t, err)

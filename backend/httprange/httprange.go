@@ -34,6 +34,16 @@ type Authorizer interface {
 	Renew(ctx context.Context) error
 }
 
+// staleRenewer is an Authorizer that can be told the Authorization header a
+// refused request carried, so it renews only credentials still in use.
+type staleRenewer interface {
+	RenewStale(ctx context.Context, used string) error
+}
+
+// usedAuthKey carries, through one retried operation's context, where send
+// notes the Authorization header of the latest attempt.
+type usedAuthKey struct{}
+
 // Client makes checked, retried HTTP requests.
 type Client struct {
 	HTTP   *http.Client
@@ -104,6 +114,13 @@ func (c *Client) retry(ctx context.Context, opName func() string, attempt func(c
 	r := retry.Runner{Policy: c.Policy, Logger: c.logger()}
 	if c.Auth != nil {
 		r.Renew = c.Auth.Renew
+		if sr, ok := c.Auth.(staleRenewer); ok {
+			// The attempts run one after another: send notes the
+			// credentials each carried, the renewal after a 401 reads them.
+			used := new(string)
+			ctx = context.WithValue(ctx, usedAuthKey{}, used)
+			r.Renew = func(ctx context.Context) error { return sr.RenewStale(ctx, *used) }
+		}
 	}
 	last, err := r.Do(ctx, opName, attempt)
 	if err == nil || !errors.Is(err, retry.ErrExhausted) {
@@ -126,6 +143,9 @@ func (c *Client) send(ctx context.Context, req *http.Request) (*http.Response, *
 	if c.Auth != nil {
 		if err := c.Auth.Authorize(ctx, req); err != nil {
 			return nil, &attemptError{Kind: final, Err: fmt.Errorf("authorize: %w", err)}
+		}
+		if used, ok := ctx.Value(usedAuthKey{}).(*string); ok {
+			*used = req.Header.Get("Authorization")
 		}
 	}
 	hc := *c.httpClient()
@@ -291,10 +311,14 @@ func (c *Client) Do(ctx context.Context, newReq func(ctx context.Context) (*http
 	pol := c.Policy.WithDefaults()
 	var out *http.Response
 	op := "http request"
-	err := c.retry(ctx, func() string { return op }, func(_ context.Context) *attemptError {
+	err := c.retry(ctx, func() string { return op }, func(rctx context.Context) *attemptError {
 		// The attempt context must outlive this function: the caller reads
 		// the body after Do returns, so its cancel travels with the body.
+		// It keeps where send notes the credentials used.
 		actx, cancel := context.WithTimeout(ctx, pol.AttemptTimeout)
+		if used := rctx.Value(usedAuthKey{}); used != nil {
+			actx = context.WithValue(actx, usedAuthKey{}, used)
+		}
 		req, err := newReq(actx)
 		if err != nil {
 			cancel()

@@ -7,8 +7,9 @@ import (
 	"time"
 )
 
-// RenewDebounce: a 401 that arrives this soon after a login was almost
-// certainly sent with the old token, so it does not need another login.
+// RenewDebounce: Renew, which is not told the token a refused request
+// carried, takes a 401 this soon after a login for one sent with the old
+// token. The retries of a Client say which token was refused (RenewStale).
 const RenewDebounce = time.Second
 
 // TokenAuth is an Authorizer of bearer tokens that a platform's Login
@@ -45,6 +46,22 @@ func (a *TokenAuth) Renew(ctx context.Context) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.token != "" && time.Since(a.loggedIn) < RenewDebounce {
+		return nil
+	}
+	return a.loginLocked(ctx)
+}
+
+// RenewStale logs in again after a request sent with Authorization header
+// used was refused, unless the token has been replaced since: many requests
+// refused together make one login, and a token revoked a moment after a
+// login is still replaced.
+func (a *TokenAuth) RenewStale(ctx context.Context, used string) error {
+	if used == "" { // not noted: tell by the time instead
+		return a.Renew(ctx)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.token != "" && used != "Bearer "+a.token {
 		return nil
 	}
 	return a.loginLocked(ctx)
