@@ -168,7 +168,10 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer, secre
 		return fmt.Errorf("%w: demo: --dataset %q: want demo, bench, scale or vms-100k", errUsage, truncate(o.dataset, 20))
 	}
 	var err error
-	if cfg.cacheSize, err = parseSize(o.cacheSize); err != nil || cfg.cacheSize < 4<<20 {
+	if cfg.cacheSize, err = parseSize(o.cacheSize); err != nil {
+		return fmt.Errorf("%w: demo: --cache-size: %v", errUsage, err)
+	}
+	if cfg.cacheSize < 4<<20 {
 		return fmt.Errorf("%w: demo: --cache-size %q: want a size of at least 4M", errUsage, truncate(o.cacheSize, 20))
 	}
 	if _, err := parseLogLevel(cfg.logLevel); err != nil {

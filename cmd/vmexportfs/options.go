@@ -116,7 +116,7 @@ func (t optionTable) parse(lists []string) (mountOptions, error) {
 				}
 				mo.set[name] = value
 			default:
-				return mountOptions{}, fmt.Errorf("-o %q: unknown mount option", truncate(item, 64))
+				return mountOptions{}, fmt.Errorf("-o %q: unknown mount option", truncate(key, 64))
 			}
 		}
 	}

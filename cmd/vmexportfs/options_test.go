@@ -27,6 +27,7 @@ func TestParseMountOptions(t *testing.T) {
 			map[string]string{"cache-size": "1G", "state-dir": "/var/lib/x"}, false, ""},
 		{"password refused", []string{"password=hunter2"}, nil, false, "secrets are not accepted"},
 		{"unknown", []string{"frobnicate"}, nil, false, "unknown mount option"},
+		{"unknown key's value not echoed", []string{"passwd=hunter2"}, nil, false, "unknown mount option"},
 		{"missing value", []string{"username"}, nil, false, "needs a value"},
 		{"empty value", []string{"username="}, nil, false, "needs a value"},
 	}
