@@ -137,13 +137,17 @@ type Proxy struct {
 	rng      *mrand.Rand
 	burst    int       // requests left in the current burst
 	downTill time.Time // Restart window
+	// firstK > 0 is SetFirst's mode: tries counts the attempts of each
+	// distinct data request (path and Range).
+	firstK int
+	tries  map[string]int
 
 	seen   []string // credentials seen, newest last, for EchoSecrets
 	echoes int
 
 	catchHTTP, catchTLS *catcher
 
-	injected, requests atomic.Int64
+	injected, requests, dataRequests atomic.Int64
 }
 
 // catcher is a listener the proxy redirects to: whatever reaches it was sent
@@ -274,6 +278,20 @@ func (p *Proxy) Set(f Fault, rate float64) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.fault, p.rate, p.burst, p.downTill = f, rate, 0, time.Time{}
+	p.firstK, p.tries = 0, nil
+}
+
+// SetFirst makes the first k attempts of every distinct data request (the
+// same path and Range) fail with f and the later ones pass, whatever else
+// runs at the same time: a client that tries each request more than k times
+// reads everything, and exactly k faults are injected per distinct request.
+// For the faults that answer one request (not Restart, Unauthorized's
+// bursts or RedirectLogin); Set or SetFirst again ends it.
+func (p *Proxy) SetFirst(f Fault, k int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.fault, p.rate, p.burst, p.downTill = f, 0, 0, time.Time{}
+	p.firstK, p.tries = k, map[string]int{}
 }
 
 // Injected counts the faults injected so far.
@@ -281,6 +299,14 @@ func (p *Proxy) Injected() int64 { return p.injected.Load() }
 
 // Requests counts the requests the proxy has seen.
 func (p *Proxy) Requests() int64 { return p.requests.Load() }
+
+// DataRequests counts the data requests (GET with a Range header) the proxy
+// has seen, the ones faults hit.
+func (p *Proxy) DataRequests() int64 { return p.dataRequests.Load() }
+
+func isData(r *http.Request) bool {
+	return r.Method == http.MethodGet && r.Header.Get("Range") != ""
+}
 
 // decide picks what happens to one request.
 func (p *Proxy) decide(r *http.Request) Fault {
@@ -293,7 +319,19 @@ func (p *Proxy) decide(r *http.Request) Fault {
 		p.burst--
 		return p.fault
 	}
-	data := r.Method == http.MethodGet && r.Header.Get("Range") != ""
+	data := isData(r)
+	if p.firstK > 0 {
+		if !data || p.fault == None {
+			return None
+		}
+		key := r.URL.Path + " " + r.Header.Get("Range")
+		if p.tries[key] >= p.firstK {
+			return None
+		}
+		p.tries[key]++
+		p.injected.Add(1)
+		return p.fault
+	}
 	if p.fault == None || p.rate <= 0 {
 		return None
 	}
@@ -321,6 +359,9 @@ func (p *Proxy) decide(r *http.Request) Fault {
 
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	p.requests.Add(1)
+	if isData(r) {
+		p.dataRequests.Add(1)
+	}
 	p.record(r)
 	switch p.decide(r) {
 	case None:

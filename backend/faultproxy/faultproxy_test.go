@@ -265,3 +265,47 @@ func TestHostileFaults(t *testing.T) {
 		assert.Contains(t, c, "followed-token")
 	}
 }
+
+// TestFirstAttempts checks SetFirst: each distinct data request fails its
+// first k attempts and passes after, however the attempts of different
+// requests interleave, and exactly k faults are counted per request.
+func TestFirstAttempts(t *testing.T) {
+	content := bytes.Repeat([]byte("0123456789abcdef"), 4096)
+	p, pool := startProxy(t, content, Options{})
+	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	get := func(path, rangeHeader string) int {
+		req, err := http.NewRequest(http.MethodGet, p.URL()+path, nil)
+		require.NoError(t, err)
+		if rangeHeader != "" {
+			req.Header.Set("Range", rangeHeader)
+		}
+		resp, err := client.Do(req)
+		require.NoError(t, err)
+		defer resp.Body.Close()
+		_, _ = io.Copy(io.Discard, resp.Body)
+		return resp.StatusCode
+	}
+	const k = 2
+	p.SetFirst(ServerError, k)
+	injected, data := p.Injected(), p.DataRequests()
+	requests := []struct{ path, rng string }{
+		{"/disk.img", "bytes=0-99"}, {"/disk.img", "bytes=100-199"}, {"/other.img", "bytes=0-99"},
+	}
+	// Interleaved: a fault for one request is not an attempt of another.
+	for try := range k + 2 {
+		for _, r := range requests {
+			want := http.StatusPartialContent
+			if try < k {
+				want = http.StatusServiceUnavailable
+			}
+			assert.Equal(t, want, get(r.path, r.rng), "attempt %d of %s %s", try+1, r.path, r.rng)
+		}
+	}
+	assert.Equal(t, http.StatusOK, get("/disk.img", ""), "not a data request: never faulted")
+	assert.Equal(t, int64(k*len(requests)), p.Injected()-injected)
+	assert.Equal(t, int64((k+2)*len(requests)), p.DataRequests()-data)
+
+	// Set ends the mode: a request never seen passes.
+	p.Set(None, 0)
+	assert.Equal(t, http.StatusPartialContent, get("/disk.img", "bytes=200-299"))
+}
