@@ -268,7 +268,8 @@ func TestHostileFaults(t *testing.T) {
 
 // TestFirstAttempts checks SetFirst: each distinct data request fails its
 // first k attempts and passes after, however the attempts of different
-// requests interleave, and exactly k faults are counted per request.
+// requests interleave, and exactly k faults are counted per request; and
+// LongestRun, the most attempts in a row one request failed.
 func TestFirstAttempts(t *testing.T) {
 	content := bytes.Repeat([]byte("0123456789abcdef"), 4096)
 	p, pool := startProxy(t, content, Options{})
@@ -304,8 +305,39 @@ func TestFirstAttempts(t *testing.T) {
 	assert.Equal(t, http.StatusOK, get("/disk.img", ""), "not a data request: never faulted")
 	assert.Equal(t, int64(k*len(requests)), p.Injected()-injected)
 	assert.Equal(t, int64((k+2)*len(requests)), p.DataRequests()-data)
+	assert.Equal(t, k, p.LongestRun(), "each request failed k attempts in a row, interleaved with the others")
 
 	// Set ends the mode: a request never seen passes.
 	p.Set(None, 0)
+	assert.Zero(t, p.LongestRun())
 	assert.Equal(t, http.StatusPartialContent, get("/disk.img", "bytes=200-299"))
+
+	// Runs are per request, and a success ends one.
+	p.Set(ServerError, 1)
+	for range 3 {
+		assert.Equal(t, http.StatusServiceUnavailable, get("/disk.img", "bytes=0-99"))
+	}
+	assert.Equal(t, http.StatusServiceUnavailable, get("/disk.img", "bytes=100-199"))
+	assert.Equal(t, 3, p.LongestRun())
+	p.SetFirst(ServerError, 1)
+	assert.Equal(t, http.StatusServiceUnavailable, get("/disk.img", "bytes=0-99"))
+	assert.Equal(t, http.StatusPartialContent, get("/disk.img", "bytes=0-99"))
+	assert.Equal(t, http.StatusServiceUnavailable, get("/disk.img", "bytes=100-199"))
+	assert.Equal(t, 1, p.LongestRun())
+
+	// A success ends a run: the longest is the client's longest streak of
+	// failures of one request, not its count of them.
+	p.Set(ServerError, 0.5)
+	longest, streak, failed := 0, 0, 0
+	for range 40 {
+		if get("/disk.img", "bytes=0-99") == http.StatusServiceUnavailable {
+			streak++
+			failed++
+			longest = max(longest, streak)
+		} else {
+			streak = 0
+		}
+	}
+	require.Less(t, longest, failed, "some run of failures was ended by a success")
+	assert.Equal(t, longest, p.LongestRun())
 }
