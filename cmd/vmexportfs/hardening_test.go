@@ -49,16 +49,26 @@ func TestSecretsNeverLeak(t *testing.T) {
 	seen := map[string]string{"logs": m.logs.String(), "cmdline": string(cmdline), "environ": string(environ)}
 	require.GreaterOrEqual(t, strings.Count(seen["logs"], "coriolis: logged in"), 2, "the test must exercise a renewal")
 
-	// A wrong password and a bad CA: the messages users get.
+	// A wrong password and a bad CA: the messages users get, on stdout and
+	// stderr (which the error holds). Each must say what went wrong, or
+	// finding no secret in it would prove nothing.
 	wrong := filepath.Join(t.TempDir(), "pw")
 	require.NoError(t, os.WriteFile(wrong, []byte("hunter2-wrong\n"), 0o600))
-	out, _ := runTool(os.Args[0], []string{"-f", "--username", "admin", "--password-file", wrong, "--ca-file", f.sim.CAFile(),
-		"coriolis+" + f.sim.URL(), t.TempDir()}, asCommandEnv+"=1")
-	seen["wrong password"] = out
-	_, err = runTool(os.Args[0], []string{"-f", "--username", "admin", "--password-file", f.passwordFile,
-		"coriolis+" + f.sim.URL(), t.TempDir()}, asCommandEnv+"=1")
-	require.Error(t, err)
-	seen["untrusted CA"] = err.Error()
+	for _, tc := range []struct {
+		name string
+		args []string
+		says string
+	}{
+		{"wrong password", []string{"--password-file", wrong, "--ca-file", f.sim.CAFile()}, "permission denied: status 401"},
+		{"untrusted CA", []string{"--password-file", f.passwordFile}, "certificate signed by unknown authority"},
+	} {
+		args := append(append([]string{"-f", "--username", "admin"}, tc.args...), "coriolis+"+f.sim.URL(), t.TempDir())
+		out, err := runTool(os.Args[0], args, asCommandEnv+"=1")
+		require.Error(t, err, "%s: the mount must fail", tc.name)
+		text := out + "\n" + err.Error()
+		assert.Contains(t, text, tc.says, "%s: the message says why", tc.name)
+		seen[tc.name] = text
+	}
 
 	for where, text := range seen {
 		assert.NotContains(t, text, simPassword, where)
