@@ -133,34 +133,85 @@ func TestAccessModes(t *testing.T) {
 }
 
 // TestSignalsDuringCopy: SIGTERM, SIGINT and fusermount3 -u while a copy
-// runs all end the daemon cleanly and free the mountpoint.
+// runs all end the daemon cleanly and free the mountpoint, and the copy
+// finishes, byte-identical: the mount is detached at once, the daemon
+// serves the copy's open file to its end and exits after it.
+//
+// The copy is held mid-flight by the simulator (HoldDisk), once it has
+// fetched 2 MiB of the disk's 12 MiB of data, from before the stop until
+// the mount has left the mount table; only then does the rest flow.
 func TestSignalsDuringCopy(t *testing.T) {
-	requireTools(t, "fusermount3")
-	f, sid, _ := copyFixture(t)
+	requireTools(t, "fusermount3", "cp")
+	f, sid, source := copyFixture(t)
+	want := sha256File(t, source)
 	for _, stop := range []string{"SIGTERM", "SIGINT", "fusermount3 -u"} {
 		t.Run(stop, func(t *testing.T) {
 			m := f.mount()
-			cp := exec.Command("cp", m.path("vms", "vm-copy", "snapshots", sid, "disk.img"), filepath.Join(t.TempDir(), "copy"))
+			dst := filepath.Join(t.TempDir(), "copy")
+			held, release := f.sim.HoldDisk(2 * mib)
+			t.Cleanup(release)
+			var out syncBuffer
+			cp := exec.Command("cp", m.path("vms", "vm-copy", "snapshots", sid, "disk.img"), dst)
+			cp.Stdout, cp.Stderr = &out, &out
 			require.NoError(t, cp.Start())
-			time.Sleep(50 * time.Millisecond)
+			copied := make(chan error, 1)
+			go func() { copied <- cp.Wait() }()
+			select {
+			case <-held:
+			case err := <-copied:
+				t.Fatalf("the copy ended before 2 MiB were served: %v %s", err, out.String())
+			case <-time.After(time.Minute):
+				t.Fatal("the copy did not fetch 2 MiB in a minute")
+			}
+
 			switch stop {
 			case "SIGTERM":
 				require.NoError(t, m.cmd.Process.Signal(syscall.SIGTERM))
 			case "SIGINT":
 				require.NoError(t, m.cmd.Process.Signal(syscall.SIGINT))
 			default:
-				_, _ = toolErr("fusermount3", "-u", "-z", m.dir)
+				tool(t, "fusermount3", "-u", "-z", m.dir)
 			}
-			_ = cp.Wait() // finishes or fails; it must not hang
+			require.True(t, waitUntil(15*time.Second, func() bool { return !isMounted(t, m.dir) }),
+				"still in the mount table 15 s after %s", stop)
+			select {
+			case <-m.done:
+				t.Fatalf("the daemon exited with a copy running: %v\n%s", m.cmd.ProcessState, m.logs.String())
+			case err := <-copied:
+				t.Fatalf("the copy ended while its reads were held: %v %s", err, out.String())
+			default:
+			}
+
+			release()
+			select {
+			case err := <-copied:
+				require.NoError(t, err, "the copy after %s: %s", stop, out.String())
+			case <-time.After(time.Minute):
+				t.Fatal("the copy did not finish a minute after its reads were let through")
+			}
+			assert.Equal(t, want, sha256File(t, dst), "the copy's bytes")
 			select {
 			case <-m.done:
 			case <-time.After(15 * time.Second):
-				t.Fatal("daemon still running 15 s after", stop)
+				t.Fatal("daemon still running 15 s after the copy finished")
 			}
 			assert.True(t, m.cmd.ProcessState.Success(), "daemon exit: %v\n%s", m.cmd.ProcessState, m.logs.String())
 			assert.False(t, isMounted(t, m.dir))
 		})
 	}
+}
+
+// waitUntil polls cond every 10 ms for up to d, for states nothing
+// announces (the mount table's).
+func waitUntil(d time.Duration, cond func() bool) bool {
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return true
 }
 
 // TestKill9ThenRemount: after kill -9 the mountpoint is dead until
