@@ -119,8 +119,12 @@ type Options struct {
 	Seed       uint64
 	StallFor   time.Duration // default 3 s
 	RestartFor time.Duration // default 1 s
-	BurstLen   int           // default 3
+	BurstLen   int           // default DefaultBurstLen
 }
+
+// DefaultBurstLen is the requests a ServerError or Unauthorized burst fails
+// when Options.BurstLen is not set.
+const DefaultBurstLen = 3
 
 // Proxy is a running fault-injecting proxy.
 type Proxy struct {
@@ -137,13 +141,21 @@ type Proxy struct {
 	rng      *mrand.Rand
 	burst    int       // requests left in the current burst
 	downTill time.Time // Restart window
+	// firstK > 0 is SetFirst's mode: tries counts the attempts of each
+	// distinct data request (path and Range).
+	firstK int
+	tries  map[string]int
+	// run counts the attempts in a row each data request failed, longest
+	// the most of them.
+	run     map[string]int
+	longest int
 
 	seen   []string // credentials seen, newest last, for EchoSecrets
 	echoes int
 
 	catchHTTP, catchTLS *catcher
 
-	injected, requests atomic.Int64
+	injected, requests, dataRequests atomic.Int64
 }
 
 // catcher is a listener the proxy redirects to: whatever reaches it was sent
@@ -204,7 +216,7 @@ func Start(opts Options) (*Proxy, error) {
 		opts.RestartFor = time.Second
 	}
 	if opts.BurstLen <= 0 {
-		opts.BurstLen = 3
+		opts.BurstLen = DefaultBurstLen
 	}
 	ca, err := testpki.NewCA("faultproxy CA")
 	if err != nil {
@@ -214,7 +226,7 @@ func Start(opts Options) (*Proxy, error) {
 	if err != nil {
 		return nil, fmt.Errorf("faultproxy: %w", err)
 	}
-	p := &Proxy{opts: opts, target: target, rng: mrand.New(mrand.NewPCG(opts.Seed, 0x5eed))}
+	p := &Proxy{opts: opts, target: target, rng: mrand.New(mrand.NewPCG(opts.Seed, 0x5eed)), run: map[string]int{}}
 	p.caFile = filepath.Join(opts.Dir, "faultproxy-ca.pem")
 	if err := os.WriteFile(p.caFile, ca.PEM(), 0o600); err != nil {
 		return nil, fmt.Errorf("faultproxy: %w", err)
@@ -274,6 +286,22 @@ func (p *Proxy) Set(f Fault, rate float64) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.fault, p.rate, p.burst, p.downTill = f, rate, 0, time.Time{}
+	p.firstK, p.tries = 0, nil
+	p.run, p.longest = map[string]int{}, 0
+}
+
+// SetFirst makes the first k attempts of every distinct data request (the
+// same path and Range) fail with f and the later ones pass, whatever else
+// runs at the same time: a client that tries each request more than k times
+// reads everything, and exactly k faults are injected per distinct request.
+// For the faults that answer one request (not Restart, Unauthorized's
+// bursts or RedirectLogin); Set or SetFirst again ends it.
+func (p *Proxy) SetFirst(f Fault, k int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.fault, p.rate, p.burst, p.downTill = f, 0, 0, time.Time{}
+	p.firstK, p.tries = k, map[string]int{}
+	p.run, p.longest = map[string]int{}, 0
 }
 
 // Injected counts the faults injected so far.
@@ -282,10 +310,45 @@ func (p *Proxy) Injected() int64 { return p.injected.Load() }
 // Requests counts the requests the proxy has seen.
 func (p *Proxy) Requests() int64 { return p.requests.Load() }
 
-// decide picks what happens to one request.
+// DataRequests counts the data requests (GET with a Range header) the proxy
+// has seen, the ones faults hit.
+func (p *Proxy) DataRequests() int64 { return p.dataRequests.Load() }
+
+func isData(r *http.Request) bool {
+	return r.Method == http.MethodGet && r.Header.Get("Range") != ""
+}
+
+// decide picks what happens to one request, and keeps the runs of faults
+// of data requests.
 func (p *Proxy) decide(r *http.Request) Fault {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	f := p.decideLocked(r)
+	if isData(r) {
+		key := requestKey(r)
+		if f == None {
+			p.run[key] = 0
+		} else {
+			p.run[key]++
+			p.longest = max(p.longest, p.run[key])
+		}
+	}
+	return f
+}
+
+// requestKey names a data request the same on each of its attempts.
+func requestKey(r *http.Request) string { return r.URL.Path + " " + r.Header.Get("Range") }
+
+// LongestRun is the most attempts in a row that one data request (the same
+// path and Range) failed since the last Set or SetFirst: a client that
+// makes n tries of a request can only have given one up if it is n or more.
+func (p *Proxy) LongestRun() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.longest
+}
+
+func (p *Proxy) decideLocked(r *http.Request) Fault {
 	if time.Now().Before(p.downTill) {
 		return Restart
 	}
@@ -293,7 +356,19 @@ func (p *Proxy) decide(r *http.Request) Fault {
 		p.burst--
 		return p.fault
 	}
-	data := r.Method == http.MethodGet && r.Header.Get("Range") != ""
+	data := isData(r)
+	if p.firstK > 0 {
+		if !data || p.fault == None {
+			return None
+		}
+		key := requestKey(r)
+		if p.tries[key] >= p.firstK {
+			return None
+		}
+		p.tries[key]++
+		p.injected.Add(1)
+		return p.fault
+	}
 	if p.fault == None || p.rate <= 0 {
 		return None
 	}
@@ -321,6 +396,9 @@ func (p *Proxy) decide(r *http.Request) Fault {
 
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	p.requests.Add(1)
+	if isData(r) {
+		p.dataRequests.Add(1)
+	}
 	p.record(r)
 	switch p.decide(r) {
 	case None:

@@ -265,3 +265,79 @@ func TestHostileFaults(t *testing.T) {
 		assert.Contains(t, c, "followed-token")
 	}
 }
+
+// TestFirstAttempts checks SetFirst: each distinct data request fails its
+// first k attempts and passes after, however the attempts of different
+// requests interleave, and exactly k faults are counted per request; and
+// LongestRun, the most attempts in a row one request failed.
+func TestFirstAttempts(t *testing.T) {
+	content := bytes.Repeat([]byte("0123456789abcdef"), 4096)
+	p, pool := startProxy(t, content, Options{})
+	client := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	get := func(path, rangeHeader string) int {
+		req, err := http.NewRequest(http.MethodGet, p.URL()+path, nil)
+		require.NoError(t, err)
+		if rangeHeader != "" {
+			req.Header.Set("Range", rangeHeader)
+		}
+		resp, err := client.Do(req)
+		require.NoError(t, err)
+		defer resp.Body.Close()
+		_, _ = io.Copy(io.Discard, resp.Body)
+		return resp.StatusCode
+	}
+	const k = 2
+	p.SetFirst(ServerError, k)
+	injected, data := p.Injected(), p.DataRequests()
+	requests := []struct{ path, rng string }{
+		{"/disk.img", "bytes=0-99"}, {"/disk.img", "bytes=100-199"}, {"/other.img", "bytes=0-99"},
+	}
+	// Interleaved: a fault for one request is not an attempt of another.
+	for try := range k + 2 {
+		for _, r := range requests {
+			want := http.StatusPartialContent
+			if try < k {
+				want = http.StatusServiceUnavailable
+			}
+			assert.Equal(t, want, get(r.path, r.rng), "attempt %d of %s %s", try+1, r.path, r.rng)
+		}
+	}
+	assert.Equal(t, http.StatusOK, get("/disk.img", ""), "not a data request: never faulted")
+	assert.Equal(t, int64(k*len(requests)), p.Injected()-injected)
+	assert.Equal(t, int64((k+2)*len(requests)), p.DataRequests()-data)
+	assert.Equal(t, k, p.LongestRun(), "each request failed k attempts in a row, interleaved with the others")
+
+	// Set ends the mode: a request never seen passes.
+	p.Set(None, 0)
+	assert.Zero(t, p.LongestRun())
+	assert.Equal(t, http.StatusPartialContent, get("/disk.img", "bytes=200-299"))
+
+	// Runs are per request, and a success ends one.
+	p.Set(ServerError, 1)
+	for range 3 {
+		assert.Equal(t, http.StatusServiceUnavailable, get("/disk.img", "bytes=0-99"))
+	}
+	assert.Equal(t, http.StatusServiceUnavailable, get("/disk.img", "bytes=100-199"))
+	assert.Equal(t, 3, p.LongestRun())
+	p.SetFirst(ServerError, 1)
+	assert.Equal(t, http.StatusServiceUnavailable, get("/disk.img", "bytes=0-99"))
+	assert.Equal(t, http.StatusPartialContent, get("/disk.img", "bytes=0-99"))
+	assert.Equal(t, http.StatusServiceUnavailable, get("/disk.img", "bytes=100-199"))
+	assert.Equal(t, 1, p.LongestRun())
+
+	// A success ends a run: the longest is the client's longest streak of
+	// failures of one request, not its count of them.
+	p.Set(ServerError, 0.5)
+	longest, streak, failed := 0, 0, 0
+	for range 40 {
+		if get("/disk.img", "bytes=0-99") == http.StatusServiceUnavailable {
+			streak++
+			failed++
+			longest = max(longest, streak)
+		} else {
+			streak = 0
+		}
+	}
+	require.Less(t, longest, failed, "some run of failures was ended by a success")
+	assert.Equal(t, longest, p.LongestRun())
+}

@@ -503,6 +503,9 @@ func (s *Server) serveDisk(w http.ResponseWriter, r *http.Request, rt route) {
 	if r.Method == http.MethodHead {
 		s.diskHeads.Add(1)
 	}
+	if !s.waitHold(r) {
+		return
+	}
 	s.mu.RLock()
 	v, snap, err := s.lookupSnapshot(rt.vmID, rt.snapID)
 	var sd *snapDisk

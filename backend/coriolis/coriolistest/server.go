@@ -82,6 +82,8 @@ type Server struct {
 	nextSeq uint64
 
 	diskBytes, diskRequests, diskHeads, logins, apiRequests, unauthorized atomic.Int64
+
+	hold atomic.Pointer[diskHold] // HoldDisk's, while on
 }
 
 // Start creates the TLS material, listens and serves in the background.
