@@ -26,6 +26,7 @@ import (
 	"github.com/vmexportfs/vmexportfs/backend/backendtest"
 	"github.com/vmexportfs/vmexportfs/backend/extent"
 	"github.com/vmexportfs/vmexportfs/cache"
+	"github.com/vmexportfs/vmexportfs/internal/testenv"
 )
 
 const mib = 1 << 20
@@ -76,9 +77,7 @@ func mountWith(t *testing.T, src backend.Source, opts Options) string {
 // mountRoot mounts a tree the test has set up; the cleanup unmounts it.
 func mountRoot(t *testing.T, root *Root) string {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("real mounts need root")
-	}
+	testenv.RequireRoot(t)
 	mnt := t.TempDir()
 	srv, err := Mount(mnt, root, MountOptions{})
 	require.NoError(t, err)
