@@ -43,7 +43,7 @@ var faultWords = map[faultproxy.Fault][]string{
 // sees the older snapshot, the delta from it (disk.vhd's reads are
 // disk.img's).
 func TestFaultMatrix(t *testing.T) {
-	forEachPlatform(t, e2ePlatforms, func(t *testing.T, i int, sim simPlatform) {
+	forEachPlatform(t, faultPlatforms, func(t *testing.T, i int, sim proxyPlatform) {
 		copies := envInt(t, faultCopiesEnv, sim.Caps().faultCopies)
 		p, base := behindProxy(t, sim, 7+4*uint64(i))
 		// The expected bytes: disk.img is the source; the derived views come

@@ -1,7 +1,7 @@
 // Package s3test starts a real S3 server for tests: versitygw v1.8.0 (the
-// server the recorded probes in shared/specs/recorded/s3-versitygw came
-// from), with its posix backend in a temporary directory, TLS from a fresh
-// test CA, SigV4 and region cn-east-2, bound to 127.0.0.1.
+// server the recorded probes in testdata/s3-versitygw came from), with its
+// posix backend in a temporary directory, TLS from a fresh test CA, SigV4
+// and region cn-east-2, bound to 127.0.0.1.
 //
 // versitygw lives in its own Go module (./gateway, as a go.mod tool) so that
 // its heavy dependencies never reach the main module. The binary is built by
