@@ -201,6 +201,7 @@ func TestSparseTools(t *testing.T) {
 }
 
 func TestLseek(t *testing.T) {
+	testenv.RequireTool(t, "python3")
 	mnt := mountTest(t, fixture(t))
 	in := filepath.Join(mnt, "vms/vm-a/snapshots/first/disk.img")
 	script := `
@@ -218,6 +219,7 @@ print(" ".join([q(0, os.SEEK_DATA), q(0, os.SEEK_HOLE), q(70000, os.SEEK_DATA), 
 }
 
 func TestXattrs(t *testing.T) {
+	testenv.RequireTool(t, "python3", "getfattr")
 	src := fixture(t)
 	// Enough 4 KiB extents that the map text exceeds one 64 KiB xattr.
 	const bigSize = 48 * mib

@@ -27,7 +27,7 @@ var debianPackages = map[string]string{
 	"fusermount3": "fuse3",
 	"getfattr":    "attr", "setfattr": "attr",
 	"vhdimount": "libvhdi-utils", "vhdiinfo": "libvhdi-utils",
-	"rsync": "rsync", "pigz": "pigz", "gzip": "gzip", "curl": "curl", "tar": "tar",
+	"rsync": "rsync", "pigz": "pigz", "gzip": "gzip", "curl": "curl", "tar": "tar", "python3": "python3",
 }
 
 // RequireRoot stops t unless it can mount FUSE filesystems: it runs as root
