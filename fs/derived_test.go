@@ -1,12 +1,13 @@
 package fs
 
 import (
-	"os/exec"
 	"path/filepath"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/vmexportfs/vmexportfs/internal/testenv"
 )
 
 // TestDeltaWithoutChangeTracking: a platform that cannot say what changed
@@ -14,11 +15,7 @@ import (
 // chain of base disk.vhd + delta opens as the target's disk. The changed
 // xattr stays absent: the fs does not claim to know what changed.
 func TestDeltaWithoutChangeTracking(t *testing.T) {
-	for _, tool := range []string{"vhdimount", "fusermount3", "getfattr"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed", tool)
-		}
-	}
+	testenv.RequireTool(t, "vhdimount", "fusermount3", "getfattr")
 	src := fixture(t)
 	src.NoChangeTracking = true
 	mnt := mountTest(t, src)

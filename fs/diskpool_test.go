@@ -8,6 +8,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/vmexportfs/vmexportfs/internal/testenv"
 )
 
 // TestDisksClosedWhenIdle: copies open the disks they read (a delta through
@@ -15,9 +17,7 @@ import (
 // open between copies, all are closed once idle, a later read reopens, and
 // closing the tree closes what is left.
 func TestDisksClosedWhenIdle(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("real mounts need root")
-	}
+	testenv.RequireRoot(t)
 	src := fixture(t)
 	root, err := NewRoot(src, Options{DiskIdle: 200 * time.Millisecond, MaxIdleDisks: 1})
 	require.NoError(t, err)

@@ -26,6 +26,7 @@ import (
 	"github.com/vmexportfs/vmexportfs/backend/backendtest"
 	"github.com/vmexportfs/vmexportfs/backend/extent"
 	"github.com/vmexportfs/vmexportfs/cache"
+	"github.com/vmexportfs/vmexportfs/internal/testenv"
 )
 
 const mib = 1 << 20
@@ -76,9 +77,7 @@ func mountWith(t *testing.T, src backend.Source, opts Options) string {
 // mountRoot mounts a tree the test has set up; the cleanup unmounts it.
 func mountRoot(t *testing.T, root *Root) string {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("real mounts need root")
-	}
+	testenv.RequireRoot(t)
 	mnt := t.TempDir()
 	srv, err := Mount(mnt, root, MountOptions{})
 	require.NoError(t, err)
@@ -202,6 +201,7 @@ func TestSparseTools(t *testing.T) {
 }
 
 func TestLseek(t *testing.T) {
+	testenv.RequireTool(t, "python3")
 	mnt := mountTest(t, fixture(t))
 	in := filepath.Join(mnt, "vms/vm-a/snapshots/first/disk.img")
 	script := `
@@ -219,6 +219,7 @@ print(" ".join([q(0, os.SEEK_DATA), q(0, os.SEEK_HOLE), q(70000, os.SEEK_DATA), 
 }
 
 func TestXattrs(t *testing.T) {
+	testenv.RequireTool(t, "python3", "getfattr")
 	src := fixture(t)
 	// Enough 4 KiB extents that the map text exceeds one 64 KiB xattr.
 	const bigSize = 48 * mib

@@ -3,7 +3,10 @@
 # machine (run as root): FUSE 3 and the tools the tests drive.
 set -euo pipefail
 
-packages=(fuse3 qemu-utils nbdkit attr rsync libvhdi-utils pigz curl make ca-certificates)
+# python3: the fs tests call lseek(SEEK_DATA/SEEK_HOLE) and getxattr with a
+# short buffer from a child process, as a program other than the mount's
+# server must.
+packages=(fuse3 qemu-utils nbdkit attr rsync libvhdi-utils pigz curl python3 make ca-certificates)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -154,9 +154,18 @@ func memHarness(wrap func(*memSource) backend.Source) Harness {
 }
 
 // TestConformance is the self-check: the in-memory Source passes its own
-// suite.
+// suite. TestSuiteCatchesMutants reruns it in a child process with a mutant
+// named by mutantEnv, where it must fail: a failing suite fails its test.
 func TestConformance(t *testing.T) {
-	Run(t, memHarness(nil))
+	kind := os.Getenv(mutantEnv)
+	if kind == "" {
+		Run(t, memHarness(nil))
+		return
+	}
+	if _, ok := mutants[kind]; !ok {
+		t.Fatalf("%s=%s: no such mutant", mutantEnv, kind)
+	}
+	Run(t, memHarness(func(m *memSource) backend.Source { return mutant{m, kind} }))
 }
 
 // TestConformanceNoChangeTracking: a DeltaOpener that cannot compare
@@ -284,34 +293,20 @@ func (d mutantDisk) Close() error {
 
 const mutantEnv = "BACKENDTEST_CONFORMANCE_MUTANT"
 
-// TestConformanceMutant runs the suite against one mutant, named by the
-// environment; TestSuiteCatchesMutants runs it in a child process, since a
-// failing suite fails its test.
-func TestConformanceMutant(t *testing.T) {
-	kind := os.Getenv(mutantEnv)
-	if kind == "" {
-		t.Skip("run by TestSuiteCatchesMutants")
-	}
-	Run(t, memHarness(func(m *memSource) backend.Source { return mutant{m, kind} }))
-}
-
 // TestSuiteCatchesMutants proves the suite can fail: each mutant must fail
 // the suite, in the subtest meant to catch it.
 func TestSuiteCatchesMutants(t *testing.T) {
-	if os.Getenv(mutantEnv) != "" {
-		t.Skip("inside a mutant run")
-	}
 	exe, err := os.Executable()
 	require.NoError(t, err)
 	for kind, subtest := range mutants {
 		t.Run(kind, func(t *testing.T) {
 			t.Parallel()
-			cmd := exec.Command(exe, "-test.run=^TestConformanceMutant$", "-test.v", "-test.count=1")
+			cmd := exec.Command(exe, "-test.run=^TestConformance$", "-test.v", "-test.count=1")
 			cmd.Env = append(os.Environ(), mutantEnv+"="+kind)
 			out, err := cmd.CombinedOutput()
 			var exit *exec.ExitError
 			require.ErrorAs(t, err, &exit, "the suite passed a mutant that %s breaks:\n%s", subtest, out)
-			assert.Contains(t, string(out), "--- FAIL: TestConformanceMutant/"+subtest, "the mutant was not caught by %s:\n%s", subtest, out)
+			assert.Contains(t, string(out), "--- FAIL: TestConformance/"+subtest, "the mutant was not caught by %s:\n%s", subtest, out)
 		})
 	}
 }

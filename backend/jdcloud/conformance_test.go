@@ -9,6 +9,7 @@ import (
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/backendtest"
 	"github.com/vmexportfs/vmexportfs/backend/qemutest"
+	"github.com/vmexportfs/vmexportfs/internal/testenv"
 )
 
 // TestConformance runs the backend contract suite against the simulator
@@ -17,9 +18,7 @@ import (
 // listed through their exports, so the suite's VM without a snapshot could
 // not be: it runs with one VM and one snapshot.
 func TestConformance(t *testing.T) {
-	if !qemutest.Available() {
-		t.Skip("qemu-img makes the images")
-	}
+	testenv.RequireTool(t, "qemu-img")
 	backendtest.Run(t, backendtest.Harness{
 		New: func(t *testing.T) backendtest.Platform { return newConformancePlatform(t) },
 		Capabilities: backendtest.Capabilities{

@@ -25,6 +25,7 @@ import (
 	"github.com/vmexportfs/vmexportfs/backend/extent"
 	"github.com/vmexportfs/vmexportfs/backend/internal/testpki"
 	"github.com/vmexportfs/vmexportfs/backend/retry"
+	"github.com/vmexportfs/vmexportfs/internal/testenv"
 )
 
 // fastPolicy keeps failing tests quick.
@@ -62,12 +63,9 @@ func freePort(t *testing.T) int {
 // waits for its port.
 func startServer(t *testing.T, bin string, args ...string) {
 	t.Helper()
-	path, err := exec.LookPath(bin)
-	if err != nil {
-		t.Skipf("%s not installed (Debian package %s): %v", bin, map[string]string{"qemu-nbd": "qemu-utils", "nbdkit": "nbdkit"}[bin], err)
-	}
+	testenv.RequireTool(t, bin)
 	var out bytes.Buffer
-	cmd := exec.Command(path, args...)
+	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = &out, &out
 	require.NoError(t, cmd.Start())
 	var once sync.Once

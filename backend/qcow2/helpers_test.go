@@ -16,6 +16,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/vmexportfs/vmexportfs/backend/extent"
+	"github.com/vmexportfs/vmexportfs/internal/testenv"
 )
 
 const fixtureDir = "../../testdata/qcow2"
@@ -105,20 +106,9 @@ func qemuMap(t testing.TB, js []byte, size int64) extent.Map {
 	return m
 }
 
-func haveQemu() bool {
-	for _, tool := range []string{"qemu-img", "qemu-io"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			return false
-		}
-	}
-	return true
-}
-
 func needQemu(t testing.TB) {
 	t.Helper()
-	if !haveQemu() {
-		t.Skip("qemu-img/qemu-io not installed")
-	}
+	testenv.RequireTool(t, "qemu-img", "qemu-io")
 }
 
 func run(t testing.TB, name string, args ...string) []byte {

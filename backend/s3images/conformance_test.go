@@ -14,6 +14,7 @@ import (
 	"github.com/vmexportfs/vmexportfs/backend/qemutest"
 	"github.com/vmexportfs/vmexportfs/backend/s3/s3test"
 	"github.com/vmexportfs/vmexportfs/backend/s3images"
+	"github.com/vmexportfs/vmexportfs/internal/testenv"
 )
 
 // TestConformance runs the backend contract suite against a real S3
@@ -21,9 +22,7 @@ import (
 // as it is), made by qemu-img from the suite's writes, so its clusters are
 // what qemu allocates.
 func TestConformance(t *testing.T) {
-	if !qemutest.Available() {
-		t.Skip("qemu-img makes the images")
-	}
+	testenv.RequireTool(t, "qemu-img")
 	backendtest.Run(t, backendtest.Harness{
 		New: func(t *testing.T) backendtest.Platform { return newPlatform(t) },
 		Capabilities: backendtest.Capabilities{

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/binary"
 	"math/bits"
-	"os/exec"
 	"testing"
 )
 
@@ -41,22 +40,20 @@ func expand(data []byte) []byte {
 // checksums as given and fixed (which lets the fuzzer past the checksums to
 // the fields behind them).
 func FuzzReadLayout(f *testing.F) {
-	if _, err := exec.LookPath("qemu-io"); err == nil {
-		for _, c := range []struct {
-			size string
-			cmds []string
-		}{
-			{"37M", []string{"write -P 0xab 1M 64k", "write -P 0xcd 9M 4k"}},
-			{"20M", []string{"write -P 1 16M 3M", "write -P 2 0 4k"}},
-			{"6M", nil},
-		} {
-			img := readFile(f, qemuImage(f, c.size, "", c.cmds...))
-			l, err := ReadLayout(bytes.NewReader(img))
-			if err != nil {
-				f.Fatal(err)
-			}
-			f.Add(compact(img[:l.End]))
+	for _, c := range []struct {
+		size string
+		cmds []string
+	}{
+		{"37M", []string{"write -P 0xab 1M 64k", "write -P 0xcd 9M 4k"}},
+		{"20M", []string{"write -P 1 16M 3M", "write -P 2 0 4k"}},
+		{"6M", nil},
+	} {
+		img := readFile(f, qemuImage(f, c.size, "", c.cmds...))
+		l, err := ReadLayout(bytes.NewReader(img))
+		if err != nil {
+			f.Fatal(err)
 		}
+		f.Add(compact(img[:l.End]))
 	}
 	f.Add(compact(layoutBytes(4*mib, 2*mib, []uint32{Absent, 4})))
 	f.Add(compact(layoutBytes(3*mib, 4096, []uint32{4, 13, Absent, 30})))

@@ -17,17 +17,14 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/vmexportfs/vmexportfs/backend/retry"
+	"github.com/vmexportfs/vmexportfs/internal/testenv"
 )
 
-// needQemu skips when qemu-img/qemu-io are missing: the real-image tests
-// prove the reader against qemu's writer, which nothing else here can.
+// needQemu: the real-image tests prove the reader against qemu's writer,
+// which nothing else here can.
 func needQemu(t testing.TB) {
 	t.Helper()
-	for _, tool := range []string{"qemu-img", "qemu-io"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed", tool)
-		}
-	}
+	testenv.RequireTool(t, "qemu-img", "qemu-io")
 }
 
 func run(t testing.TB, name string, args ...string) []byte {

@@ -51,6 +51,12 @@ type simPlatform interface {
 	CacheDir() string
 	// DiskBytes counts the disk bytes the simulator has served so far.
 	DiskBytes() int64
+}
+
+// proxyPlatform is a platform whose disk data is HTTP that a fault proxy can
+// stand in front of.
+type proxyPlatform interface {
+	simPlatform
 	// BehindProxy serves one snapshot of a VM with a single disk through a
 	// fault proxy, the way the platform's users reach it through one.
 	BehindProxy(t *testing.T, seed uint64, vm, snapshot string) *proxied
@@ -97,11 +103,14 @@ type caps struct {
 	faultCopies int
 }
 
-// platformCase is a row of a platform table: how to start the simulator.
-type platformCase struct {
+// tableRow is a row of a platform table: how to start the simulator.
+type tableRow[P simPlatform] struct {
 	name  string
-	start func(t *testing.T) simPlatform
+	start func(t *testing.T) P
 }
+
+// platformCase is a row of a table of platforms any common test can drive.
+type platformCase = tableRow[simPlatform]
 
 // e2ePlatforms is the table every common end-to-end test runs over.
 var e2ePlatforms = []platformCase{
@@ -111,9 +120,22 @@ var e2ePlatforms = []platformCase{
 	{"ovirt", func(t *testing.T) simPlatform { return newOVirt(t, ovirttest.Options{}) }},
 }
 
+// faultPlatforms is the table of the tests that fault the data on its way
+// (TestFaultMatrix, TestHostileServer). The platforms not in it have their
+// faults injected elsewhere:
+//   - xapi: XenServer's data travels over NBD, which the HTTP fault proxy
+//     cannot fault; TestXapiNBDFaults faults the NBD stream.
+//   - s3, jdcloud: SigV4 signs the host, so the proxy would have to re-sign
+//     each request; the S3 blob's checks have their own tests in backend/s3.
+var faultPlatforms = []tableRow[proxyPlatform]{
+	{"coriolis", func(t *testing.T) proxyPlatform { return newCoriolis(t) }},
+	{"kubevirt", func(t *testing.T) proxyPlatform { return newKubeVirt(t, true) }},
+	{"ovirt", func(t *testing.T) proxyPlatform { return newOVirt(t, ovirttest.Options{}) }},
+}
+
 // forEachPlatform runs test once per platform of table, each on a fresh
 // simulator; i is the row's index (for per-row seeds).
-func forEachPlatform(t *testing.T, table []platformCase, test func(t *testing.T, i int, p simPlatform)) {
+func forEachPlatform[P simPlatform](t *testing.T, table []tableRow[P], test func(t *testing.T, i int, p P)) {
 	for i, pc := range table {
 		t.Run(pc.name, func(t *testing.T) { test(t, i, pc.start(t)) })
 	}

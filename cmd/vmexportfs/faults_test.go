@@ -69,7 +69,7 @@ var firstFaults = []faultproxy.Fault{faultproxy.Reset, faultproxy.ServerError, f
 // reads again a page its readahead missed), so even one try a request
 // fails fewer copies than the bound allows.
 func TestFaultMatrix(t *testing.T) {
-	forEachPlatform(t, e2ePlatforms, func(t *testing.T, i int, sim simPlatform) {
+	forEachPlatform(t, faultPlatforms, func(t *testing.T, i int, sim proxyPlatform) {
 		copies := envInt(t, faultCopiesEnv, sim.Caps().faultCopies)
 		p, base := behindProxy(t, sim, 7+4*uint64(i))
 		tries := mountTries(t, p.args(t.TempDir()))

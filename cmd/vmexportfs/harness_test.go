@@ -27,6 +27,7 @@ import (
 
 	"github.com/vmexportfs/vmexportfs/backend/coriolis/coriolistest"
 	"github.com/vmexportfs/vmexportfs/backend/extent"
+	"github.com/vmexportfs/vmexportfs/internal/testenv"
 )
 
 // asCommandEnv makes the test binary behave as the vmexportfs command, so
@@ -47,12 +48,7 @@ func TestMain(m *testing.M) {
 
 func requireRoot(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("mounting needs root and /dev/fuse")
-	}
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		t.Skip("no /dev/fuse")
-	}
+	testenv.RequireRoot(t)
 }
 
 // fixture is a Coriolis simulator plus everything a mount of it needs.
@@ -260,11 +256,7 @@ func runTool(name string, args []string, env ...string) (string, error) {
 
 func requireTools(t *testing.T, names ...string) {
 	t.Helper()
-	for _, name := range names {
-		if _, err := exec.LookPath(name); err != nil {
-			t.Fatalf("%s is not installed (run scripts/setup.sh)", name)
-		}
-	}
+	testenv.RequireTool(t, names...)
 }
 
 func sha256File(t *testing.T, path string) string {

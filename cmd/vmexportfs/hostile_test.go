@@ -48,7 +48,7 @@ func newProxied(t *testing.T, upstream string, pool *x509.CertPool, seed uint64,
 // behindProxy builds the fault tests' VM on a platform, one disk and two
 // snapshots, and serves the newer through a fault proxy; base is the older
 // one's id (a delta view's base, where the proxied mount shows one).
-func behindProxy(t *testing.T, p simPlatform, seed uint64) (px *proxied, base string) {
+func behindProxy(t *testing.T, p proxyPlatform, seed uint64) (px *proxied, base string) {
 	const vm, disk = "vm-f", "xvda"
 	p.AddVM(t, vm, diskSpec{disk, 9*mib + 64*kib})
 	p.Write(t, vm, disk, 0, 2*mib)
@@ -67,7 +67,7 @@ func behindProxy(t *testing.T, p simPlatform, seed uint64) (px *proxied, base st
 // server echoes is printed anywhere, and once the server behaves the same
 // mount copies exactly (nothing hostile was cached).
 func TestHostileServer(t *testing.T) {
-	forEachPlatform(t, e2ePlatforms, func(t *testing.T, i int, sim simPlatform) {
+	forEachPlatform(t, faultPlatforms, func(t *testing.T, i int, sim proxyPlatform) {
 		p, _ := behindProxy(t, sim, 3+2*uint64(i))
 		for _, fault := range faultproxy.Hostile {
 			t.Run(fault.String(), func(t *testing.T) {

@@ -147,8 +147,3 @@ func (p *jdcloudPlatform) MountArgs() []string {
 func (p *jdcloudPlatform) CacheDir() string { return p.cache }
 
 func (p *jdcloudPlatform) DiskBytes() int64 { return p.relay.served.Load() }
-
-func (p *jdcloudPlatform) BehindProxy(t *testing.T, _ uint64, _, _ string) *proxied {
-	t.Skip("SigV4 signs the host: the HTTP fault proxy would have to re-sign (the S3 blob's checks have their own tests in backend/s3)")
-	return nil
-}

@@ -93,11 +93,6 @@ func (s *s3Platform) CacheDir() string { return s.cacheDir }
 
 func (s *s3Platform) DiskBytes() int64 { return s.relay.served.Load() }
 
-func (s *s3Platform) BehindProxy(t *testing.T, _ uint64, _, _ string) *proxied {
-	t.Skip("SigV4 signs the host: the HTTP fault proxy would have to re-sign (the S3 blob's checks have their own tests in backend/s3)")
-	return nil
-}
-
 // byteRelay forwards TCP to a server and counts what the server sends.
 type byteRelay struct {
 	ln     net.Listener

@@ -18,6 +18,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/vmexportfs/vmexportfs/fs"
+	"github.com/vmexportfs/vmexportfs/internal/testenv"
 )
 
 func ptr(v float64) *float64 { return &v }
@@ -433,13 +434,14 @@ func TestStatsNotAMount(t *testing.T) {
 }
 
 // fakeMount is a directory with a stats xattr of its own, as a mount's
-// root answers it; skipped where the filesystem has no user xattrs.
+// root answers it; the filesystem of the test's temporary directories must
+// have user xattrs.
 func fakeMount(t *testing.T, doc []byte) string {
 	t.Helper()
 	dir := t.TempDir()
 	if err := xattr.Set(dir, fs.StatsXattr, doc); err != nil {
 		if errors.Is(err, syscall.ENOTSUP) || errors.Is(err, syscall.EOPNOTSUPP) {
-			t.Skip("no user xattrs on", dir)
+			testenv.Missing(t, "user extended attributes on "+dir, "set TMPDIR to a filesystem that has them (ext4, xfs, tmpfs since Linux 6.6)")
 		}
 		require.NoError(t, err)
 	}

@@ -136,10 +136,3 @@ func (x *xapiPlatform) DiskBytes() int64 {
 	}
 	return st.NBDBytes
 }
-
-// BehindProxy: XenServer's data is NBD, not HTTP, so the HTTP fault proxy
-// has nothing to fault there; TestXapiNBDFaults faults the NBD stream.
-func (x *xapiPlatform) BehindProxy(t *testing.T, _ uint64, _, _ string) *proxied {
-	t.Skip("XenServer data travels over NBD: TestXapiNBDFaults injects its faults")
-	return nil
-}

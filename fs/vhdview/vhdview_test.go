@@ -23,6 +23,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/vmexportfs/vmexportfs/backend/extent"
+	"github.com/vmexportfs/vmexportfs/internal/testenv"
 )
 
 // memDisk is a raw disk in memory that records every read.
@@ -92,13 +93,6 @@ func padSector(b []byte) []byte {
 }
 
 func sha(b []byte) string { s := sha256.Sum256(b); return hex.EncodeToString(s[:]) }
-
-func needTool(t *testing.T, name string) {
-	t.Helper()
-	if _, err := exec.LookPath(name); err != nil {
-		t.Skipf("%s not installed", name)
-	}
-}
 
 func run(t *testing.T, name string, args ...string) string {
 	t.Helper()
@@ -218,7 +212,7 @@ type info struct {
 }
 
 func TestDynamicTools(t *testing.T) {
-	needTool(t, "qemu-img")
+	testenv.RequireTool(t, "qemu-img")
 	const MiB = 1 << 20
 	tests := []struct {
 		name string
@@ -271,9 +265,8 @@ func TestDynamicTools(t *testing.T) {
 }
 
 func TestDifferencingTools(t *testing.T) {
-	needTool(t, "vhdiinfo")
-	needTool(t, "vhdimount")
-	needTool(t, "fusermount3")
+	testenv.RequireRoot(t) // vhdimount mounts the chain
+	testenv.RequireTool(t, "vhdiinfo", "vhdimount", "fusermount3")
 	const MiB = 1 << 20
 	tests := []struct {
 		name    string

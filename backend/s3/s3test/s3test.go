@@ -1,7 +1,7 @@
 // Package s3test starts a real S3 server for tests: versitygw v1.8.0 (the
-// server the recorded probes in shared/specs/recorded/s3-versitygw came
-// from), with its posix backend in a temporary directory, TLS from a fresh
-// test CA, SigV4 and region cn-east-2, bound to 127.0.0.1.
+// server the recorded probes in testdata/s3-versitygw came from), with its
+// posix backend in a temporary directory, TLS from a fresh test CA, SigV4
+// and region cn-east-2, bound to 127.0.0.1.
 //
 // versitygw lives in its own Go module (./gateway, as a go.mod tool) so that
 // its heavy dependencies never reach the main module. The binary is built by
@@ -32,6 +32,7 @@ import (
 	"github.com/vmexportfs/vmexportfs/backend/internal/testpki"
 	"github.com/vmexportfs/vmexportfs/backend/retry"
 	"github.com/vmexportfs/vmexportfs/backend/s3"
+	"github.com/vmexportfs/vmexportfs/internal/testenv"
 )
 
 // Region is the region the server runs in, as the recordings did.
@@ -66,19 +67,19 @@ type Server struct {
 // binary is the built versitygw, shared by every Start of a test process:
 // asking go again costs a quarter second each time, for nothing.
 var binary struct {
-	once sync.Once
-	path string
-	err  error
-	skip string
+	once    sync.Once
+	path    string
+	err     error
+	missing string // what the machine lacks to build it
 }
 
-func buildBinary() (path, skip string, err error) {
+func buildBinary() (path, missing string, err error) {
 	binary.once.Do(func() {
 		goCmd, lerr := exec.LookPath("go")
 		if lerr != nil {
 			cand := filepath.Join(runtime.GOROOT(), "bin", "go")
 			if _, serr := os.Stat(cand); serr != nil {
-				binary.skip = "s3test: the go command is not installed; it builds versitygw"
+				binary.missing = "the go command (it builds versitygw)"
 				return
 			}
 			goCmd = cand
@@ -99,17 +100,18 @@ func buildBinary() (path, skip string, err error) {
 		}
 		binary.path = strings.TrimSpace(string(out))
 	})
-	return binary.path, binary.skip, binary.err
+	return binary.path, binary.missing, binary.err
 }
 
 // Start runs a server for the test and stops it when the test ends. It
-// fails the test if versitygw cannot be built or started, and skips it only
-// when the go command itself is missing.
+// fails the test if versitygw cannot be built or started, or if the go
+// command that builds it is missing (a skip only with testenv's opt-out).
 func Start(t testing.TB, opts Options) *Server {
 	t.Helper()
-	bin, skip, err := buildBinary()
-	if skip != "" {
-		t.Skip(skip)
+	bin, missing, err := buildBinary()
+	if missing != "" {
+		testenv.Missing(t, missing, "install Go 1.26 or newer and put it in PATH")
+		return nil
 	}
 	if err != nil {
 		t.Fatal(err)

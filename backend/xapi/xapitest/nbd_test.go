@@ -665,16 +665,13 @@ func TestNBDCloseEndsConnections(t *testing.T) {
 // xapi-nbd, because after GO is refused its fallback sends LIST, which
 // xapi-nbd refuses by policy.
 func TestNBDQemuImg(t *testing.T) {
-	qemu, err := exec.LookPath("qemu-img")
-	if err != nil {
-		t.Skip("qemu-img not installed")
-	}
+	needQemuImg(t)
 	disks := newNBDDisks()
 	disks.add("disk0", 1<<20)
 	s := startTestNBD(t, nbdConfig{Lookup: disks.lookup})
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, qemu, "info", "nbd://"+s.Addr()+"/disk0").CombinedOutput()
+	out, err := exec.CommandContext(ctx, "qemu-img", "info", "nbd://"+s.Addr()+"/disk0").CombinedOutput()
 	t.Logf("qemu-img: %s", out)
 	require.Error(t, err, "qemu-img read from xapi-nbd")
 	assert.Contains(t, string(out), "Denied by server for option 3")

@@ -26,6 +26,7 @@ import (
 
 	"github.com/vmexportfs/vmexportfs/backend/nbd"
 	"github.com/vmexportfs/vmexportfs/backend/retry"
+	"github.com/vmexportfs/vmexportfs/internal/testenv"
 )
 
 const mib = 1 << 20
@@ -604,9 +605,8 @@ func qemuImg(t *testing.T, args ...string) string {
 }
 
 func needQemuImg(t *testing.T) {
-	if _, err := exec.LookPath("qemu-img"); err != nil {
-		t.Skip("qemu-img not installed")
-	}
+	t.Helper()
+	testenv.RequireTool(t, "qemu-img")
 }
 
 // vhdFile is a parsed VHD: footer fields and the BAT.
@@ -760,11 +760,10 @@ func TestExportVHD(t *testing.T) {
 			assert.True(t, allZero(got[i:end]), "qemu block %d", b)
 		}
 	}
-	if _, err := exec.LookPath("vhdiinfo"); err == nil {
-		out, err := exec.Command("vhdiinfo", p).CombinedOutput()
-		require.NoError(t, err, "%s", out)
-		assert.Contains(t, string(out), "Differential")
-	}
+	testenv.RequireTool(t, "vhdiinfo")
+	out, err := exec.Command("vhdiinfo", p).CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	assert.Contains(t, string(out), "Differential")
 
 	// raw with base: the changed blocks' bytes, zeros elsewhere.
 	resp, body = get(t, c, exportURL(srv, url.Values{"vdi": {c.snapVDIRef(s2, "0")}, "base": {c.snapVDIRef(s1, "0")}, "session_id": {c.sess}}), nil)
