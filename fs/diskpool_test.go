@@ -9,7 +9,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/vmexportfs/vmexportfs/internal/testenv"
+	"github.com/vmexportfs/vmexportfs/backend/testenv"
 )
 
 // TestDisksClosedWhenIdle: copies open the disks they read (a delta through

@@ -25,8 +25,8 @@ import (
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/backendtest"
 	"github.com/vmexportfs/vmexportfs/backend/extent"
+	"github.com/vmexportfs/vmexportfs/backend/testenv"
 	"github.com/vmexportfs/vmexportfs/cache"
-	"github.com/vmexportfs/vmexportfs/internal/testenv"
 )
 
 const mib = 1 << 20

@@ -25,7 +25,7 @@ import (
 	"github.com/vmexportfs/vmexportfs/backend/extent"
 	"github.com/vmexportfs/vmexportfs/backend/internal/testpki"
 	"github.com/vmexportfs/vmexportfs/backend/retry"
-	"github.com/vmexportfs/vmexportfs/internal/testenv"
+	"github.com/vmexportfs/vmexportfs/backend/testenv"
 )
 
 // fastPolicy keeps failing tests quick.

@@ -14,7 +14,7 @@ import (
 	"github.com/vmexportfs/vmexportfs/backend/qemutest"
 	"github.com/vmexportfs/vmexportfs/backend/s3/s3test"
 	"github.com/vmexportfs/vmexportfs/backend/s3images"
-	"github.com/vmexportfs/vmexportfs/internal/testenv"
+	"github.com/vmexportfs/vmexportfs/backend/testenv"
 )
 
 // TestConformance runs the backend contract suite against a real S3

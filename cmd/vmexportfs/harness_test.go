@@ -27,7 +27,7 @@ import (
 
 	"github.com/vmexportfs/vmexportfs/backend/coriolis/coriolistest"
 	"github.com/vmexportfs/vmexportfs/backend/extent"
-	"github.com/vmexportfs/vmexportfs/internal/testenv"
+	"github.com/vmexportfs/vmexportfs/backend/testenv"
 )
 
 // asCommandEnv makes the test binary behave as the vmexportfs command, so

@@ -17,8 +17,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/vmexportfs/vmexportfs/backend/testenv"
 	"github.com/vmexportfs/vmexportfs/fs"
-	"github.com/vmexportfs/vmexportfs/internal/testenv"
 )
 
 func ptr(v float64) *float64 { return &v }

@@ -23,7 +23,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/vmexportfs/vmexportfs/backend/extent"
-	"github.com/vmexportfs/vmexportfs/internal/testenv"
+	"github.com/vmexportfs/vmexportfs/backend/testenv"
 )
 
 // memDisk is a raw disk in memory that records every read.

@@ -23,7 +23,7 @@ import (
 	"strings"
 )
 
-// allowSkipEnv is internal/testenv's opt-out: set to 1, tests that lack
+// allowSkipEnv is backend/testenv's opt-out: set to 1, tests that lack
 // what they need skip, and this report lets the skips pass.
 const allowSkipEnv = "VMEXPORTFS_ALLOW_SKIP"
 

@@ -32,7 +32,7 @@ import (
 	"github.com/vmexportfs/vmexportfs/backend/internal/testpki"
 	"github.com/vmexportfs/vmexportfs/backend/retry"
 	"github.com/vmexportfs/vmexportfs/backend/s3"
-	"github.com/vmexportfs/vmexportfs/internal/testenv"
+	"github.com/vmexportfs/vmexportfs/backend/testenv"
 )
 
 // Region is the region the server runs in, as the recordings did.

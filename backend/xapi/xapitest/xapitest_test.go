@@ -26,7 +26,7 @@ import (
 
 	"github.com/vmexportfs/vmexportfs/backend/nbd"
 	"github.com/vmexportfs/vmexportfs/backend/retry"
-	"github.com/vmexportfs/vmexportfs/internal/testenv"
+	"github.com/vmexportfs/vmexportfs/backend/testenv"
 )
 
 const mib = 1 << 20
