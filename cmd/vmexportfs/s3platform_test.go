@@ -93,15 +93,22 @@ func (s *s3Platform) CacheDir() string { return s.cacheDir }
 
 func (s *s3Platform) DiskBytes() int64 { return s.relay.served.Load() }
 
-// byteRelay forwards TCP to a server and counts what the server sends.
+// byteRelay forwards TCP to a server and counts the connections and what
+// the server sends.
 type byteRelay struct {
 	ln     net.Listener
+	conns  atomic.Int64
 	served atomic.Int64
 	wg     sync.WaitGroup
 }
 
 func startRelay(t *testing.T, target string) *byteRelay {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	return startRelayOn(t, "127.0.0.1", target)
+}
+
+// startRelayOn listens on host (a loopback address), on a free port.
+func startRelayOn(t *testing.T, host, target string) *byteRelay {
+	ln, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
 	require.NoError(t, err)
 	r := &byteRelay{ln: ln}
 	r.wg.Add(1)
@@ -112,6 +119,7 @@ func startRelay(t *testing.T, target string) *byteRelay {
 			if err != nil {
 				return
 			}
+			r.conns.Add(1)
 			r.wg.Add(1)
 			go func() {
 				defer r.wg.Done()

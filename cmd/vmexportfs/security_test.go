@@ -19,7 +19,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -171,56 +170,16 @@ func TestPlainHTTPSourceRefused(t *testing.T) {
 	}
 }
 
-// connCounter is a TCP relay to a TLS server that counts connections: one
-// per handshake the client attempts, since a client reaches the server's
-// certificate only through an accepted connection.
-type connCounter struct {
-	ln    net.Listener
-	conns atomic.Int64
-	wg    sync.WaitGroup
-}
-
-// startConnCounter relays from host (a loopback address, ":0" port) to
-// target.
-func startConnCounter(t *testing.T, host, target string) *connCounter {
-	ln, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
-	require.NoError(t, err)
-	r := &connCounter{ln: ln}
-	r.wg.Add(1)
-	go func() {
-		defer r.wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			r.conns.Add(1)
-			r.wg.Add(1)
-			go func() {
-				defer r.wg.Done()
-				defer c.Close()
-				up, err := net.Dial("tcp", target)
-				if err != nil {
-					return
-				}
-				defer up.Close()
-				go func() { _, _ = io.Copy(up, c); up.(*net.TCPConn).CloseWrite() }()
-				_, _ = io.Copy(c, up)
-			}()
-		}
-	}()
-	t.Cleanup(func() { ln.Close(); r.wg.Wait() })
-	return r
-}
-
 // throughCounter replaces the host of the source (the last argument) with
 // a counting relay on host and returns the new arguments and the relay.
-func throughCounter(t *testing.T, args []string, host string) ([]string, *connCounter) {
+// The relay counts connections: one per handshake the client attempts,
+// since a client reaches the server's certificate only through one.
+func throughCounter(t *testing.T, args []string, host string) ([]string, *byteRelay) {
 	t.Helper()
 	src := args[len(args)-1]
 	u, err := url.Parse(src)
 	require.NoError(t, err, src)
-	r := startConnCounter(t, host, u.Host)
+	r := startRelayOn(t, host, u.Host)
 	u.Host = r.ln.Addr().String()
 	return append(append([]string{}, args[:len(args)-1]...), u.String()), r
 }
