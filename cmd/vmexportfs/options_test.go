@@ -122,24 +122,25 @@ func FuzzParseMountOptions(f *testing.F) {
 }
 
 // FuzzParseSize: an accepted size is a byte count that reads back the same
-// written as a plain number, and as many KiB with a K.
+// written as a plain number, and as many KiB with a K. The syntax only:
+// what the machine's memory allows is TestCacheSizeAboveMemory's.
 func FuzzParseSize(f *testing.F) {
 	f.Add("256M")
 	f.Add("1e300G")
 	f.Add("9007199254740993")
 	f.Add("1.5KiB")
 	f.Fuzz(func(t *testing.T, s string) {
-		v, err := parseSize(s)
+		v, err := platform.ParseSize(s)
 		if err != nil {
 			return
 		}
 		require.GreaterOrEqual(t, v, int64(0), "from %q", s)
 		plain := strconv.FormatInt(v, 10)
-		again, err := parseSize(plain)
+		again, err := platform.ParseSize(plain)
 		require.NoError(t, err, "%q, read from %q", plain, s)
 		require.Equal(t, v, again, "%q, read from %q", plain, s)
 		if v < 1<<40 {
-			k, err := parseSize(plain + "K")
+			k, err := platform.ParseSize(plain + "K")
 			require.NoError(t, err)
 			require.Equal(t, v<<10, k, "%sK", plain)
 		}

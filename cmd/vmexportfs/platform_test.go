@@ -219,7 +219,7 @@ func TestREADMEFlagTables(t *testing.T) {
 		for _, m := range spellingRe.FindAllStringSubmatch(cells[2], -1) {
 			spellings[m[1]] = true
 			name := strings.ReplaceAll(m[1], "_", "-")
-			assert.True(t, table.flags[name] || name == "allow-other" || name == "debug", "README: -o %s", m[1])
+			assert.True(t, table.flags[name] || name == "allow-other" || name == "debug" || name == "ro", "README: -o %s", m[1])
 		}
 		names := flagRe.FindAllStringSubmatch(cells[1], -1)
 		require.NotEmpty(t, names, line)
