@@ -10,8 +10,10 @@ MAN       ?= bin/vmexportfs.1
 
 .PHONY: build test demo bench bench-scale fuzz vet clean man
 
+# -buildvcs=auto: the commit in `vmexportfs --version` from a checkout, even
+# where GOFLAGS turns it off; nothing from a tree without git.
 build:
-	$(GO) build -o $(BIN) ./cmd/vmexportfs
+	$(GO) build -buildvcs=auto -o $(BIN) ./cmd/vmexportfs
 
 # The man page, generated from the command's own flag definitions
 # (man -l $(MAN) shows it).
