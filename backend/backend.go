@@ -123,8 +123,14 @@ func ReadVec(ctx context.Context, d Blob, bufs [][]byte, off int64) error {
 	if v, ok := d.(VecReader); ok {
 		return v.ReadVecAt(ctx, bufs, off)
 	}
+	return ReadEach(ctx, d.ReadAt, bufs, off)
+}
+
+// ReadEach fills bufs, laid end to end from off, with one read per buffer:
+// what a vectored read comes to where one request cannot carry them all.
+func ReadEach(ctx context.Context, read func(ctx context.Context, p []byte, off int64) error, bufs [][]byte, off int64) error {
 	for _, p := range bufs {
-		if err := d.ReadAt(ctx, p, off); err != nil {
+		if err := read(ctx, p, off); err != nil {
 			return err
 		}
 		off += int64(len(p))

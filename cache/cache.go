@@ -303,8 +303,10 @@ func (c *Cache) fetch(ctx context.Context, r *Reader, job []*block) {
 	case c.closed:
 		c.dropLocked(job, ErrClosed)
 	default:
-		// In-flight bytes become ready bytes; make room so ready blocks
-		// stay within Capacity.
+		// Room was made when the fetch began (fill), but not always
+		// enough: fetches in flight are not evictable, so one started
+		// while others filled the budget leaves it over. Ready now,
+		// these bytes bring the ready blocks back within Capacity.
 		c.resident -= bytes
 		c.evictLocked(bytes)
 		c.resident += bytes

@@ -7,6 +7,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/extent"
 )
 
@@ -165,9 +166,10 @@ func (r *Reader) track(off, n int64) {
 		r.window = min(2*bs, limit)
 		r.raNext = cur + 1
 	}
-	// One fetch carries up to span bytes; it waits until that much is
-	// due, keeping at least half the window in flight.
-	// All fetches in flight together stay within half the capacity.
+	// One fetch carries up to span bytes, at most half the window (the
+	// other half stays in flight) and a 2×Parallel-th of the capacity (all
+	// fetches in flight stay within half of it); readahead waits until
+	// that much is due.
 	span := r.cost.span(bs, max(min(r.window/2, c.opts.Capacity/int64(2*c.opts.Parallel)), bs))
 	last := (r.size - 1) / bs
 	from := max(r.raNext, cur+1)
@@ -203,12 +205,5 @@ func (r *Reader) readRun(ctx context.Context, job []*block, lo int64, run extent
 	if v, ok := r.f.(VecFetcher); ok && len(bufs) > 1 {
 		return v.ReadVecAt(ctx, bufs, run.Off)
 	}
-	off := run.Off
-	for _, p := range bufs {
-		if err := r.f.ReadAt(ctx, p, off); err != nil {
-			return err
-		}
-		off += int64(len(p))
-	}
-	return nil
+	return backend.ReadEach(ctx, r.f.ReadAt, bufs, run.Off)
 }

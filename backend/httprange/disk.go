@@ -52,21 +52,21 @@ func (d *Disk) Allocated() extent.Map { return d.alloc }
 
 // ReadAt implements backend.Disk; holes are answered without a request.
 func (d *Disk) ReadAt(ctx context.Context, p []byte, off int64) error {
-	if off < 0 || off > d.size || int64(len(p)) > d.size-off {
-		return fmt.Errorf("%s: read: %w: %d bytes at %d past disk size %d", d.opts.Name, backend.ErrInvalid, len(p), off, d.size)
+	return d.ReadVecAt(ctx, [][]byte{p}, off)
+}
+
+// ReadVecAt implements backend.VecReader: bufs, laid end to end from off,
+// filled by one Range request, so a read planned across several cache
+// blocks costs the platform one request.
+func (d *Disk) ReadVecAt(ctx context.Context, bufs [][]byte, off int64) error {
+	n := vecLen(bufs)
+	if off < 0 || off > d.size || n > d.size-off {
+		return fmt.Errorf("%s: read: %w: %d bytes at %d past disk size %d", d.opts.Name, backend.ErrInvalid, n, off, d.size)
 	}
 	if d.closed.Load() {
 		return fmt.Errorf("%s: read: %w: disk closed", d.opts.Name, backend.ErrInvalid)
 	}
-	if !d.alloc.Overlaps(off, int64(len(p))) {
-		clear(p)
-		return nil
-	}
-	read := d.client.ReadRange
-	if d.read != nil {
-		read = d.read
-	}
-	if err := read(ctx, d.url, d.size, p, off); err != nil {
+	if err := d.readVec(ctx, bufs, off); err != nil {
 		err = fmt.Errorf("%s: %w", d.opts.Name, err)
 		if d.opts.Explain != nil {
 			err = d.opts.Explain(err)
@@ -76,41 +76,26 @@ func (d *Disk) ReadAt(ctx context.Context, p []byte, off int64) error {
 	return nil
 }
 
-// ReadVecAt implements backend.VecReader: bufs, laid end to end from off,
-// filled by one Range request, so a read planned across several cache
-// blocks costs the platform one request. A query route (ReadQuery) reads
-// each buffer on its own.
-func (d *Disk) ReadVecAt(ctx context.Context, bufs [][]byte, off int64) error {
-	n := vecLen(bufs)
-	if d.read != nil || len(bufs) == 1 {
-		for _, p := range bufs {
-			if err := d.ReadAt(ctx, p, off); err != nil {
-				return err
+// readVec fills bufs from the platform, answering holes without a request:
+// a Range route in one request, a query route (ReadQuery) a buffer at a
+// time.
+func (d *Disk) readVec(ctx context.Context, bufs [][]byte, off int64) error {
+	if d.read == nil {
+		if !d.alloc.Overlaps(off, vecLen(bufs)) {
+			for _, p := range bufs {
+				clear(p)
 			}
-			off += int64(len(p))
+			return nil
 		}
-		return nil
+		return d.client.ReadRangeVec(ctx, d.url, d.size, bufs, off)
 	}
-	if off < 0 || off > d.size || n > d.size-off {
-		return fmt.Errorf("%s: read: %w: %d bytes at %d past disk size %d", d.opts.Name, backend.ErrInvalid, n, off, d.size)
-	}
-	if d.closed.Load() {
-		return fmt.Errorf("%s: read: %w: disk closed", d.opts.Name, backend.ErrInvalid)
-	}
-	if !d.alloc.Overlaps(off, n) {
-		for _, p := range bufs {
+	return backend.ReadEach(ctx, func(ctx context.Context, p []byte, off int64) error {
+		if !d.alloc.Overlaps(off, int64(len(p))) {
 			clear(p)
+			return nil
 		}
-		return nil
-	}
-	if err := d.client.ReadRangeVec(ctx, d.url, d.size, bufs, off); err != nil {
-		err = fmt.Errorf("%s: %w", d.opts.Name, err)
-		if d.opts.Explain != nil {
-			err = d.opts.Explain(err)
-		}
-		return err
-	}
-	return nil
+		return d.read(ctx, d.url, d.size, p, off)
+	}, bufs, off)
 }
 
 // Close implements backend.Disk.
