@@ -1,6 +1,7 @@
 package cache
 
 import (
+	"math/bits"
 	"sync"
 	"time"
 )
@@ -12,22 +13,44 @@ import (
 // bytes costs less than another request would, and a readahead fetch is
 // made large enough that the fixed part is a small share of it.
 //
-// The model is a least-squares line through the recent fetches (duration
-// against bytes), each older fetch weighing costDecay times less than the
-// next, so it follows a server whose cost changes (a growing chunk list, a
-// busier network). Fetches run concurrently, so a duration includes queueing
-// at the server: the fixed part reads high when the server is busy, which
-// is also when fewer, larger requests help most.
+// The model is a least-squares line (duration against bytes) through one
+// point per size class (fetches of the same power of two of bytes): the
+// fastest of that class's last costWindow fetches. Delays only ever add to a
+// fetch's time (a stall at the server, a scheduler that ran something else,
+// a garbage collection), so the fastest recent fetch is the best reading of
+// what the link costs, and one slow fetch of a large size, which a fit
+// through every fetch would read as a high cost per byte and answer with
+// many small requests, changes nothing. A server whose cost really changes
+// is followed within costWindow fetches of each size.
 type costModel struct {
-	mu                  sync.Mutex
-	w, sx, sy, sxx, sxy float64 // decayed sums over fetches: weight, bytes, seconds
-	minBytes, maxBytes  float64
-	fixed, perByte      float64 // seconds, seconds per byte; valid when known
-	known               bool
+	mu             sync.Mutex
+	classes        [65]sizeClass // by bits.Len64 of the fetch's bytes
+	fetches        uint64        // observed so far: the clock that ages classes
+	fixed, perByte float64       // seconds, seconds per byte; valid when known
+	known          bool
+}
+
+// sizeClass holds a size class's last costWindow fetches, the oldest
+// overwritten first.
+type sizeClass struct {
+	bytes   [costWindow]float64
+	seconds [costWindow]float64
+	at      [costWindow]uint64 // costModel.fetches when observed
+	n, next int
 }
 
 const (
-	costDecay = 0.95
+	// costWindow is how many recent fetches of a size class are kept.
+	costWindow = 8
+	// costMaxAge is how many fetches later a fetch no longer counts. A
+	// class that a plan stopped using (a stalled fetch made large ones
+	// look slow, so the plan went back to small ones) drops out of the
+	// fit, the plan falls back to the defaults and tries that size again.
+	costMaxAge = 64
+	// minPerByte is the least transfer cost believed, 10 Gbit/s: fetches
+	// of several sizes whose fit says larger ones are no slower mean
+	// transfer is cheap, not free.
+	minPerByte = 8e-10 // seconds
 	// defaultGap is the hole read through before anything is measured:
 	// about a LAN round trip's worth of transfer.
 	defaultGap = 64 << 10
@@ -48,30 +71,52 @@ func newCostModel() *costModel { return &costModel{} }
 
 // observe adds one fetch of n bytes that took d.
 func (m *costModel) observe(n int64, d time.Duration) {
-	x, y := float64(n), d.Seconds()
+	if n <= 0 {
+		return
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	m.w = m.w*costDecay + 1
-	m.sx = m.sx*costDecay + x
-	m.sy = m.sy*costDecay + y
-	m.sxx = m.sxx*costDecay + x*x
-	m.sxy = m.sxy*costDecay + x*y
-	if m.w == 1 {
-		m.minBytes, m.maxBytes = x, x
+	m.fetches++
+	c := &m.classes[bits.Len64(uint64(n))]
+	c.bytes[c.next], c.seconds[c.next], c.at[c.next] = float64(n), d.Seconds(), m.fetches
+	c.next = (c.next + 1) % costWindow
+	c.n = min(c.n+1, costWindow)
+
+	var w, sx, sy, sxx, sxy float64
+	minX, maxX := 0.0, 0.0
+	for i := range m.classes {
+		c := &m.classes[i]
+		if c.n == 0 {
+			continue
+		}
+		best := -1
+		for j := range c.n {
+			if m.fetches-c.at[j] < costMaxAge && (best < 0 || c.seconds[j] < c.seconds[best]) {
+				best = j
+			}
+		}
+		if best < 0 {
+			continue
+		}
+		x, y := c.bytes[best], c.seconds[best]
+		if w == 0 {
+			minX, maxX = x, x
+		}
+		minX, maxX = min(minX, x), max(maxX, x)
+		w++
+		sx += x
+		sy += y
+		sxx += x * x
+		sxy += x * y
 	}
-	m.minBytes, m.maxBytes = min(m.minBytes, x), max(m.maxBytes, x)
-	meanX, meanY := m.sx/m.w, m.sy/m.w
-	varX := m.sxx/m.w - meanX*meanX
-	slope := 0.0
-	if m.maxBytes >= 1.5*m.minBytes && varX > 0 {
-		slope = (m.sxy/m.w - meanX*meanY) / varX
-	}
-	if slope <= 0 {
-		// Fetches all of one size (or noise: larger ones looked cheaper)
-		// say nothing of the cost per byte: assume a slow link, which
-		// makes the holes read through short, until fetches of several
-		// sizes tell.
-		slope = assumedPerByte
+	meanX, meanY := sx/w, sy/w
+	varX := sxx/w - meanX*meanX
+	// Fetches all of about one size say nothing of the cost per byte:
+	// assume a slow link, which makes the holes read through short, until
+	// fetches of several sizes tell.
+	slope := assumedPerByte
+	if maxX >= 1.5*minX && varX > 0 {
+		slope = max((sxy/w-meanX*meanY)/varX, minPerByte)
 	}
 	m.perByte, m.fixed = slope, max(meanY-slope*meanX, 0)
 	m.known = m.fixed >= minPlannedFixed

@@ -109,25 +109,34 @@ func TestPlannedByCost(t *testing.T) {
 }
 
 // TestCostModel: the fixed part and the part per byte come back from
-// fetches of several sizes; a fixed part too small to plan around leaves
-// the defaults.
+// fetches of several sizes, and stay when a few fetches stall (the busy CI
+// machine on which a fit through every fetch read one slow 4 MiB fetch as a
+// slow link and went back to a request per extent); a fixed part too small
+// to plan around leaves the defaults.
 func TestCostModel(t *testing.T) {
 	tests := []struct {
 		name            string
 		fixed           time.Duration
 		perMiB          time.Duration
+		stalls          int // of the last fetches of the largest size, by a second each
 		wantGap, spanHi int64
 	}{
-		{"half a second a request, 1 ms a MiB", 500 * time.Millisecond, time.Millisecond, 500 << 20, 32 << 20},
-		{"10 ms a request, 4 ms a MiB", 10 * time.Millisecond, 4 * time.Millisecond, 2560 << 10, 32 << 20},
-		{"100 µs: defaults", 100 * time.Microsecond, time.Millisecond, defaultGap, defaultSpan},
+		{"half a second a request, 1 ms a MiB", 500 * time.Millisecond, time.Millisecond, 0, 500 << 20, 32 << 20},
+		{"10 ms a request, 4 ms a MiB", 10 * time.Millisecond, 4 * time.Millisecond, 0, 2560 << 10, 32 << 20},
+		{"10 ms a request, 4 ms a MiB, fetches stalled", 10 * time.Millisecond, 4 * time.Millisecond, costWindow - 1, 2560 << 10, 32 << 20},
+		{"100 µs: defaults", 100 * time.Microsecond, time.Millisecond, 0, defaultGap, defaultSpan},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			m := newCostModel()
-			for i := range 40 {
-				n := int64(1+i%4) << 20
-				m.observe(n, tt.fixed+time.Duration(n>>20)*tt.perMiB)
+			const fetches = 40
+			for i := range fetches {
+				n := int64(1) << (20 + i%4) // 1, 2, 4, 8 MiB: a size class each
+				d := tt.fixed + time.Duration(n>>20)*tt.perMiB
+				if i%4 == 3 && i >= fetches-4*tt.stalls {
+					d += time.Second
+				}
+				m.observe(n, d)
 			}
 			assert.InEpsilon(t, tt.wantGap, m.gap(), 0.01, "gap")
 			want := min(max(int64(float64(tt.wantGap)*(1/fixedShare-1)), 1<<20), tt.spanHi)
@@ -137,4 +146,28 @@ func TestCostModel(t *testing.T) {
 			assert.InEpsilon(t, want, m.span(1<<20, tt.spanHi), 0.01, "span")
 		})
 	}
+}
+
+// TestCostModelRecovers: a plan that went back to small fetches because a
+// large one stalled tries large ones again once the stall has aged out, and
+// fetches of several sizes that all cost the same read as a fast link, not
+// as no cost per byte at all nor as no fixed cost.
+func TestCostModelRecovers(t *testing.T) {
+	m := newCostModel()
+	for range 8 {
+		m.observe(4<<10, 5*time.Millisecond)
+	}
+	m.observe(4<<20, 500*time.Millisecond)
+	assert.Less(t, m.gap(), int64(64<<10), "one stalled 4 MiB fetch and nothing else to go by")
+	for range costMaxAge {
+		m.observe(4<<10, 5*time.Millisecond)
+	}
+	assert.InEpsilon(t, 5e-3/assumedPerByte, m.gap(), 0.01, "the stall aged out: the defaults for a 5 ms request")
+
+	m = newCostModel()
+	for i := range 16 {
+		m.observe(int64(1)<<(20+i%4), 10*time.Millisecond)
+	}
+	assert.Greater(t, m.gap(), int64(4<<20), "sizes that cost the same: holes are cheap to read through")
+	assert.Equal(t, m.span(1<<20, 32<<20), int64(32<<20))
 }
