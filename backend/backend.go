@@ -14,6 +14,7 @@ package backend
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/vmexportfs/vmexportfs/backend/extent"
@@ -124,6 +125,78 @@ func ReadVec(ctx context.Context, d Blob, bufs [][]byte, off int64) error {
 		return v.ReadVecAt(ctx, bufs, off)
 	}
 	return ReadEach(ctx, d.ReadAt, bufs, off)
+}
+
+// Piece is a buffer to fill with a disk's bytes from Off.
+type Piece struct {
+	Off int64
+	Buf []byte
+}
+
+// RangesReader is implemented by a Disk that can fill pieces at several
+// places with one request to its platform (HTTP multipart/byteranges):
+// where a request costs far more than the bytes it carries and the written
+// extents are small and far apart, a fetch then carries only the extents,
+// not the holes between them nor a request each. Pieces are in increasing
+// order of Off, do not overlap and are not empty; touching pieces are one
+// range. Its contract is ReadAt's.
+type RangesReader interface {
+	// MultipleRanges reports whether ReadRanges fills pieces apart with
+	// one request. It may turn false once the platform has refused a
+	// request of several ranges; ReadRanges then still works, with a
+	// request per run of touching pieces.
+	MultipleRanges() bool
+	ReadRanges(ctx context.Context, pieces []Piece) error
+}
+
+// MultipleRanges reports whether d fills pieces apart with one request.
+func MultipleRanges(d Blob) bool {
+	v, ok := d.(RangesReader)
+	return ok && v.MultipleRanges()
+}
+
+// ReadRanges fills pieces from d: with as few requests as d can when it is
+// a RangesReader, else with ReadVec of each run of touching pieces.
+func ReadRanges(ctx context.Context, d Blob, pieces []Piece) error {
+	if v, ok := d.(RangesReader); ok {
+		return v.ReadRanges(ctx, pieces)
+	}
+	return ReadRuns(ctx, func(ctx context.Context, bufs [][]byte, off int64) error {
+		return ReadVec(ctx, d, bufs, off)
+	}, pieces)
+}
+
+// ReadRuns fills pieces with one vectored read per run of touching pieces:
+// what a read of several ranges comes to where one request cannot carry
+// them all.
+func ReadRuns(ctx context.Context, readVec func(ctx context.Context, bufs [][]byte, off int64) error, pieces []Piece) error {
+	end := int64(-1)
+	for i := 0; i < len(pieces); {
+		if pieces[i].Off <= end {
+			return fmt.Errorf("read ranges: %w: piece at %d overlaps or precedes the one before it", ErrInvalid, pieces[i].Off)
+		}
+		start := pieces[i].Off
+		end = start
+		var bufs [][]byte
+		for ; i < len(pieces) && pieces[i].Off == end; i++ {
+			bufs = append(bufs, pieces[i].Buf)
+			end += int64(len(pieces[i].Buf))
+		}
+		if err := readVec(ctx, bufs, start); err != nil {
+			return err
+		}
+		end-- // the last byte read: the next run must start past it
+	}
+	return nil
+}
+
+// VecLen is the bytes of bufs together.
+func VecLen(bufs [][]byte) int64 {
+	var n int64
+	for _, p := range bufs {
+		n += int64(len(p))
+	}
+	return n
 }
 
 // ReadEach fills bufs, laid end to end from off, with one read per buffer:

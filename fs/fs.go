@@ -309,6 +309,10 @@ type diskHandle struct {
 
 	meterOnce sync.Once
 	counted   *diskMeter
+
+	// multipleRanges is what the disk said when last opened: whether one
+	// request fills pieces far apart (backend.RangesReader).
+	multipleRanges atomic.Bool
 }
 
 func (h *diskHandle) Size() int64           { return h.size }
@@ -321,6 +325,31 @@ func (h *diskHandle) ReadAt(ctx context.Context, p []byte, off int64) error {
 // ReadVecAt is ReadAt into bufs laid end to end from off, in one request
 // where the disk can (backend.VecReader): the cache's multi-block fetches.
 func (h *diskHandle) ReadVecAt(ctx context.Context, bufs [][]byte, off int64) error {
+	return h.borrow(ctx, backend.VecLen(bufs), func(d backend.Disk) error {
+		return backend.ReadVec(ctx, d, bufs, off)
+	})
+}
+
+// MultipleRanges reports what the disk said when last opened; false before
+// it was ever opened, so a first fetch is planned as for any disk.
+func (h *diskHandle) MultipleRanges() bool { return h.multipleRanges.Load() }
+
+// ReadRanges fills pieces far apart with one request where the disk can
+// (backend.RangesReader): a fetch of a fragmented disk's blocks that
+// carries only its extents.
+func (h *diskHandle) ReadRanges(ctx context.Context, pieces []backend.Piece) error {
+	var n int64
+	for _, p := range pieces {
+		n += int64(len(p.Buf))
+	}
+	return h.borrow(ctx, n, func(d backend.Disk) error {
+		return backend.ReadRanges(ctx, d, pieces)
+	})
+}
+
+// borrow runs read, which fetches n bytes, on the pooled disk, and meters
+// it.
+func (h *diskHandle) borrow(ctx context.Context, n int64, read func(backend.Disk) error) error {
 	o, err := h.pool.acquire(ctx, h.key)
 	if err != nil {
 		return err
@@ -331,15 +360,15 @@ func (h *diskHandle) ReadVecAt(ctx context.Context, bufs [][]byte, off int64) er
 	}
 	m := h.meter()
 	m.fetches.Add(1)
-	if err := backend.ReadVec(ctx, o.disk, bufs, off); err != nil {
+	err = read(o.disk)
+	h.multipleRanges.Store(backend.MultipleRanges(o.disk))
+	if err != nil {
 		if ctx.Err() == nil {
 			m.fetchErrors.Add(1)
 		}
 		return err
 	}
-	for _, p := range bufs {
-		m.fetchedBytes.Add(int64(len(p)))
-	}
+	m.fetchedBytes.Add(n)
 	return nil
 }
 

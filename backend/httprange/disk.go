@@ -59,7 +59,7 @@ func (d *Disk) ReadAt(ctx context.Context, p []byte, off int64) error {
 // filled by one Range request, so a read planned across several cache
 // blocks costs the platform one request.
 func (d *Disk) ReadVecAt(ctx context.Context, bufs [][]byte, off int64) error {
-	n := vecLen(bufs)
+	n := backend.VecLen(bufs)
 	if off < 0 || off > d.size || n > d.size-off {
 		return fmt.Errorf("%s: read: %w: %d bytes at %d past disk size %d", d.opts.Name, backend.ErrInvalid, n, off, d.size)
 	}
@@ -81,7 +81,7 @@ func (d *Disk) ReadVecAt(ctx context.Context, bufs [][]byte, off int64) error {
 // time.
 func (d *Disk) readVec(ctx context.Context, bufs [][]byte, off int64) error {
 	if d.read == nil {
-		if !d.alloc.Overlaps(off, vecLen(bufs)) {
+		if !d.alloc.Overlaps(off, backend.VecLen(bufs)) {
 			for _, p := range bufs {
 				clear(p)
 			}

@@ -377,7 +377,7 @@ func (c *Client) ReadRange(ctx context.Context, rawURL string, size int64, p []b
 // ReadRangeVec is ReadRange into bufs laid end to end from off: one request
 // fills several cache blocks.
 func (c *Client) ReadRangeVec(ctx context.Context, rawURL string, size int64, bufs [][]byte, off int64) error {
-	n := vecLen(bufs)
+	n := backend.VecLen(bufs)
 	if off < 0 || size < 0 || off > size || n > size-off {
 		return fmt.Errorf("read range: %w: offset %d length %d of a %d-byte resource", backend.ErrInvalid, off, n, size)
 	}
@@ -402,20 +402,12 @@ func (c *Client) ReadRangeVec(ctx context.Context, rawURL string, size int64, bu
 	})
 }
 
-func vecLen(bufs [][]byte) int64 {
-	var n int64
-	for _, b := range bufs {
-		n += int64(len(b))
-	}
-	return n
-}
-
 // checkRange reads a Range answer into bufs, detecting every way it can
 // differ from what was asked: nothing unchecked reaches the caller (and so
 // the cache). Every failure is a fault to retry: the range is inside the
 // resource, so no answer but the right bytes is legitimate.
 func (c *Client) checkRange(resp *http.Response, size int64, bufs [][]byte, off int64) *attemptError {
-	n := vecLen(bufs)
+	n := backend.VecLen(bufs)
 	switch resp.StatusCode {
 	case http.StatusPartialContent:
 	case http.StatusOK:
@@ -460,7 +452,7 @@ func (c *Client) checkPlainBody(resp *http.Response, answer, request string) *at
 // readExactly fills bufs, end to end, from the body, which must hold
 // exactly their total length.
 func readExactly(resp *http.Response, bufs ...[]byte) *attemptError {
-	n := vecLen(bufs)
+	n := backend.VecLen(bufs)
 	if resp.ContentLength >= 0 && resp.ContentLength != n {
 		return fault(retryable, "Content-Length mismatch: got %d, asked %d", resp.ContentLength, n)
 	}
