@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/extent"
 )
 
@@ -31,11 +32,21 @@ type VecFetcher interface {
 	ReadVecAt(ctx context.Context, bufs [][]byte, off int64) error
 }
 
+// RangesFetcher is a Fetcher that fills pieces far apart with one backend
+// request (backend.RangesReader): a fetch of a fragmented disk's blocks then
+// carries its extents only, neither the holes between them nor a request
+// for each.
+type RangesFetcher interface {
+	Fetcher
+	MultipleRanges() bool
+	ReadRanges(ctx context.Context, pieces []backend.Piece) error
+}
+
 // Options configures a Cache; zero values take the defaults.
 type Options struct {
 	Capacity     int64         // bytes of block data kept; default 64 MiB
 	BlockSize    int64         // default 1 MiB
-	MaxReadahead int64         // largest readahead window per stream; default 32 MiB
+	MaxReadahead int64         // largest readahead window per stream; default a quarter of Capacity, at least 32 MiB
 	Parallel     int           // fetches in flight per Cache; default 8
 	FetchTimeout time.Duration // bound on one block fetch; default 2m
 	Logger       *slog.Logger  // nil discards
@@ -103,7 +114,9 @@ func New(opts Options) *Cache {
 		opts.BlockSize = 1 << 20
 	}
 	if opts.MaxReadahead <= 0 {
-		opts.MaxReadahead = 32 << 20
+		// A larger cache is given for slower, costlier requests: a window
+		// that grows with it keeps more of them in flight.
+		opts.MaxReadahead = max(32<<20, opts.Capacity/4)
 	}
 	if opts.Parallel <= 0 {
 		opts.Parallel = 8
@@ -358,17 +371,40 @@ func (c *Cache) fill(ctx context.Context, r *Reader, job []*block) error {
 	c.mu.Unlock()
 	ctx, cancel := context.WithTimeout(ctx, c.opts.FetchTimeout)
 	defer cancel()
-	for _, run := range r.data.Runs(lo, n, r.cost.gap()) {
-		c.fetches.Add(1)
-		start := time.Now()
-		if err := r.readRun(ctx, job, lo, run); err != nil {
-			if ctx.Err() != nil && !errors.Is(err, ctx.Err()) {
-				err = fmt.Errorf("%w (%v)", err, ctx.Err())
+	if rf, ok := r.f.(RangesFetcher); ok && rf.MultipleRanges() {
+		// One request for the whole job, carrying the extents only: a
+		// hole costs more to read through than a part of a multipart
+		// answer (a few header lines) unless it is shorter than one.
+		runs := r.data.Runs(lo, n, partOverhead)
+		var pieces []backend.Piece
+		var data int64
+		for _, run := range runs {
+			off := run.Off
+			for _, buf := range r.runBufs(job, lo, run) {
+				pieces = append(pieces, backend.Piece{Off: off, Buf: buf})
+				off += int64(len(buf))
 			}
-			return err
+			data += run.Len
 		}
-		r.cost.observe(run.Len, time.Since(start))
-		c.fetchedBytes.Add(run.Len)
+		if len(pieces) > 0 {
+			c.fetches.Add(1)
+			start := time.Now()
+			if err := rf.ReadRanges(ctx, pieces); err != nil {
+				return fetchErr(ctx, err)
+			}
+			r.cost.observe(data, time.Since(start))
+			c.fetchedBytes.Add(data)
+		}
+	} else {
+		for _, run := range r.data.Runs(lo, n, r.cost.gap()) {
+			c.fetches.Add(1)
+			start := time.Now()
+			if err := r.readRun(ctx, job, lo, run); err != nil {
+				return fetchErr(ctx, err)
+			}
+			r.cost.observe(run.Len, time.Since(start))
+			c.fetchedBytes.Add(run.Len)
+		}
 	}
 	// The map says the holes inside the runs (and the rest of the blocks)
 	// are zeros, and lseek and cp --sparse say so too: whatever the backend
@@ -377,6 +413,18 @@ func (c *Cache) fill(ctx context.Context, r *Reader, job []*block) error {
 		r.data.ZeroHoles(b.buf, b.key.idx*bs)
 	}
 	return nil
+}
+
+// partOverhead is what one more range costs in a multipart answer: its
+// part's header lines and its entry in the Range header.
+const partOverhead = 128
+
+// fetchErr says, when the fetch's own deadline cut err short, so.
+func fetchErr(ctx context.Context, err error) error {
+	if ctx.Err() != nil && !errors.Is(err, ctx.Err()) {
+		return fmt.Errorf("%w (%v)", err, ctx.Err())
+	}
+	return err
 }
 
 // evictLocked frees ready blocks until need more bytes fit in Capacity. It

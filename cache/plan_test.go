@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/extent"
 )
 
@@ -21,8 +22,41 @@ type costlySource struct {
 	ref      []byte
 	data     extent.Map
 	fixed    time.Duration
+	multi    bool // fills pieces far apart with one request
 	requests atomic.Int64
 	bytes    atomic.Int64
+}
+
+func (s *costlySource) MultipleRanges() bool { return s.multi }
+
+func (s *costlySource) ReadRanges(ctx context.Context, pieces []backend.Piece) error {
+	if !s.multi {
+		return backend.ReadRuns(ctx, s.ReadVecAt, pieces)
+	}
+	var n int64
+	for i, p := range pieces {
+		// Only the extents travel: every piece is data.
+		if !s.data.Contains(p.Off, int64(len(p.Buf))) {
+			s.t.Errorf("piece [%d, +%d) reaches into a hole", p.Off, len(p.Buf))
+			return errors.New("hole fetched")
+		}
+		if i > 0 && p.Off < pieces[i-1].Off+int64(len(pieces[i-1].Buf)) {
+			s.t.Errorf("piece at %d overlaps the one before", p.Off)
+			return errors.New("overlap")
+		}
+		n += int64(len(p.Buf))
+	}
+	select {
+	case <-time.After(s.fixed):
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	s.requests.Add(1)
+	s.bytes.Add(n)
+	for _, p := range pieces {
+		copy(p.Buf, s.ref[p.Off:])
+	}
+	return nil
 }
 
 func (s *costlySource) ReadAt(ctx context.Context, p []byte, off int64) error {
@@ -59,7 +93,9 @@ func (s *costlySource) ReadVecAt(ctx context.Context, bufs [][]byte, off int64) 
 // cost 5 ms each. The cache learns that cost from its first fetches and
 // from then on reads through the holes and several blocks a request; from a
 // backend too fast to plan around it fetches each block's extents apart, as
-// before.
+// before. From a backend that fills ranges far apart with one request
+// (multipart/byteranges) it reads no hole at all and fetches as many blocks
+// a request as memory allows, whatever requests cost.
 func TestPlannedByCost(t *testing.T) {
 	const bs, size = 1 << 20, 64 << 20
 	var raw []extent.Extent
@@ -77,18 +113,23 @@ func TestPlannedByCost(t *testing.T) {
 	tests := []struct {
 		name        string
 		fixed       time.Duration
+		multi       bool
 		maxRequests int64
 	}{
 		// 64 blocks of 4 extents: 256 requests extent by extent. Learnt,
 		// a fetch carries up to Capacity/(2 × Parallel) = 4 MiB: 16, plus
 		// the first fetches made before the cost was known (more on a
 		// busy machine, whose scheduling delays the first fits).
-		{"5 ms a request", 5 * time.Millisecond, 64},
-		{"too fast to plan around", 0, 256},
+		{"5 ms a request", 5 * time.Millisecond, false, 64},
+		{"too fast to plan around", 0, false, 256},
+		// Several ranges a request: no hole is read, and a fetch is as
+		// large as memory allows from the first readahead on.
+		{"5 ms a request, several ranges each", 5 * time.Millisecond, true, 32},
+		{"several ranges a request, fast", 0, true, 32},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			src := &costlySource{t: t, ref: ref, data: m, fixed: tt.fixed}
+			src := &costlySource{t: t, ref: ref, data: m, fixed: tt.fixed, multi: tt.multi}
 			c := New(Options{BlockSize: bs, Capacity: 64 << 20})
 			defer c.Close()
 			r := c.Open("d", size, m, src)
@@ -101,8 +142,8 @@ func TestPlannedByCost(t *testing.T) {
 			t.Logf("%d requests, %d bytes (%d of data)", src.requests.Load(), src.bytes.Load(), m.Bytes())
 			assert.LessOrEqual(t, src.requests.Load(), tt.maxRequests, "requests")
 			assert.LessOrEqual(t, src.bytes.Load(), int64(size), "bytes")
-			if tt.fixed == 0 {
-				assert.Equal(t, m.Bytes(), src.bytes.Load(), "holes longer than the default gap are not read")
+			if tt.fixed == 0 || tt.multi {
+				assert.Equal(t, m.Bytes(), src.bytes.Load(), "holes are not read")
 			}
 		})
 	}

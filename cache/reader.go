@@ -170,7 +170,13 @@ func (r *Reader) track(off, n int64) {
 	// other half stays in flight) and a 2×Parallel-th of the capacity (all
 	// fetches in flight stay within half of it); readahead waits until
 	// that much is due.
-	span := r.cost.span(bs, max(min(r.window/2, c.opts.Capacity/int64(2*c.opts.Parallel)), bs))
+	maxSpan := max(min(r.window/2, c.opts.Capacity/int64(2*c.opts.Parallel)), bs)
+	span := r.cost.span(bs, maxSpan)
+	if rf, ok := r.f.(RangesFetcher); ok && rf.MultipleRanges() {
+		// Only the extents travel, however far apart: the largest fetch
+		// is the cheapest per byte.
+		span = maxSpan
+	}
 	last := (r.size - 1) / bs
 	from := max(r.raNext, cur+1)
 	to := min(cur+r.window/bs, last) // inclusive
@@ -192,6 +198,16 @@ func (r *Reader) track(off, n int64) {
 // into their buffers: with one request when the fetcher can fill several
 // buffers at once.
 func (r *Reader) readRun(ctx context.Context, job []*block, lo int64, run extent.Extent) error {
+	bufs := r.runBufs(job, lo, run)
+	if v, ok := r.f.(VecFetcher); ok && len(bufs) > 1 {
+		return v.ReadVecAt(ctx, bufs, run.Off)
+	}
+	return backend.ReadEach(ctx, r.f.ReadAt, bufs, run.Off)
+}
+
+// runBufs are the parts of the job's buffers (the first block at lo) that
+// run covers, in order.
+func (r *Reader) runBufs(job []*block, lo int64, run extent.Extent) [][]byte {
 	bs := r.c.opts.BlockSize
 	first := (run.Off - lo) / bs
 	last := (run.End() - 1 - lo) / bs
@@ -202,8 +218,5 @@ func (r *Reader) readRun(ctx context.Context, job []*block, lo int64, run extent
 		from, to := max(run.Off, blo), min(run.End(), blo+int64(len(b.buf)))
 		bufs = append(bufs, b.buf[from-blo:to-blo])
 	}
-	if v, ok := r.f.(VecFetcher); ok && len(bufs) > 1 {
-		return v.ReadVecAt(ctx, bufs, run.Off)
-	}
-	return backend.ReadEach(ctx, r.f.ReadAt, bufs, run.Off)
+	return bufs
 }
