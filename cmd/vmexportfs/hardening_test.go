@@ -332,20 +332,13 @@ func TestLoad(t *testing.T) {
 	// count must come down within the bound, and stay there.
 	var afterLoad int
 	waitUntil(5*time.Second, func() bool { afterLoad = goroutines(t, addr); return afterLoad <= atMount+idleGoroutines })
-	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", m.cmd.Process.Pid))
-	require.NoError(t, err)
-	var hwmKiB int64
-	for _, line := range strings.Split(string(status), "\n") {
-		if rest, ok := strings.CutPrefix(line, "VmHWM:"); ok {
-			hwmKiB, _ = strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
-		}
-	}
+	rss := peakRSSMiB(t, m)
 	m.stop(t)
 	t.Logf("%d s: %d checked reads by 64 readers over %d files, %d failures; peak RSS %d MiB with a 32 MiB cache; goroutines %d at mount, %d after the load",
-		seconds, reads.Load(), len(files), failures.Load(), hwmKiB/1024, atMount, afterLoad)
+		seconds, reads.Load(), len(files), failures.Load(), rss, atMount, afterLoad)
 	assert.Zero(t, failures.Load())
 	assert.Positive(t, reads.Load())
-	assert.LessOrEqual(t, hwmKiB/1024, int64(200), "peak RSS MiB")
+	assert.LessOrEqual(t, rss, int64(200), "peak RSS MiB")
 	assert.LessOrEqual(t, afterLoad, atMount+idleGoroutines, "goroutines left after %d opens and reads", reads.Load())
 	assert.True(t, m.cmd.ProcessState.Success(), "daemon exit: %v", m.cmd.ProcessState)
 }
