@@ -415,9 +415,12 @@ func (c *Cache) fill(ctx context.Context, r *Reader, job []*block) error {
 	return nil
 }
 
-// partOverhead is what one more range costs in a multipart answer: its
-// part's header lines and its entry in the Range header.
-const partOverhead = 128
+// partOverhead is what one more range costs in a multipart answer, in
+// bytes: its part's header lines (about 100 bytes), its entry in the Range
+// header (about 20) and the parsing of both. Holes shorter than that are
+// read through; a filesystem's extents (whole 4 KiB blocks) never have such
+// holes between them, a hostile map of tiny extents does.
+const partOverhead = 512
 
 // fetchErr says, when the fetch's own deadline cut err short, so.
 func fetchErr(ctx context.Context, err error) error {
