@@ -550,3 +550,47 @@ func TestTally(t *testing.T) {
 	assert.Equal(t, misses, tally.MissBytes.Load(), "nothing waited the second time")
 	assert.Equal(t, hits+data.Bytes(), tally.HitBytes.Load())
 }
+
+// TestReadaheadAcrossHoles: a reader that seeks over holes, as cp --sparse
+// does, stays a sequential stream, and readahead counts only the blocks
+// with data: by the time the reader is done with one extent, the next
+// one's first block is on its way, however long the hole between them. So a
+// 1 TiB disk costs what a 2 GiB one with the same data costs.
+func TestReadaheadAcrossHoles(t *testing.T) {
+	const bs, extentLen, extents = 1 << 20, 4 << 20, 6
+	for _, hole := range []int64{4 << 20, 60 << 20, 16 << 30} {
+		t.Run(fmt.Sprintf("hole %d MiB", hole>>20), func(t *testing.T) {
+			stride := extentLen + hole
+			var raw []extent.Extent
+			for i := range int64(extents) {
+				raw = append(raw, extent.Extent{Off: i * stride, Len: extentLen})
+			}
+			size := extents * stride
+			m, err := extent.Normalize(raw, size)
+			require.NoError(t, err)
+			c := New(Options{BlockSize: bs, Capacity: 64 << 20})
+			defer c.Close()
+			src := newPattern()
+			r := c.Open("d", size, m, src)
+			defer r.Close()
+			p := make([]byte, 128<<10)
+			for i, e := range raw {
+				for off := e.Off; off < e.End(); off += int64(len(p)) {
+					require.NoError(t, r.ReadAt(context.Background(), p, off))
+					for j := range p {
+						if o := off + int64(j); p[j] != src.pattern[o%int64(len(src.pattern))] {
+							require.Failf(t, "wrong byte", "at %d", o)
+						}
+					}
+				}
+				if i+1 < len(raw) {
+					next := blockKey{r.file, raw[i+1].Off / bs}
+					c.mu.Lock()
+					ahead := c.blocks[next] != nil
+					c.mu.Unlock()
+					assert.True(t, ahead, "extent %d read: the next extent's first block is not being read ahead", i)
+				}
+			}
+		})
+	}
+}

@@ -152,7 +152,11 @@ func (r *Reader) track(off, n int64) {
 	limit := min(c.opts.MaxReadahead, c.opts.Capacity/2)
 	limit = max(limit-limit%bs, 0)
 	r.mu.Lock()
-	sequential := r.lastEnd > 0 && off >= r.lastEnd-seqBackTolerance && off <= r.lastEnd+seqForwardTolerance
+	// A read past a hole (cp --sparse and tar -S seek over them) is as
+	// sequential as the next read of the data: the stream skipped nothing
+	// it would have read.
+	sequential := r.lastEnd > 0 && off >= r.lastEnd-seqBackTolerance &&
+		(off <= r.lastEnd+seqForwardTolerance || !r.data.Overlaps(r.lastEnd, off-r.lastEnd))
 	if end := off + n; end > r.lastEnd || !sequential {
 		r.lastEnd = end
 	}
@@ -177,11 +181,14 @@ func (r *Reader) track(off, n int64) {
 		// is the cheapest per byte.
 		span = maxSpan
 	}
+	// The window counts blocks that hold data: the hole between two
+	// extents, however long, costs readahead nothing, so a disk's size
+	// does not change how far ahead its data is read.
 	last := (r.size - 1) / bs
 	from := max(r.raNext, cur+1)
-	to := min(cur+r.window/bs, last) // inclusive
-	if to < last && (to-from+1)*bs < span {
-		to = from - 1
+	to := r.dataBlocksAfter(cur, r.window/bs, last) // inclusive
+	if to < last && r.dataBlocksAfter(from-1, max(span/bs, 1), last) > to {
+		to = from - 1 // less than a fetch's worth due yet
 	}
 	if from <= to {
 		r.raNext = to + 1
@@ -192,6 +199,25 @@ func (r *Reader) track(off, n int64) {
 	if from <= to && r.ctx.Err() == nil {
 		c.startSpans(r, from, to, span)
 	}
+}
+
+// dataBlocksAfter returns the block that holds the n-th block with data
+// after block cur, or last if there are fewer.
+func (r *Reader) dataBlocksAfter(cur, n, last int64) int64 {
+	bs := r.c.opts.BlockSize
+	b := cur + 1
+	for n > 0 && b <= last {
+		d, ok := r.data.SeekData(b * bs)
+		if !ok {
+			return last
+		}
+		b = d / bs
+		// Every block up to the end of this extent holds data.
+		k := min((r.data.SeekHole(d, r.size)-1)/bs-b+1, n)
+		n -= k
+		b += k
+	}
+	return min(b-1, last)
 }
 
 // readRun reads run, which lies inside the job's blocks (the first at lo),
