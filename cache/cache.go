@@ -103,6 +103,9 @@ type Cache struct {
 	files    map[string]*fileState
 
 	hits, misses, fetchedBytes, fetches, evictions atomic.Int64
+	// streams counts the readers now reading sequentially: they share the
+	// readahead budget, half the capacity.
+	streams atomic.Int64
 }
 
 // New returns a Cache; call Close to stop its background work.

@@ -31,10 +31,11 @@ type Reader struct {
 	cancel context.CancelFunc
 	closed atomic.Bool
 
-	mu      sync.Mutex // guards the stream state below
-	lastEnd int64
-	window  int64 // current readahead window in bytes, 0 = not sequential
-	raNext  int64 // first block index readahead has not yet covered
+	mu        sync.Mutex // guards the stream state below
+	lastEnd   int64
+	streaming bool  // the last read was sequential: counted in Cache.streams
+	window    int64 // current readahead window in bytes, 0 = none
+	raNext    int64 // first block index readahead has not yet covered
 }
 
 // Tally counts what the reads of one disk were answered from; all of the
@@ -51,6 +52,21 @@ type Tally struct {
 func (r *Reader) Close() {
 	r.closed.Store(true)
 	r.cancel()
+	r.mu.Lock()
+	r.setStreaming(false)
+	r.mu.Unlock()
+}
+
+// setStreaming records whether the reader reads sequentially; r.mu held.
+func (r *Reader) setStreaming(on bool) {
+	if on != r.streaming {
+		r.streaming = on
+		if on {
+			r.c.streams.Add(1)
+		} else {
+			r.c.streams.Add(-1)
+		}
+	}
 }
 
 // ReadAt fills p with [off, off+len(p)); it never returns partial data.
@@ -149,8 +165,6 @@ func (r *Reader) count(hit bool, idx, inBlock int64, n int) {
 func (r *Reader) track(off, n int64) {
 	c := r.c
 	bs := c.opts.BlockSize
-	limit := min(c.opts.MaxReadahead, c.opts.Capacity/2)
-	limit = max(limit-limit%bs, 0)
 	r.mu.Lock()
 	// A read past a hole (cp --sparse and tar -S seek over them) is as
 	// sequential as the next read of the data: the stream skipped nothing
@@ -160,11 +174,18 @@ func (r *Reader) track(off, n int64) {
 	if end := off + n; end > r.lastEnd || !sequential {
 		r.lastEnd = end
 	}
+	r.setStreaming(sequential && !r.closed.Load())
+	// The streams share half the capacity: readahead beyond that would be
+	// evicted before it is read, and fetched again. A stream whose share
+	// is under a block reads what it is asked for, no more.
+	limit := min(c.opts.MaxReadahead, c.opts.Capacity/2/max(c.streams.Load(), 1))
+	limit = max(limit-limit%bs, 0)
 	if !sequential || limit < bs {
 		r.window = 0
 		r.mu.Unlock()
 		return
 	}
+	r.window = min(r.window, limit)
 	cur := (off + n - 1) / bs
 	if r.window == 0 {
 		r.window = min(2*bs, limit)
