@@ -2,7 +2,6 @@ package coriolis
 
 import (
 	"context"
-	"fmt"
 	"net/url"
 
 	"github.com/spf13/pflag"
@@ -28,12 +27,10 @@ func Platform() platform.Platform {
 	}
 }
 
-// checkSource refuses a mount without a user before anything starts.
+// checkSource refuses a mount without a user or a password before anything
+// starts.
 func checkSource(_ *url.URL, c platform.Common) error {
-	if c.Username == "" {
-		return fmt.Errorf("%w: coriolis needs --username", platform.ErrUsage)
-	}
-	return nil
+	return c.CheckLogin("coriolis", "")
 }
 
 // openSource logs in once, so a wrong password or an untrusted certificate

@@ -44,8 +44,8 @@ func (v *sourceFlags) check(u *url.URL, c platform.Common) error {
 		(u.Path != "" && u.Path != "/" && strings.TrimSuffix(u.Path, "/") != "/ovirt-engine/api") {
 		return fmt.Errorf("%w: ovirt source: want ovirt+https://ENGINE (no query or user in the URL)", platform.ErrUsage)
 	}
-	if c.Username == "" {
-		return fmt.Errorf("%w: ovirt needs --username (such as admin@internal)", platform.ErrUsage)
+	if err := c.CheckLogin("ovirt", "admin@internal"); err != nil {
+		return err
 	}
 	if v.snapshotTimeout <= 0 {
 		return fmt.Errorf("%w: --ovirt-snapshot-timeout %s: must be positive", platform.ErrUsage, v.snapshotTimeout)

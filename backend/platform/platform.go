@@ -107,6 +107,25 @@ type Common struct {
 	CacheDir func() (string, error)
 }
 
+// CheckLogin refuses, before the command daemonizes, a mount of a platform
+// that logs in with a user and a password when either is missing: name is
+// the platform's, example a user to suggest ("" for none).
+func (c Common) CheckLogin(name, example string) error {
+	if c.Username == "" {
+		if example != "" {
+			return fmt.Errorf("%w: %s needs --username (such as %s)", ErrUsage, name, example)
+		}
+		return fmt.Errorf("%w: %s needs --username", ErrUsage, name)
+	}
+	if c.Password == nil {
+		return fmt.Errorf("%w: %s needs a password", ErrUsage, name)
+	}
+	if _, err := c.Password(); err != nil {
+		return fmt.Errorf("%w: %s: %w", ErrUsage, name, err)
+	}
+	return nil
+}
+
 // RootCAs reads CAFile; nil (the system roots) when it is not given.
 func (c Common) RootCAs() (*x509.CertPool, error) {
 	if c.CAFile == "" {

@@ -50,8 +50,8 @@ func (v *sourceFlags) check(u *url.URL, c platform.Common) error {
 	if u.Scheme != "https" || u.Host == "" || (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.User != nil {
 		return fmt.Errorf("%w: xapi source: want xapi+https://POOL-MASTER (no path, query or user in the URL)", platform.ErrUsage)
 	}
-	if c.Username == "" {
-		return fmt.Errorf("%w: xapi needs --username", platform.ErrUsage)
+	if err := c.CheckLogin("xapi", ""); err != nil {
+		return err
 	}
 	switch RmdirMode(v.rmdir) {
 	case RmdirDestroy, RmdirDataDestroy:
