@@ -1,7 +1,6 @@
 package httprange
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -395,10 +394,8 @@ func readMultipartAnswer(body io.Reader, boundary string, size int64, ranges []e
 		limit = addCapped(limit, ranges[len(ranges)-1].End()-ranges[0].Off)
 		limit = addCapped(limit, int64(len(ranges))*partFraming)
 	}
-	// multipart.NewReader keeps a *bufio.Reader this large as it is; what
-	// it leaves there after the close delimiter is the epilogue.
-	br := bufio.NewReaderSize(&boundedReader{r: body, left: limit, limit: limit}, 8<<10)
-	mr := multipart.NewReader(br, boundary)
+	bounded := &boundedReader{r: body, left: limit, limit: limit}
+	mr := multipart.NewReader(bounded, boundary)
 	f := filler{pieces: pieces}
 	next := 0 // the first range not yet served
 	for nth := 1; ; nth++ {
@@ -439,9 +436,8 @@ func readMultipartAnswer(body io.Reader, boundary string, size int64, ranges []e
 		case m > 0:
 			return mismatch("part %d (bytes %d-%d): long: more than %d bytes", nth, first, last, n)
 		case err != io.EOF:
-			// A Read of nothing and no error is allowed of a Reader, and
-			// multipart does it only at the boundary; anything else is a
-			// cut or a transport's error.
+			// multipart's part reader gives nothing only with an error:
+			// io.EOF at the boundary, else a cut or a transport's error.
 			if err == nil {
 				err = io.ErrNoProgress
 			}
@@ -452,8 +448,9 @@ func readMultipartAnswer(body io.Reader, boundary string, size int64, ranges []e
 	if next < len(ranges) {
 		return mismatch("%d of the %d ranges asked not served, from bytes %d-%d", len(ranges)-next, len(ranges), ranges[next].Off, ranges[next].End()-1)
 	}
-	// The epilogue, read so the connection can carry the next request.
-	if _, err := io.Copy(io.Discard, br); err != nil {
+	// The rest of the epilogue (multipart may have read some ahead), read
+	// so that the connection can carry the next request.
+	if _, err := io.Copy(io.Discard, bounded); err != nil {
 		return fmt.Errorf("after the close delimiter: %w", err)
 	}
 	return nil

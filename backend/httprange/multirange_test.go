@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"mime"
 	"mime/quotedprintable"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -108,6 +109,7 @@ type serveRanges struct {
 	alloc  *extent.Map
 	mu     chan struct{}
 	ranges []string
+	conns  atomic.Int32 // connections opened
 }
 
 func newServeRanges(t *testing.T, size int64, alloc *extent.Map) *serveRanges {
@@ -118,6 +120,11 @@ func newServeRanges(t *testing.T, size int64, alloc *extent.Map) *serveRanges {
 		<-s.mu
 		http.ServeContent(w, r, "", time.Time{}, &trueDisk{size: s.size, alloc: s.alloc})
 	}))
+	s.srv.Config.ConnState = func(_ net.Conn, state http.ConnState) {
+		if state == http.StateNew {
+			s.conns.Add(1)
+		}
+	}
 	t.Cleanup(s.srv.Close)
 	return s
 }
@@ -253,6 +260,7 @@ func TestReadRangesServeContent(t *testing.T) {
 				}
 			}
 			assert.Equal(t, rangesOf(tc.spec, nil), s.requests())
+			assert.EqualValues(t, 1, s.conns.Load(), "every answer read to its end: one connection carries all the requests")
 		})
 	}
 }
