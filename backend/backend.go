@@ -168,15 +168,19 @@ func ReadRanges(ctx context.Context, d Blob, pieces []Piece) error {
 
 // ReadRuns fills pieces with one vectored read per run of touching pieces:
 // what a read of several ranges comes to where one request cannot carry
-// them all.
+// them all. Pieces out of order or overlapping are refused before anything
+// is read.
 func ReadRuns(ctx context.Context, readVec func(ctx context.Context, bufs [][]byte, off int64) error, pieces []Piece) error {
-	end := int64(-1)
-	for i := 0; i < len(pieces); {
-		if pieces[i].Off <= end {
-			return fmt.Errorf("read ranges: %w: piece at %d overlaps or precedes the one before it", ErrInvalid, pieces[i].Off)
+	end := int64(0)
+	for _, p := range pieces {
+		if p.Off < end {
+			return fmt.Errorf("read ranges: %w: piece at %d overlaps or precedes the one before it", ErrInvalid, p.Off)
 		}
+		end = p.Off + int64(len(p.Buf))
+	}
+	for i := 0; i < len(pieces); {
 		start := pieces[i].Off
-		end = start
+		end := start
 		var bufs [][]byte
 		for ; i < len(pieces) && pieces[i].Off == end; i++ {
 			bufs = append(bufs, pieces[i].Buf)
@@ -185,7 +189,6 @@ func ReadRuns(ctx context.Context, readVec func(ctx context.Context, bufs [][]by
 		if err := readVec(ctx, bufs, start); err != nil {
 			return err
 		}
-		end-- // the last byte read: the next run must start past it
 	}
 	return nil
 }

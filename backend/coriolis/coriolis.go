@@ -442,7 +442,7 @@ func (c *Client) OpenDisk(ctx context.Context, ref backend.DiskRef) (backend.Dis
 	}
 	// Reads are independent Range requests: the disk holds nothing on the
 	// server.
-	return c.http.Disk(u, size, alloc, httprange.DiskOptions{Name: "coriolis: disk " + ref.Disk}), nil
+	return c.http.Disk(u, size, alloc, httprange.DiskOptions{Name: "coriolis: disk " + ref.Disk, MultipleRanges: true}), nil
 }
 
 // CheapOpen implements backend.CheapOpener: a disk is a HEAD and the chunk

@@ -207,7 +207,7 @@ func openExportDisk(ctx context.Context, conn *exportConn, st ExportStatus, vol 
 			alloc = m
 		}
 	}
-	opts := httprange.DiskOptions{Name: "kubevirt: export " + conn.name, Explain: conn.explain}
+	opts := httprange.DiskOptions{Name: "kubevirt: export " + conn.name, Explain: conn.explain, MultipleRanges: true}
 	if owned {
 		opts.OnClose = conn.closeIdle
 	}
