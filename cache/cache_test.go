@@ -624,3 +624,40 @@ func TestReadaheadSharedByStreams(t *testing.T) {
 	assert.Equal(t, int64(readers*perReader), c.Stats().FetchedBytes, "bytes fetched for %d MiB read", readers*perReader>>20)
 	assert.Zero(t, c.streams.Load(), "streams left counted after Close")
 }
+
+// TestDataBlocksAfter: the n-th block with data after a block, from the
+// runs of blocks, is what counting blocks one by one in the map gives.
+func TestDataBlocksAfter(t *testing.T) {
+	const bs = 64 << 10
+	rng := rand.New(rand.NewPCG(3, 4))
+	for round := range 50 {
+		size := int64(1+rng.IntN(400)) * bs / 3
+		var raw []extent.Extent
+		for off := int64(rng.IntN(4 * bs)); off < size; off += int64(1 + rng.IntN(3*bs)) {
+			n := int64(1 + rng.IntN(bs))
+			raw = append(raw, extent.Extent{Off: off, Len: min(n, size-off)})
+			off += n
+		}
+		m, err := extent.Normalize(raw, size)
+		require.NoError(t, err)
+		c := New(Options{BlockSize: bs, Capacity: 64 * bs})
+		r := c.Open("d", size, m, newPattern())
+		last := (size - 1) / bs
+		for cur := int64(-1); cur <= last; cur++ {
+			for _, n := range []int64{1, 2, 5, 40} {
+				want, seen := last, int64(0)
+				for b := cur + 1; b <= last; b++ {
+					if m.Overlaps(b*bs, min(bs, size-b*bs)) {
+						if seen++; seen == n {
+							want = b
+							break
+						}
+					}
+				}
+				require.Equal(t, want, r.dataBlocksAfter(cur, n, last), "round %d: block %d, n %d", round, cur, n)
+			}
+		}
+		r.Close()
+		c.Close()
+	}
+}

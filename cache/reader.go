@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sort"
 	"sync"
 	"sync/atomic"
 
@@ -30,6 +31,9 @@ type Reader struct {
 	ctx    context.Context // readahead runs under it; Close cancels it
 	cancel context.CancelFunc
 	closed atomic.Bool
+
+	blockRunsOnce sync.Once
+	blockRuns     []blockRun // dataBlockRuns
 
 	mu        sync.Mutex // guards the stream state below
 	lastEnd   int64
@@ -223,22 +227,43 @@ func (r *Reader) track(off, n int64) {
 }
 
 // dataBlocksAfter returns the block that holds the n-th block with data
-// after block cur, or last if there are fewer.
+// after block cur, or last if there are fewer. It runs on every sequential
+// read, so it walks runs of blocks, not extents: a map of a million 4 KiB
+// extents, one every 8 KiB, is one run.
 func (r *Reader) dataBlocksAfter(cur, n, last int64) int64 {
-	bs := r.c.opts.BlockSize
+	runs := r.dataBlockRuns()
+	i := sort.Search(len(runs), func(i int) bool { return runs[i].last > cur })
 	b := cur + 1
-	for n > 0 && b <= last {
-		d, ok := r.data.SeekData(b * bs)
-		if !ok {
-			return last
-		}
-		b = d / bs
-		// Every block up to the end of this extent holds data.
-		k := min((r.data.SeekHole(d, r.size)-1)/bs-b+1, n)
+	for ; n > 0 && i < len(runs); i++ {
+		b = max(b, runs[i].first)
+		k := min(runs[i].last-b+1, n)
 		n -= k
 		b += k
 	}
+	if n > 0 {
+		return last
+	}
 	return min(b-1, last)
+}
+
+// blockRun is a run of consecutive blocks that all hold data.
+type blockRun struct{ first, last int64 }
+
+// dataBlockRuns are the runs of blocks with data, made on the first
+// sequential read (random readers never need them).
+func (r *Reader) dataBlockRuns() []blockRun {
+	r.blockRunsOnce.Do(func() {
+		bs := r.c.opts.BlockSize
+		for _, e := range r.data.Extents() {
+			first, last := e.Off/bs, (e.End()-1)/bs
+			if k := len(r.blockRuns); k > 0 && first <= r.blockRuns[k-1].last+1 {
+				r.blockRuns[k-1].last = max(r.blockRuns[k-1].last, last)
+				continue
+			}
+			r.blockRuns = append(r.blockRuns, blockRun{first, last})
+		}
+	})
+	return r.blockRuns
 }
 
 // readRun reads run, which lies inside the job's blocks (the first at lo),
