@@ -231,18 +231,11 @@ func (d *decoder) stringsInto(out *[]string) error {
 	}
 	old, n := *out, 0
 	for d.More() {
-		tok, err := d.Token()
-		if err != nil {
-			return err
-		}
-		if _, open := tok.(json.Delim); open || (tok != nil && !isString(tok)) {
-			return fmt.Errorf("snapshots: want a string, got %s", tokenKind(tok))
-		}
 		if n == len(old) {
 			old = append(old, "")
 		}
-		if s, ok := tok.(string); ok {
-			old[n] = s
+		if err := d.Decode(&old[n]); err != nil {
+			return err
 		}
 		n++
 		d.b.grant(idMeta)
@@ -257,8 +250,6 @@ func (d *decoder) stringsInto(out *[]string) error {
 	}
 	return nil
 }
-
-func isString(tok json.Token) bool { _, ok := tok.(string); return ok }
 
 // snapshot reads one VMSnapshot object (null is the zero snapshot), keeping
 // what mode says of the chunk lists.
