@@ -1,8 +1,6 @@
 package coriolis
 
 import (
-	"bytes"
-	"encoding/json"
 	"fmt"
 	"math"
 	"slices"
@@ -46,13 +44,13 @@ type apiDiskSnapshot struct {
 // UnmarshalJSON decodes a snapshot with the streaming decoder (decode.go),
 // which also takes the README's vmID spelling.
 func (s *apiSnapshot) UnmarshalJSON(b []byte) error {
-	return decodeSnapshot(json.NewDecoder(bytes.NewReader(b)), s)
+	return decodeSnapshot(b, s)
 }
 
 // UnmarshalJSON decodes a snapshot disk with the streaming decoder, which
 // also takes the README's snapshotID spelling.
 func (d *apiDiskSnapshot) UnmarshalJSON(b []byte) error {
-	return decodeDiskSnapshot(json.NewDecoder(bytes.NewReader(b)), d)
+	return decodeDiskSnapshot(b, d)
 }
 
 // snapshottable reports whether a VM disk is part of snapshots: CD-ROMs and
@@ -109,17 +107,6 @@ func (s apiSnapshot) toBackend(v apiVM) backend.Snapshot {
 		out.Disks = append(out.Disks, backend.DiskInfo{ID: d.Name, Device: dev})
 	}
 	return out
-}
-
-// complete says every disk's chunk list was kept whole: the snapshot can
-// stand for a GET of it.
-func (s apiSnapshot) complete() bool {
-	for _, d := range s.Disks {
-		if d.Chunks.dropped {
-			return false
-		}
-	}
-	return true
 }
 
 func (s apiSnapshot) disk(name string) (apiDiskSnapshot, bool) {

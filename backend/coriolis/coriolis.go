@@ -21,6 +21,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sync/singleflight"
+
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/extent"
 	"github.com/vmexportfs/vmexportfs/backend/httprange"
@@ -40,26 +42,45 @@ type Config struct {
 	Secrets            *redact.Secrets // the password and every token issued are added to it
 }
 
-// maxJSONBody bounds a JSON answer. Answers are decoded as they stream in, so
-// memory grows with the extents kept (16 B each), not with the body: the
-// bound only stops an endless answer. The snapshot list of a VM whose
-// snapshots each have a million chunks is 66 MB per snapshot.
-const maxJSONBody = 1 << 30
+// listKeep is how many extents the snapshot listings' answers may hold for
+// the disks opened next, all together (keepPool): 16 MiB, a million
+// extents. A walk of an estate of fragmented disks then opens each disk with
+// its HEAD alone, where a listing dropped the chunks and each disk cost a GET
+// of its snapshot too (2.2 requests per snapshot instead of 1.2 at five
+// snapshots a VM); the listing of a VM whose snapshots hold millions of
+// extents keeps as many as that and drops the rest.
+const listKeep = 1 << 20
 
 // snapshotCacheTTL is how long one snapshot answer serves OpenDisk calls, so
 // opening every disk of a snapshot costs one GET. Snapshots are immutable, so
 // the only risk is serving a deleted one briefly, which reads then report.
-const snapshotCacheTTL = 10 * time.Second
+// An answer that took long to come (a listing of million-extent snapshots:
+// seconds) serves for snapshotCacheSpan times as long, so that the disks
+// opened after it still find it.
+const (
+	snapshotCacheTTL  = 10 * time.Second
+	snapshotCacheSpan = 4
+)
 
 // Client talks to one Coriolis OVM exporter.
 type Client struct {
 	base   *url.URL
 	http   *httprange.Client
+	probe  *httprange.Client // c.http with fewer attempts, for sizing answers
 	auth   *httprange.TokenAuth
 	logger *slog.Logger
 
 	mu    sync.Mutex
 	cache map[[2]string]cachedSnapshot
+	// keep bounds the extents the cache holds from listings.
+	keep *keepPool
+	// snapFlight shares one GET of a snapshot between the disks opened
+	// at once (a walk opens every disk of a snapshot together).
+	snapFlight singleflight.Group
+	// sizes and maps are the disks' sizes and allocation maps, kept for
+	// the mount: snapshots are immutable.
+	sizes sizeCache
+	maps  mapCache
 	// listed is the last VM listing, by id, and when it was fetched: a
 	// snapshot listing soon after takes its VM's snapshot order from it
 	// instead of asking for the VM again.
@@ -73,6 +94,10 @@ type Client struct {
 type cachedSnapshot struct {
 	snap    apiSnapshot
 	fetched time.Time
+	ttl     time.Duration
+	// held is what its lists (a listing's) took from the keep pool, per
+	// disk not opened yet.
+	held map[string]int64
 }
 
 var (
@@ -105,7 +130,7 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 	if cfg.InsecureSkipVerify {
 		logger.Warn("coriolis: TLS certificate verification disabled", "url", base.Redacted())
 	}
-	c := &Client{base: base, logger: logger, cache: map[[2]string]cachedSnapshot{}}
+	c := &Client{base: base, logger: logger, cache: map[[2]string]cachedSnapshot{}, keep: newKeepPool(listKeep)}
 	secrets := cfg.Secrets
 	if secrets == nil {
 		secrets = &redact.Secrets{}
@@ -121,12 +146,20 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 	}
 	c.auth = &httprange.TokenAuth{Login: login.Login}
 	c.http = &httprange.Client{HTTP: hc, Auth: c.auth, Policy: cfg.Policy, Logger: logger, Secrets: secrets}
+	// Sizing the disks an answer may describe tries twice: a pair the VM
+	// names that is gone (a snapshot deleted since its listing) answers
+	// HEAD with a bare 500, which retrying the mount's attempts over would
+	// only delay the answer being read.
+	probe := cfg.Policy
+	probe.Attempts = min(probe.WithDefaults().Attempts, 2)
+	c.probe = &httprange.Client{HTTP: hc, Auth: c.auth, Policy: probe, Logger: logger, Secrets: secrets}
 	if err := c.auth.Renew(ctx); err != nil {
 		return nil, err
 	}
 	// The login proved the credentials: later 401s are a server hiccup
 	// (retried, then EIO), not a refusal.
 	c.http.CredentialsAccepted()
+	c.probe.CredentialsAccepted()
 	return c, nil
 }
 
@@ -152,6 +185,19 @@ func (c *Client) route(segments ...string) string {
 
 // call decodes the answer of method url into v (when v is not nil).
 func (c *Client) call(ctx context.Context, method, u string, v any) error {
+	return c.callSized(ctx, method, u, v, nil, nil)
+}
+
+// callSized is call for an answer about snapshots, bounded by the sizes of
+// the disks sz finds (see budget.go); what a listing keeps of its chunk
+// lists is taken from pool.
+func (c *Client) callSized(ctx context.Context, method, u string, v any, sz *sizer, pool *keepPool) error {
+	return c.callSizedKeep(ctx, method, u, v, sz, pool, nil)
+}
+
+// callSizedKeep is callSized for a listing that keeps no chunks of the
+// snapshots skip says.
+func (c *Client) callSizedKeep(ctx context.Context, method, u string, v any, sz *sizer, pool *keepPool, skip func(sid string) bool) error {
 	resp, err := c.http.Do(ctx, func(ctx context.Context) (*http.Request, error) {
 		req, err := http.NewRequestWithContext(ctx, method, u, nil)
 		if err == nil {
@@ -166,41 +212,58 @@ func (c *Client) call(ctx context.Context, method, u string, v any) error {
 	if v == nil {
 		return nil
 	}
-	if err := decodeJSON(resp.Body, v); err != nil {
+	if err := decodeAnswer(resp.Body, v, sz, pool, skip); err != nil {
 		return fmt.Errorf("%s %s: %w", method, u, err)
 	}
 	return nil
 }
 
-// decodeJSON reads one bounded JSON value; trailing data or an oversize body
-// is malformed. Snapshots are decoded as a stream (decode.go), so the body of
-// a million-chunk answer is never held whole.
-func decodeJSON(r io.Reader, v any) error {
-	body := &countingReader{r: io.LimitReader(r, maxJSONBody+1)}
-	dec := json.NewDecoder(body)
+// decodeJSON reads one JSON value, bounded as an answer that names no disk
+// it could size (budget.go); trailing data is malformed.
+func decodeJSON(r io.Reader, v any) error { return decodeAnswer(r, v, nil, nil, nil) }
+
+// decodeAnswer reads one JSON value, bounded by budget.go's rules with the
+// disks sz sizes, a listing keeping what pool lets of the chunks of the
+// snapshots skip does not name; trailing data or an oversize body is
+// malformed. Snapshots
+// and VMs are decoded as a stream (decode.go), so the body of a
+// million-chunk answer is never held.
+func decodeAnswer(r io.Reader, v any, sz *sizer, pool *keepPool, skip func(sid string) bool) error {
+	body := newBudget(r, sz)
+	d := &decoder{Decoder: json.NewDecoder(body), b: body, pool: pool, keepNone: skip}
 	var err error
 	switch v := v.(type) {
 	case *apiSnapshot:
-		err = decodeSnapshot(dec, v)
+		err = d.snapshot(v, chunksKeep)
+	case *createdSnapshot:
+		err = d.snapshot(&v.apiSnapshot, chunksSkip)
 	case *[]apiSnapshot:
-		err = decodeSnapshots(dec, v)
+		err = d.snapshots(v)
 	case vmSink:
-		err = decodeVMs(dec, v)
+		err = d.vms(v)
+	case *apiVM:
+		err = d.vm(v)
 	case *unsquashedSnapshot:
-		err = decodeSnapshotChunks(dec, &v.apiSnapshot, chunksPhys)
+		err = d.snapshot(&v.apiSnapshot, chunksPhys)
 	default:
-		err = dec.Decode(v)
+		err = d.Decode(v)
 	}
 	if err == nil {
-		// dec.More is false at a closing ']' or '}' too: only the end of
+		// d.More is false at a closing ']' or '}' too: only the end of
 		// the body ends the answer.
-		if _, terr := dec.Token(); !errors.Is(terr, io.EOF) {
-			err = errors.New("trailing data")
+		if _, terr := d.Token(); !errors.Is(terr, io.EOF) {
+			err = errTrailing
 		}
 	}
+	if snaps, ok := v.(*[]apiSnapshot); ok && (err != nil || body.err != nil && !errors.Is(body.err, io.EOF)) {
+		for i := range *snaps {
+			d.release((*snaps)[i].Disks)
+		}
+	}
+	var cut *tooLarge
 	switch {
-	case body.n > maxJSONBody:
-		return fmt.Errorf("%w: answer larger than %d bytes", backend.ErrUnavailable, maxJSONBody)
+	case errors.As(body.err, &cut), errors.As(err, &cut):
+		return fmt.Errorf("%w: %s", backend.ErrUnavailable, cut.msg)
 	case body.err != nil && !errors.Is(body.err, io.EOF):
 		return fmt.Errorf("%w: read answer: %w", backend.ErrUnavailable, body.err)
 	case err != nil:
@@ -209,20 +272,17 @@ func decodeJSON(r io.Reader, v any) error {
 	return nil
 }
 
-// countingReader counts what it read and keeps the first read error.
-type countingReader struct {
-	r   io.Reader
-	n   int64
-	err error
-}
+// createdSnapshot is a creation's answer: its ids and disk names are kept,
+// its (unsquashed) chunks only counted.
+type createdSnapshot struct{ apiSnapshot }
 
-func (c *countingReader) Read(p []byte) (int, error) {
-	n, err := c.r.Read(p)
-	c.n += int64(n)
-	if err != nil && c.err == nil {
-		c.err = err
+// diskNames are the names of v's disks.
+func diskNames(v apiVM) []string {
+	out := make([]string, 0, len(v.Disks))
+	for _, d := range v.Disks {
+		out = append(out, d.Name)
 	}
-	return n, err
+	return out
 }
 
 // VMs lists the exporter's VMs.
@@ -284,16 +344,28 @@ func (c *Client) Snapshots(ctx context.Context, vmID string) ([]backend.Snapshot
 		}
 	}
 	var snaps []apiSnapshot
-	if err := c.call(ctx, http.MethodGet, c.route("vms", vmID, "snapshots"), &snaps); err != nil {
+	sz := c.newSizer(ctx, vmID, v.Snapshots, diskNames(v))
+	start := time.Now()
+	// A snapshot whose disks are all opened already (their maps kept: a
+	// listing refreshed during a copy) keeps none of its chunks.
+	disks := diskNames(v)
+	opened := func(sid string) bool {
+		for _, d := range disks {
+			if !c.maps.has(backend.DiskRef{VM: vmID, Snapshot: sid, Disk: d}) {
+				return false
+			}
+		}
+		return len(disks) > 0
+	}
+	if err := c.callSizedKeep(ctx, http.MethodGet, c.route("vms", vmID, "snapshots"), &snaps, sz, c.keep, opened); err != nil {
 		return nil, fmt.Errorf("coriolis: list snapshots: %w", err)
 	}
 	// The listing carries each snapshot's chunks: the disks opened next
-	// need not ask for the snapshot again, unless a map was too long to
-	// keep (decodeSnapshots).
+	// need not ask for the snapshot again, unless their lists were more
+	// than the keep pool held (decoder.snapshots).
+	took := time.Since(start)
 	for _, s := range snaps {
-		if s.complete() {
-			c.remember(vmID, s)
-		}
+		c.remember(vmID, s, took)
 	}
 	return orderSnapshots(v, snaps), nil
 }
@@ -323,8 +395,10 @@ func orderSnapshots(v apiVM, snaps []apiSnapshot) []backend.Snapshot {
 
 // CreateSnapshot takes a snapshot; name is ignored (Coriolis generates ids).
 func (c *Client) CreateSnapshot(ctx context.Context, vmID, _ string) (backend.Snapshot, error) {
-	var s apiSnapshot
-	if err := c.call(ctx, http.MethodPost, c.route("vms", vmID, "snapshots"), &s); err != nil {
+	var s createdSnapshot
+	vm, _ := c.listedVM(vmID)
+	sz := c.newSizer(ctx, vmID, nil, diskNames(vm))
+	if err := c.callSized(ctx, http.MethodPost, c.route("vms", vmID, "snapshots"), &s, sz, nil); err != nil {
 		if errors.Is(err, backend.ErrInvalid) {
 			// The exporter refused this VM (mkdir carries no argument it
 			// could object to): say why, and make it "Operation not
@@ -352,15 +426,17 @@ func (c *Client) CreateSnapshot(ctx context.Context, vmID, _ string) (backend.Sn
 func (c *Client) DeleteSnapshot(ctx context.Context, vmID, snapshotID string) error {
 	// The exporter answers a DELETE of an unknown id with success: ask
 	// first, so a snapshot that is not the VM's is ErrNotFound.
-	if _, err := c.snapshot(ctx, vmID, snapshotID); err != nil {
+	if _, err := c.snapshot(ctx, vmID, snapshotID, ""); err != nil {
 		return fmt.Errorf("coriolis: delete snapshot: %w", err)
 	}
 	if err := c.call(ctx, http.MethodDelete, c.route("vms", vmID, "snapshots", snapshotID), nil); err != nil {
 		return fmt.Errorf("coriolis: delete snapshot: %w", err)
 	}
 	c.mu.Lock()
-	delete(c.cache, [2]string{vmID, snapshotID})
+	c.dropLocked([2]string{vmID, snapshotID})
 	c.mu.Unlock()
+	c.sizes.forget(vmID, snapshotID)
+	c.maps.forget(vmID, snapshotID)
 	return nil
 }
 
@@ -372,60 +448,152 @@ func (c *Client) snapshotURL(vmID, sid, compareTo string) string {
 	return c.route("vms", vmID, "snapshots", sid) + "?" + q.Encode()
 }
 
-func (c *Client) snapshot(ctx context.Context, vmID, sid string) (apiSnapshot, error) {
+// snapshot is snapshot sid of vmID, from the cache when an answer there
+// holds disk's chunks (disk "": any answer), else from a GET shared by every
+// caller asking at once. Taking a disk's chunks from a listing's answer
+// gives back to the keep pool what they held: the disk's map has them now.
+func (c *Client) snapshot(ctx context.Context, vmID, sid, disk string) (apiSnapshot, error) {
 	key := [2]string{vmID, sid}
 	c.mu.Lock()
 	cs, ok := c.cache[key]
+	if ok && time.Since(cs.fetched) < cs.ttl {
+		if d, has := cs.snap.disk(disk); disk == "" || !has || !d.Chunks.dropped {
+			if disk != "" {
+				c.keep.give(cs.held[disk])
+				delete(cs.held, disk)
+			}
+			c.mu.Unlock()
+			return cs.snap, nil
+		}
+	}
 	c.mu.Unlock()
-	if ok && time.Since(cs.fetched) < snapshotCacheTTL {
-		return cs.snap, nil
+	// Detached: one caller giving up does not fail the others.
+	gctx := context.WithoutCancel(ctx)
+	ch := c.snapFlight.DoChan(vmID+"\x00"+sid, func() (any, error) {
+		var s apiSnapshot
+		vm, _ := c.listedVM(vmID)
+		sz := c.newSizer(gctx, vmID, []string{sid}, append(diskNames(vm), disk))
+		start := time.Now()
+		if err := c.callSized(gctx, http.MethodGet, c.snapshotURL(vmID, sid, ""), &s, sz, nil); err != nil {
+			return nil, fmt.Errorf("coriolis: get snapshot: %w", notThisVM(err))
+		}
+		c.remember(vmID, s, time.Since(start))
+		return s, nil
+	})
+	select {
+	case r := <-ch:
+		if r.Err != nil {
+			return apiSnapshot{}, r.Err
+		}
+		return r.Val.(apiSnapshot), nil
+	case <-ctx.Done():
+		return apiSnapshot{}, fmt.Errorf("coriolis: get snapshot: %w", ctx.Err())
 	}
-	var s apiSnapshot
-	if err := c.call(ctx, http.MethodGet, c.snapshotURL(vmID, sid, ""), &s); err != nil {
-		return apiSnapshot{}, fmt.Errorf("coriolis: get snapshot: %w", notThisVM(err))
-	}
-	c.remember(vmID, s)
-	return s, nil
 }
 
-// remember keeps a snapshot answer for snapshotCacheTTL.
-func (c *Client) remember(vmID string, s apiSnapshot) {
+// remember keeps a snapshot answer that took took to fetch for
+// snapshotCacheTTL (or snapshotCacheSpan times took), with what its lists
+// took from the keep pool.
+func (c *Client) remember(vmID string, s apiSnapshot, took time.Duration) {
+	held := map[string]int64{}
+	for _, d := range s.Disks {
+		if d.Chunks.pooled > 0 {
+			held[d.Name] += d.Chunks.pooled
+		}
+	}
 	if s.ID == "" {
+		for _, n := range held {
+			c.keep.give(n)
+		}
 		return
 	}
 	key := [2]string{vmID, s.ID}
 	c.mu.Lock()
+	if old, ok := c.cache[key]; ok && time.Since(old.fetched) < old.ttl && droppedLists(old.snap) < droppedLists(s) {
+		// A listing that kept less than the answer cached (a GET's, whole)
+		// does not replace it: the disks opened next would GET it again.
+		c.mu.Unlock()
+		for _, n := range held {
+			c.keep.give(n)
+		}
+		return
+	}
 	fetched := time.Now()
-	c.cache[key] = cachedSnapshot{snap: s, fetched: fetched}
+	ttl := max(snapshotCacheTTL, snapshotCacheSpan*took)
+	c.dropLocked(key)
+	c.cache[key] = cachedSnapshot{snap: s, fetched: fetched, ttl: ttl, held: held}
 	c.mu.Unlock()
 	// The answer holds every disk's chunks (16 bytes each, 16 MB for a
 	// million): drop it when it expires, not at the next snapshot GET,
 	// which may never come. A timer per entry, not a sweep per call: a
 	// walk remembers every snapshot of 100,000 VMs.
-	time.AfterFunc(snapshotCacheTTL, func() {
+	time.AfterFunc(ttl, func() {
 		c.mu.Lock()
 		if cs, ok := c.cache[key]; ok && cs.fetched.Equal(fetched) {
-			delete(c.cache, key)
+			c.dropLocked(key)
 		}
 		c.mu.Unlock()
 	})
 }
 
+// droppedLists counts the disks of s whose chunks were not kept.
+func droppedLists(s apiSnapshot) int {
+	n := 0
+	for _, d := range s.Disks {
+		if d.Chunks.dropped {
+			n++
+		}
+	}
+	return n
+}
+
+// dropLocked forgets a cached answer, giving back what it held of the keep
+// pool; c.mu is held.
+func (c *Client) dropLocked(key [2]string) {
+	if cs, ok := c.cache[key]; ok {
+		for _, n := range cs.held {
+			c.keep.give(n)
+		}
+		delete(c.cache, key)
+	}
+}
+
 // OpenDisk opens one snapshot disk: its size from HEAD and its allocation
 // from the snapshot's chunks.
 func (c *Client) OpenDisk(ctx context.Context, ref backend.DiskRef) (backend.Disk, error) {
-	s, err := c.snapshot(ctx, ref.VM, ref.Snapshot)
+	u := c.diskURL(ref)
+	size, alloc, err := c.diskMap(ctx, ref)
 	if err != nil {
 		return nil, err
 	}
+	// Reads are independent Range requests: the disk holds nothing on the
+	// server.
+	return c.http.Disk(u, size, alloc, httprange.DiskOptions{Name: "coriolis: disk " + ref.Disk, MultipleRanges: true}), nil
+}
+
+// diskMap is a disk's size and allocation map: kept from its last opening,
+// or from its snapshot's chunks (a listing's, or a GET of it) and a HEAD.
+func (c *Client) diskMap(ctx context.Context, ref backend.DiskRef) (int64, extent.Map, error) {
+	if m, ok := c.maps.get(ref); ok {
+		if size, ok := c.sizes.get(ref); ok {
+			return size, m, nil
+		}
+	}
+	// The snapshot first: an unknown one is a 500 "not found" (or a 409
+	// under another VM), which only a GET's body says. When its answer is
+	// large enough to need sizes, its budget's HEAD of this disk is the one
+	// diskSize finds kept.
+	s, err := c.snapshot(ctx, ref.VM, ref.Snapshot, ref.Disk)
+	if err != nil {
+		return 0, extent.Map{}, err
+	}
 	ds, ok := s.disk(ref.Disk)
 	if !ok {
-		return nil, fmt.Errorf("coriolis: open disk: %w: snapshot has no disk %q", backend.ErrNotFound, ref.Disk)
+		return 0, extent.Map{}, fmt.Errorf("coriolis: open disk: %w: snapshot has no disk %q", backend.ErrNotFound, ref.Disk)
 	}
-	u := c.route("vms", ref.VM, "snapshots", ref.Snapshot, "disks", ref.Disk)
-	size, err := c.http.Size(ctx, u)
+	size, err := c.diskSize(ctx, ref)
 	if err != nil {
-		return nil, fmt.Errorf("coriolis: open disk: %w", err)
+		return 0, extent.Map{}, fmt.Errorf("coriolis: open disk: %w", err)
 	}
 	alloc, rep, clipped, err := chunkMapClipped(ds.Chunks, size)
 	if clipped > 0 && err == nil {
@@ -440,9 +608,8 @@ func (c *Client) OpenDisk(ctx context.Context, ref backend.DiskRef) (backend.Dis
 		c.logger.Warn(fmt.Sprintf("coriolis: chunk map normalized: %d unsorted/overlapping extents", rep.Unsorted+rep.Overlapping),
 			"vm", ref.VM, "snapshot", ref.Snapshot, "disk", ref.Disk, "unsorted", rep.Unsorted, "overlapping", rep.Overlapping, "extents", alloc.Len())
 	}
-	// Reads are independent Range requests: the disk holds nothing on the
-	// server.
-	return c.http.Disk(u, size, alloc, httprange.DiskOptions{Name: "coriolis: disk " + ref.Disk, MultipleRanges: true}), nil
+	c.maps.put(ref, alloc)
+	return size, alloc, nil
 }
 
 // CheapOpen implements backend.CheapOpener: a disk is a HEAD and the chunk
@@ -533,7 +700,9 @@ func physChunks(l chunkList, size int64) ([]physExtent, error) {
 func (c *Client) exactChanges(ctx context.Context, ref, base backend.DiskRef, size int64) (extent.Map, error) {
 	fetch := func(r backend.DiskRef) ([]physExtent, bool, error) {
 		var s unsquashedSnapshot
-		if err := c.call(ctx, http.MethodGet, c.unsquashedURL(r.VM, r.Snapshot), &s); err != nil {
+		vm, _ := c.listedVM(r.VM)
+		sz := c.newSizer(ctx, r.VM, []string{r.Snapshot}, append(diskNames(vm), r.Disk))
+		if err := c.callSized(ctx, http.MethodGet, c.unsquashedURL(r.VM, r.Snapshot), &s, sz, nil); err != nil {
 			return nil, false, fmt.Errorf("coriolis: changes since %q: %w", base.Snapshot, notThisVM(err))
 		}
 		ds, ok := s.disk(r.Disk)
@@ -607,7 +776,9 @@ func physDiff(cur, old []physExtent, size int64) (extent.Map, error) {
 func (c *Client) changedSince(ctx context.Context, ref, base backend.DiskRef, size int64, alloc extent.Map) (extent.Map, error) {
 	baseSnapshotID := base.Snapshot
 	var s apiSnapshot
-	if err := c.call(ctx, http.MethodGet, c.snapshotURL(ref.VM, ref.Snapshot, baseSnapshotID), &s); err != nil {
+	vm, _ := c.listedVM(ref.VM)
+	sz := c.newSizer(ctx, ref.VM, []string{ref.Snapshot}, append(diskNames(vm), ref.Disk))
+	if err := c.callSized(ctx, http.MethodGet, c.snapshotURL(ref.VM, ref.Snapshot, baseSnapshotID), &s, sz, nil); err != nil {
 		return extent.Map{}, fmt.Errorf("coriolis: changes since %q: %w", baseSnapshotID, notThisVM(err))
 	}
 	ds, ok := s.disk(ref.Disk)
@@ -621,7 +792,7 @@ func (c *Client) changedSince(ctx context.Context, ref, base backend.DiskRef, si
 	// compareTo lists only extents that hold data now; a range discarded
 	// since base is a change too (it reads as zeros now), and a delta that
 	// left it out would restore stale data.
-	baseSnap, err := c.snapshot(ctx, ref.VM, baseSnapshotID)
+	baseSnap, err := c.snapshot(ctx, ref.VM, baseSnapshotID, base.Disk)
 	if err != nil {
 		return extent.Map{}, fmt.Errorf("coriolis: changes since %q: %w", baseSnapshotID, err)
 	}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"strings"
+	"sync/atomic"
 
 	"github.com/vmexportfs/vmexportfs/backend/extent"
 )
@@ -21,7 +22,9 @@ import (
 // body is never held. What stays is 16 bytes per chunk (one extent.Extent,
 // two int64s): 16 MB for a million chunks, shared by the cached answer and
 // the disk's extent.Map when the list needs no repair (the usual case), a
-// normalized copy of as much again when it does.
+// normalized copy of as much again when it does. A chunk list that is not
+// kept (a listing's, beyond what it may keep) is walked a chunk at a time
+// and counted, never held. How large an answer may be at all is budget.go's.
 //
 // What is accepted is what encoding/json accepted into the shapes in api.go:
 // field names in any case, the README's vmID/snapshotID spellings beside the
@@ -42,25 +45,60 @@ type chunkList struct {
 	// unsquashed answer decoded for a delta (8 more bytes per chunk, never
 	// cached); nil when not asked for or when some chunk lacks a usable one.
 	phys []int64
-	// dropped says the list was not kept (a listing keeps only short ones):
-	// exts is nil and says nothing of the disk.
+	// dropped says the list was not kept (a listing keeps only what its
+	// keepPool lets it): exts is nil and says nothing of the disk.
 	dropped bool
+	// pooled is how many extents of a listing's keepPool the list holds.
+	pooled int64
 }
 
 // chunkMode says what a decode keeps of chunk lists.
 type chunkMode int
 
 const (
-	chunksSkip  chunkMode = iota // names only
-	chunksShort                  // extents of lists up to keptChunks long; longer ones dropped
+	chunksSkip  chunkMode = iota // names only (chunks counted, not kept)
+	chunksShort                  // extents, as many as the decoder's keepPool lets (keptChunks a list without one); longer lists dropped
 	chunksKeep                   // extents
 	chunksPhys                   // extents and physical starts
 )
 
-// keptChunks is the longest chunk list a snapshot listing keeps (64 KiB of
-// extents): enough for the disks opened next to need no snapshot GET, while
-// the listing of million-extent snapshots (hundreds of MB) keeps nothing.
+// keptChunks is the longest chunk list a snapshot listing keeps when it has
+// no keepPool (64 KiB of extents).
 const keptChunks = 4096
+
+// keepPool bounds the extents that snapshot listings keep for the disks
+// opened next, all listings together: a list is kept while the pool has
+// room for it, so that a walk opens the disks of the snapshots it lists
+// without a GET of each, while listings of million-extent snapshots keep
+// what the pool holds and drop the rest (their disks are then opened with a
+// GET of the snapshot). What an opened disk took goes back to the pool (the
+// disk's map holds it from then on), as does what its answer held when it
+// leaves the cache.
+type keepPool struct{ free atomic.Int64 }
+
+func newKeepPool(n int64) *keepPool {
+	p := &keepPool{}
+	p.free.Store(n)
+	return p
+}
+
+func (p *keepPool) take(n int64) bool {
+	for {
+		f := p.free.Load()
+		if f < n {
+			return false
+		}
+		if p.free.CompareAndSwap(f, f-n) {
+			return true
+		}
+	}
+}
+
+func (p *keepPool) give(n int64) {
+	if p != nil && n > 0 {
+		p.free.Add(n)
+	}
+}
 
 // extents returns the chunks; the slice must not be modified.
 func (l chunkList) extents() []extent.Extent { return l.exts }
@@ -85,6 +123,15 @@ func (p *chunkPages) add(e extent.Extent) {
 	p.n++
 }
 
+// full says the next add starts a page.
+func (p *chunkPages) full() bool {
+	k := len(p.pages)
+	return k == 0 || len(p.pages[k-1]) == cap(p.pages[k-1])
+}
+
+// nextPage is the capacity the next page will have.
+func (p *chunkPages) nextPage() int { return min(chunkPage, max(p.n, 16)) }
+
 func (p *chunkPages) flatten() []extent.Extent {
 	if p.n == 0 {
 		return nil
@@ -96,15 +143,27 @@ func (p *chunkPages) flatten() []extent.Extent {
 	return out
 }
 
-// decodeSnapshots reads a JSON array of snapshots, the list route's answer.
-// The list carries every snapshot's chunks; listing needs only ids and disk
-// names, so only short lists are kept (see keptChunks), for the disks
-// opened next.
-func decodeSnapshots(dec *json.Decoder, out *[]apiSnapshot) error {
+// decoder walks one answer. b bounds it (nil: the bytes are in memory
+// already, bounded by whoever read them); pool is what a listing may keep of
+// its chunk lists (nil: keptChunks each), keepNone which snapshots keep none.
+type decoder struct {
+	*json.Decoder
+	b    *budget
+	pool *keepPool
+	// keepNone names the snapshots of a listing whose chunks are not kept
+	// at all (nil: none).
+	keepNone func(sid string) bool
+}
+
+// snapshots reads a JSON array of snapshots, the list route's answer. The
+// list carries every snapshot's chunks; listing needs only ids and disk
+// names, so lists are kept only as the pool lets (see keepPool), for the
+// disks opened next.
+func (d *decoder) snapshots(out *[]apiSnapshot) error {
 	*out = nil
-	return decodeArray(dec, "snapshots", func() error {
+	return d.array("snapshots", func() error {
 		var s apiSnapshot
-		err := decodeSnapshotChunks(dec, &s, chunksShort)
+		err := d.snapshot(&s, chunksShort)
 		*out = append(*out, s)
 		return err
 	})
@@ -113,14 +172,14 @@ func decodeSnapshots(dec *json.Decoder, out *[]apiSnapshot) error {
 // vmSink takes the VMs of a listing as they are decoded.
 type vmSink func(apiVM)
 
-// decodeVMs reads a JSON array of VMs one VM at a time into sink: the
-// listing of 100,000 VMs is some 36 MB, which a json.Decoder would
-// otherwise buffer whole (and grow to 64 MB) before decoding a single VM,
-// and a slice of every VM as the server spells it would be as much again.
-func decodeVMs(dec *json.Decoder, sink vmSink) error {
-	return decodeArray(dec, "vms", func() error {
+// vms reads a JSON array of VMs one VM at a time into sink: the listing of
+// 100,000 VMs is some 36 MB, which a json.Decoder would otherwise buffer
+// whole (and grow to 64 MB) before decoding a single VM, and a slice of
+// every VM as the server spells it would be as much again.
+func (d *decoder) vms(sink vmSink) error {
+	return d.array("vms", func() error {
 		var v apiVM
-		if err := dec.Decode(&v); err != nil {
+		if err := d.vm(&v); err != nil {
 			return err
 		}
 		sink(v)
@@ -128,101 +187,218 @@ func decodeVMs(dec *json.Decoder, sink vmSink) error {
 	})
 }
 
-// decodeSnapshot reads one VMSnapshot object (null is the zero snapshot).
-func decodeSnapshot(dec *json.Decoder, s *apiSnapshot) error {
-	return decodeSnapshotChunks(dec, s, chunksKeep)
+// vm reads one VirtualMachine as encoding/json would into apiVM (null is
+// the zero VM), with its snapshot ids read one at a time, each raising the
+// answer's limit (a VM may have any number of snapshots).
+func (d *decoder) vm(v *apiVM) error {
+	err := d.object("vm", func(key string) error {
+		switch {
+		case strings.EqualFold(key, "friendly_name"):
+			return d.Decode(&v.FriendlyName)
+		case strings.EqualFold(key, "name"):
+			return d.Decode(&v.Name)
+		case strings.EqualFold(key, "uuid"):
+			return d.Decode(&v.UUID)
+		case strings.EqualFold(key, "disks"):
+			if err := d.Decode(&v.Disks); err != nil {
+				return err
+			}
+			d.b.grant(diskMeta * int64(len(v.Disks)))
+			return nil
+		case strings.EqualFold(key, "snapshots"):
+			return d.stringsInto(&v.Snapshots)
+		}
+		return d.skip()
+	})
+	d.b.grant(vmMeta)
+	return err
 }
 
-// decodeSnapshotChunks is decodeSnapshot keeping what mode says of the
-// chunk lists.
-func decodeSnapshotChunks(dec *json.Decoder, s *apiSnapshot, chunks chunkMode) error {
+// stringsInto reads a JSON array of strings into *out as encoding/json does:
+// null is nil, [] an empty slice, elements decoded over those of an earlier
+// duplicate key (a null element keeps what was there).
+func (d *decoder) stringsInto(out *[]string) error {
+	tok, err := d.Token()
+	if err != nil {
+		return err
+	}
+	if tok == nil {
+		*out = nil
+		return nil
+	}
+	if tok != json.Delim('[') {
+		return fmt.Errorf("snapshots: want an array, got %s", tokenKind(tok))
+	}
+	old, n := *out, 0
+	for d.More() {
+		if n == len(old) {
+			old = append(old, "")
+		}
+		if err := d.Decode(&old[n]); err != nil {
+			return err
+		}
+		n++
+		d.b.grant(idMeta)
+	}
+	if _, err := d.Token(); err != nil { // ']'
+		return err
+	}
+	if n == 0 {
+		*out = []string{}
+	} else {
+		*out = old[:n]
+	}
+	return nil
+}
+
+// snapshot reads one VMSnapshot object (null is the zero snapshot), keeping
+// what mode says of the chunk lists.
+func (d *decoder) snapshot(s *apiSnapshot, chunks chunkMode) error {
 	*s = apiSnapshot{}
 	var vmIDAlt string
-	err := decodeObject(dec, "snapshot", func(key string) error {
+	err := d.object("snapshot", func(key string) error {
 		switch {
 		case strings.EqualFold(key, "id"):
-			return dec.Decode(&s.ID)
+			return d.Decode(&s.ID)
 		case strings.EqualFold(key, "vm_id"):
-			return dec.Decode(&s.VMID)
+			return d.Decode(&s.VMID)
 		case strings.EqualFold(key, "vmID"):
-			return dec.Decode(&vmIDAlt)
+			return d.Decode(&vmIDAlt)
 		case strings.EqualFold(key, "disks"):
+			d.release(s.Disks)
 			s.Disks = nil
-			return decodeArray(dec, "disks", func() error {
-				var d apiDiskSnapshot
-				err := decodeDiskSnapshotChunks(dec, &d, chunks)
-				s.Disks = append(s.Disks, d)
+			mode := chunks
+			if mode == chunksShort && d.keepNone != nil && s.ID != "" && d.keepNone(s.ID) {
+				mode = chunksSkip
+			}
+			return d.array("disks", func() error {
+				var ds apiDiskSnapshot
+				err := d.diskSnapshot(&ds, mode, s.ID)
+				s.Disks = append(s.Disks, ds)
 				return err
 			})
 		}
-		return skipValue(dec)
+		return d.skip()
 	})
 	if s.VMID == "" {
 		s.VMID = vmIDAlt
 	}
-	return err
-}
-
-// decodeDiskSnapshot reads one DiskSnapshot object (null is the zero disk).
-func decodeDiskSnapshot(dec *json.Decoder, d *apiDiskSnapshot) error {
-	return decodeDiskSnapshotChunks(dec, d, chunksKeep)
-}
-
-func decodeDiskSnapshotChunks(dec *json.Decoder, d *apiDiskSnapshot, chunks chunkMode) error {
-	*d = apiDiskSnapshot{}
-	var sidAlt string
-	err := decodeObject(dec, "disk", func(key string) error {
-		switch {
-		case strings.EqualFold(key, "name"):
-			return dec.Decode(&d.Name)
-		case strings.EqualFold(key, "path"):
-			return dec.Decode(&d.Path)
-		case strings.EqualFold(key, "snapshot_id"):
-			return dec.Decode(&d.SnapshotID)
-		case strings.EqualFold(key, "snapshotID"):
-			return dec.Decode(&sidAlt)
-		case strings.EqualFold(key, "chunks") && chunks != chunksSkip:
-			limit := 0
-			if chunks == chunksShort {
-				limit = keptChunks
-			}
-			return decodeChunksMode(dec, &d.Chunks, chunks == chunksPhys, limit)
-		}
-		return skipValue(dec)
-	})
-	if d.SnapshotID == "" {
-		d.SnapshotID = sidAlt
+	if err != nil {
+		d.release(s.Disks)
 	}
 	return err
 }
 
-// decodeChunks reads a chunk array (null is empty), one element at a time.
-func decodeChunks(dec *json.Decoder, l *chunkList) error {
-	return decodeChunksMode(dec, l, false, 0)
+// release gives back to the pool what disks' kept lists took.
+func (d *decoder) release(disks []apiDiskSnapshot) {
+	for i := range disks {
+		d.pool.give(disks[i].Chunks.pooled)
+		disks[i].Chunks.pooled = 0
+	}
 }
 
-// decodeChunksMode is decodeChunks that also keeps the physical starts when
-// phys is set (all of them, or none when one is missing or unusable), and
-// drops a list longer than limit (0: no limit).
-func decodeChunksMode(dec *json.Decoder, l *chunkList, phys bool, limit int) error {
+// diskSnapshot reads one DiskSnapshot object (null is the zero disk) of the
+// snapshot sid.
+func (d *decoder) diskSnapshot(ds *apiDiskSnapshot, chunks chunkMode, sid string) error {
+	*ds = apiDiskSnapshot{}
+	var sidAlt string
+	owner := func() string { return cmpOr(ds.SnapshotID, sidAlt, sid) }
+	err := d.object("disk", func(key string) error {
+		switch {
+		case strings.EqualFold(key, "name"):
+			err := d.Decode(&ds.Name)
+			d.b.noteDisk(owner(), ds.Name)
+			return err
+		case strings.EqualFold(key, "path"):
+			err := d.Decode(&ds.Path)
+			d.b.notePath(owner(), ds.Path)
+			return err
+		case strings.EqualFold(key, "snapshot_id"):
+			return d.Decode(&ds.SnapshotID)
+		case strings.EqualFold(key, "snapshotID"):
+			return d.Decode(&sidAlt)
+		case strings.EqualFold(key, "chunks"):
+			d.pool.give(ds.Chunks.pooled) // a duplicate key: the later list wins
+			return d.chunks(&ds.Chunks, chunks)
+		}
+		return d.skip()
+	})
+	if ds.SnapshotID == "" {
+		ds.SnapshotID = sidAlt
+	}
+	return err
+}
+
+func cmpOr(v ...string) string {
+	for _, s := range v {
+		if s != "" {
+			return s
+		}
+	}
+	return ""
+}
+
+// chunks reads a chunk array (null is empty), one element at a time,
+// counting each against the answer's budget and keeping what mode says:
+// the physical starts too with chunksPhys (all of them, or none when one is
+// missing or unusable), nothing with chunksSkip, and with chunksShort the
+// list while the pool has room for it (or up to keptChunks without a pool).
+func (d *decoder) chunks(l *chunkList, mode chunkMode) error {
 	*l = chunkList{}
+	if mode == chunksSkip {
+		l.dropped = true // nothing kept: the list says nothing of the disk
+		return d.array("chunks", func() error {
+			if err := d.Decode(&skipper{}); err != nil {
+				return err
+			}
+			return d.b.chunk()
+		})
+	}
 	var pages chunkPages
 	var physPages []int64
-	physOK := phys
+	physOK := mode == chunksPhys
+	limit := 0
+	if mode == chunksShort && d.pool == nil {
+		limit = keptChunks
+	}
+	drop := func() {
+		l.dropped, pages, physOK, physPages = true, chunkPages{}, false, nil
+		d.pool.give(l.pooled)
+		l.pooled = 0
+	}
 	var c chunkValue // reused: one allocation per list, not per chunk
 	i := 0
-	err := decodeArray(dec, "chunks", func() error {
-		if err := dec.Decode(&c); err != nil {
+	err := d.array("chunks", func() error {
+		if l.bad != nil || l.dropped {
+			// Nothing more of the list is kept: check and count.
+			if err := d.Decode(&skipper{}); err != nil {
+				return err
+			}
+			return d.b.chunk()
+		}
+		if err := d.Decode(&c); err != nil {
+			return err
+		}
+		if err := d.b.chunk(); err != nil {
 			return err
 		}
 		switch {
-		case l.bad != nil, l.dropped:
 		case limit > 0 && i >= limit:
-			l.dropped, pages, physOK, physPages = true, chunkPages{}, false, nil
+			drop()
 		case c.err != nil:
 			l.bad = fmt.Errorf("%w %d: %w", errHostile, i, c.err)
 			pages = chunkPages{} // the map is not used: the whole disk is read
+			d.pool.give(l.pooled)
+			l.pooled = 0
 		default:
+			if mode == chunksShort && d.pool != nil && pages.full() {
+				n := int64(pages.nextPage())
+				if !d.pool.take(n) {
+					drop()
+					break
+				}
+				l.pooled += n
+			}
 			pages.add(extent.Extent{Off: c.start, Len: c.length})
 			if physOK {
 				if c.physErr != nil {
@@ -235,8 +411,16 @@ func decodeChunksMode(dec *json.Decoder, l *chunkList, phys bool, limit int) err
 		i++
 		return nil
 	})
+	if err != nil {
+		d.pool.give(l.pooled)
+		l.pooled = 0
+	}
 	if err == nil && l.bad == nil && !l.dropped {
 		l.exts = pages.flatten()
+		// The pages were taken a page at a time: keep only what the list
+		// holds.
+		d.pool.give(l.pooled - int64(len(l.exts)))
+		l.pooled = min(l.pooled, int64(len(l.exts)))
 		if physOK {
 			l.phys = physPages[:len(physPages):len(physPages)]
 			if l.phys == nil {
@@ -247,18 +431,18 @@ func decodeChunksMode(dec *json.Decoder, l *chunkList, phys bool, limit int) err
 	return err
 }
 
-// decodeObject reads an object, calling field for each key; field must
-// consume the value. null is an empty object.
-func decodeObject(dec *json.Decoder, what string, field func(key string) error) error {
-	tok, err := dec.Token()
+// object reads an object, calling field for each key; field must consume
+// the value. null is an empty object.
+func (d *decoder) object(what string, field func(key string) error) error {
+	tok, err := d.Token()
 	if err != nil || tok == nil {
 		return err
 	}
 	if tok != json.Delim('{') {
 		return fmt.Errorf("%s: want an object, got %s", what, tokenKind(tok))
 	}
-	for dec.More() {
-		tok, err := dec.Token()
+	for d.More() {
+		tok, err := d.Token()
 		if err != nil {
 			return err
 		}
@@ -267,31 +451,33 @@ func decodeObject(dec *json.Decoder, what string, field func(key string) error) 
 			return err
 		}
 	}
-	_, err = dec.Token() // '}'
+	_, err = d.Token() // '}'
 	return err
 }
 
-// decodeArray reads an array, calling elem for each element; elem must
-// consume it. null is an empty array.
-func decodeArray(dec *json.Decoder, what string, elem func() error) error {
-	tok, err := dec.Token()
+// array reads an array, calling elem for each element; elem must consume
+// it. null is an empty array.
+func (d *decoder) array(what string, elem func() error) error {
+	tok, err := d.Token()
 	if err != nil || tok == nil {
 		return err
 	}
 	if tok != json.Delim('[') {
 		return fmt.Errorf("%s: want an array, got %s", what, tokenKind(tok))
 	}
-	for dec.More() {
+	for d.More() {
 		if err := elem(); err != nil {
 			return err
 		}
 	}
-	_, err = dec.Token() // ']'
+	_, err = d.Token() // ']'
 	return err
 }
 
 func tokenKind(tok json.Token) string {
 	switch tok.(type) {
+	case nil:
+		return "null"
 	case json.Delim:
 		if tok == json.Delim('{') {
 			return "an object"
@@ -310,11 +496,11 @@ type skipper struct{}
 
 func (*skipper) UnmarshalJSON([]byte) error { return nil }
 
-// skipValue discards one value. An array or object is walked one member at
-// a time (each member is buffered and checked on its own), so skipping a
+// skip discards one value. An array or object is walked one member at a
+// time (each member is buffered and checked on its own), so skipping a
 // million-chunk list holds one chunk, not the list.
-func skipValue(dec *json.Decoder) error {
-	tok, err := dec.Token()
+func (d *decoder) skip() error {
+	tok, err := d.Token()
 	if err != nil {
 		return err
 	}
@@ -322,18 +508,32 @@ func skipValue(dec *json.Decoder) error {
 	if !ok {
 		return nil // a scalar: consumed
 	}
-	for dec.More() {
+	for d.More() {
 		if open == '{' {
-			if _, err := dec.Token(); err != nil { // the key
+			if _, err := d.Token(); err != nil { // the key
 				return err
 			}
 		}
-		if err := dec.Decode(&skipper{}); err != nil {
+		if err := d.Decode(&skipper{}); err != nil {
 			return err
 		}
 	}
-	_, err = dec.Token() // the closing delimiter
+	_, err = d.Token() // the closing delimiter
 	return err
+}
+
+// errTrailing is data after the answer's one value.
+var errTrailing = errors.New("trailing data")
+
+// decodeSnapshot reads one snapshot from b, unbounded (the bytes are in
+// memory), as json.Unmarshal into apiSnapshot does.
+func decodeSnapshot(b []byte, s *apiSnapshot) error {
+	return (&decoder{Decoder: json.NewDecoder(bytes.NewReader(b))}).snapshot(s, chunksKeep)
+}
+
+// decodeDiskSnapshot is decodeSnapshot for one disk.
+func decodeDiskSnapshot(b []byte, ds *apiDiskSnapshot) error {
+	return (&decoder{Decoder: json.NewDecoder(bytes.NewReader(b))}).diskSnapshot(ds, chunksKeep, "")
 }
 
 // chunkValue is one chunk as decoded: its start and length, or why it cannot

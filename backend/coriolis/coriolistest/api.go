@@ -167,16 +167,23 @@ func (s *Server) routes() http.Handler {
 		s.apiRequests.Add(1)
 		switch {
 		case rt.kind == routeVMs:
-			s.getVMs(w)
+			s.vmListings.Add(1)
+			s.getVMs(w, r)
 		case rt.kind == routeVM:
-			s.getVM(w, rt.vmID)
+			s.vmGets.Add(1)
+			s.getVM(w, r, rt.vmID)
 		case rt.kind == routeSnapshots && r.Method == http.MethodGet:
-			s.listSnapshots(w, rt.vmID)
+			s.snapshotLists.Add(1)
+			s.listSnapshots(w, r, rt.vmID)
 		case rt.kind == routeSnapshots && r.Method == http.MethodPost:
+			if !s.waitScan(r, 1) {
+				return
+			}
 			s.createSnapshot(w, rt.vmID)
 		case rt.kind == routeSnapshots && r.Method == http.MethodDelete:
 			s.deleteAndReply(w, rt.vmID, "")
 		case rt.kind == routeSnapshot && r.Method == http.MethodGet:
+			s.snapshotGets.Add(1)
 			s.getSnapshot(w, r, rt)
 		case rt.kind == routeSnapshot && r.Method == http.MethodDelete:
 			s.deleteAndReply(w, rt.vmID, rt.snapID)
@@ -380,7 +387,63 @@ func (s *Server) lookupSnapshot(vmID, snapID string) (*vm, *snapshot, error) {
 	return nil, nil, fmt.Errorf("snapshot %q: %w", snapID, errNotFound)
 }
 
-func (s *Server) getVMs(w http.ResponseWriter) {
+// wait holds a request for d, as the real exporter takes that long to
+// answer it; false: the client went away meanwhile.
+func wait(r *http.Request, d time.Duration) bool {
+	if d <= 0 {
+		return true
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-r.Context().Done():
+		return false
+	}
+}
+
+// waitScan holds a request that scans every VM and snapshot record scans
+// times (Options.ScanCost).
+func (s *Server) waitScan(r *http.Request, scans int) bool {
+	if s.opts.ScanCost <= 0 {
+		return true
+	}
+	s.mu.RLock()
+	records := len(s.vms) + len(s.owners)
+	vms := len(s.vms)
+	s.mu.RUnlock()
+	if scans < 0 { // the VM listing: every vm.cfg once, then a scan per VM
+		records = vms + vms*len(s.owners)
+	} else {
+		records *= scans
+	}
+	return wait(r, time.Duration(records)*s.opts.ScanCost)
+}
+
+// waitChunks holds a request that decodes snaps' chunk lists
+// (Options.ChunkListCost).
+func (s *Server) waitChunks(r *http.Request, snaps ...*snapshot) bool {
+	if s.opts.ChunkListCost <= 0 {
+		return true
+	}
+	s.mu.RLock()
+	chunks := 0
+	for _, snap := range snaps {
+		if snap != nil {
+			for _, d := range snap.disks {
+				chunks += len(d.chunks)
+			}
+		}
+	}
+	s.mu.RUnlock()
+	return wait(r, time.Duration(chunks)*s.opts.ChunkListCost)
+}
+
+func (s *Server) getVMs(w http.ResponseWriter, r *http.Request) {
+	if !s.waitScan(r, -1) {
+		return
+	}
 	s.mu.RLock()
 	out := make([]apiVM, 0, len(s.vms))
 	for _, v := range s.vms {
@@ -390,7 +453,10 @@ func (s *Server) getVMs(w http.ResponseWriter) {
 	encode(w, out)
 }
 
-func (s *Server) getVM(w http.ResponseWriter, vmID string) {
+func (s *Server) getVM(w http.ResponseWriter, r *http.Request, vmID string) {
+	if !s.waitScan(r, 1) {
+		return
+	}
 	s.mu.RLock()
 	v := s.findVM(vmID)
 	var out apiVM
@@ -405,20 +471,32 @@ func (s *Server) getVM(w http.ResponseWriter, vmID string) {
 	encode(w, out)
 }
 
-func (s *Server) listSnapshots(w http.ResponseWriter, vmID string) {
+// listSnapshots is the server's ListSnapshots: the VM (a scan), then each
+// of its snapshots read as GET snapshot reads it.
+func (s *Server) listSnapshots(w http.ResponseWriter, r *http.Request, vmID string) {
+	if !s.waitScan(r, 1) {
+		return
+	}
 	s.mu.RLock()
 	v := s.findVM(vmID)
-	out := []apiSnapshot{}
+	var snaps []*snapshot
 	if v != nil {
-		for _, snap := range v.snapshots {
-			out = append(out, v.snapshotAPI(snap, nil, true))
-		}
+		snaps = slices.Clone(v.snapshots)
 	}
 	s.mu.RUnlock()
 	if v == nil {
 		writeErr(w, vmNotFound{vmID})
 		return
 	}
+	if !s.waitChunks(r, snaps...) {
+		return
+	}
+	s.mu.RLock()
+	out := make([]apiSnapshot, 0, len(snaps))
+	for _, snap := range v.snapshots {
+		out = append(out, v.snapshotAPI(snap, nil, true))
+	}
+	s.mu.RUnlock()
 	encode(w, out)
 }
 
@@ -450,6 +528,13 @@ func (s *Server) getSnapshot(w http.ResponseWriter, r *http.Request, rt route) {
 	squash := true
 	if raw := q.Get("squashChunks"); raw != "" {
 		squash, _ = strconv.ParseBool(raw)
+	}
+	s.mu.RLock()
+	_, snap, _ := s.lookupSnapshot(rt.vmID, rt.snapID)
+	_, base, _ := s.lookupSnapshot(rt.vmID, q.Get("compareTo"))
+	s.mu.RUnlock()
+	if !s.waitChunks(r, snap, base) {
+		return
 	}
 	out, err := s.renderSnapshot(rt.vmID, rt.snapID, q.Get("compareTo"), squash)
 	if err != nil {
@@ -540,12 +625,8 @@ func (s *Server) serveDisk(w http.ResponseWriter, r *http.Request, rt route) {
 		return
 	}
 	defer f.Close()
-	if wait := time.Duration(chunks) * s.opts.ChunkListCost; wait > 0 {
-		select {
-		case <-time.After(wait):
-		case <-r.Context().Done():
-			return
-		}
+	if !wait(r, time.Duration(chunks)*s.opts.ChunkListCost) {
+		return
 	}
 	http.ServeContent(countingWriter{ResponseWriter: w, n: &s.diskBytes}, r, name, time.Time{}, f)
 }

@@ -27,5 +27,5 @@ func TestRotateSecret(t *testing.T) {
 
 	h.token = h.login("admin", "secret")
 	assert.Equal(t, http.StatusOK, h.get("/api/v1/vms/vm1").status)
-	assert.Equal(t, Stats{Unauthorized: 2, Logins: 1, APIRequests: 1}, h.srv.Stats())
+	assert.Equal(t, Stats{Unauthorized: 2, Logins: 1, APIRequests: 1, VMGets: 1}, h.srv.Stats())
 }

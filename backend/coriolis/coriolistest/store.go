@@ -169,7 +169,9 @@ func punchHole(f *os.File, off, n int64) error {
 }
 
 // copyGranules makes dst a sparse copy of src: only the allocated granules of
-// m are copied; everything else stays a hole.
+// m are copied, and of those only the blocks that hold more than zeros (the
+// real server's reflink copy shares them instead: either way the copy costs
+// no space for what it does not hold); everything else stays a hole.
 func copyGranules(dst, src *os.File, m granuleMap, size int64) error {
 	keys := sortedGranules(m)
 	buf := make([]byte, Granularity)
@@ -179,11 +181,34 @@ func copyGranules(dst, src *os.File, m granuleMap, size int64) error {
 		if _, err := src.ReadAt(b, start); err != nil && !errors.Is(err, io.EOF) {
 			return fmt.Errorf("read live disk at %d: %w", start, err)
 		}
-		if _, err := dst.WriteAt(b, start); err != nil {
-			return fmt.Errorf("write snapshot disk at %d: %w", start, err)
+		for off := 0; off < len(b); {
+			// Runs of blocks with data are written in one go.
+			for off < len(b) && zeroBlock(b[off:min(off+fsBlock, len(b))]) {
+				off += fsBlock
+			}
+			run := off
+			for run < len(b) && !zeroBlock(b[run:min(run+fsBlock, len(b))]) {
+				run += fsBlock
+			}
+			run = min(run, len(b))
+			if run > off {
+				if _, err := dst.WriteAt(b[off:run], start+int64(off)); err != nil {
+					return fmt.Errorf("write snapshot disk at %d: %w", start+int64(off), err)
+				}
+			}
+			off = run
 		}
 	}
 	return nil
+}
+
+func zeroBlock(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 func sortedGranules(m granuleMap) []int64 {
