@@ -379,23 +379,27 @@ func TestTokenExpiresMidCopy(t *testing.T) {
 // TestTokenRevokedMidCopy: the exporter refuses the mount's token half-way
 // through one copy (restarted with a new JWT secret), an hour before the
 // token expires, so no proactive renewal is due: the next request gets a
-// 401, the mount logs in again and the copy finishes intact. After the
-// first half only one cache block of the disk holds data, far beyond the
-// readahead of a 4 MiB cache (2 MiB), so exactly one request meets the
-// refusal.
+// 401, the mount logs in again and the copy finishes intact. Readahead
+// counts only blocks with data, and a 4 MiB cache gives it two: once the
+// first 4 MiB are read, the first two blocks of the data at 40 MiB are
+// fetched ahead (waited for, before the rotation), and the third is the one
+// request that meets the refusal.
 func TestTokenRevokedMidCopy(t *testing.T) {
 	f := newFixture(t, coriolistest.Options{TokenTTL: time.Hour})
 	f.addVM("vm-r", "r", coriolistest.DiskSpec{Name: "r.img", Device: "xvda", Size: 48 * mib})
 	f.write("vm-r", "r.img", 0, 4*mib)
-	f.write("vm-r", "r.img", 40*mib, 64*kib)
+	f.write("vm-r", "r.img", 40*mib, 3*mib)
 	sid := f.snapshot("vm-r")
 	m := f.mount("--cache-size", "4M")
 	file, err := os.Open(m.path("vms", "vm-r", "snapshots", sid, "disk.img"))
 	require.NoError(t, err)
 	defer file.Close()
+	f.sim.ResetStats()
 	var copied bytes.Buffer
 	_, err = io.CopyN(&copied, file, 4*mib)
 	require.NoError(t, err)
+	require.True(t, waitUntil(10*time.Second, func() bool { return f.sim.Stats().DiskBytes >= 6*mib }),
+		"the first 4 MiB and the two blocks read ahead: %d bytes served", f.sim.Stats().DiskBytes)
 
 	// Revoked right after the mount's login: the renewal must still
 	// replace it (a 401 is matched to the token it was sent with, not
