@@ -46,6 +46,17 @@ func (s *costlySource) ReadRanges(ctx context.Context, pieces []backend.Piece) e
 		}
 		n += int64(len(p.Buf))
 	}
+	if err := s.request(ctx, n); err != nil {
+		return err
+	}
+	for _, p := range pieces {
+		copy(p.Buf, s.ref[p.Off:])
+	}
+	return nil
+}
+
+// request is one request of n bytes: its fixed cost, counted.
+func (s *costlySource) request(ctx context.Context, n int64) error {
 	select {
 	case <-time.After(s.fixed):
 	case <-ctx.Done():
@@ -53,9 +64,6 @@ func (s *costlySource) ReadRanges(ctx context.Context, pieces []backend.Piece) e
 	}
 	s.requests.Add(1)
 	s.bytes.Add(n)
-	for _, p := range pieces {
-		copy(p.Buf, s.ref[p.Off:])
-	}
 	return nil
 }
 
@@ -64,23 +72,16 @@ func (s *costlySource) ReadAt(ctx context.Context, p []byte, off int64) error {
 }
 
 func (s *costlySource) ReadVecAt(ctx context.Context, bufs [][]byte, off int64) error {
-	var n int64
-	for _, p := range bufs {
-		n += int64(len(p))
-	}
+	n := backend.VecLen(bufs)
 	// Reads may cross holes of any length the plan chose, but never start
 	// or end in one.
 	if !s.data.Contains(off, 1) || !s.data.Contains(off+n-1, 1) {
 		s.t.Errorf("request [%d, +%d) starts or ends in a hole", off, n)
 		return errors.New("hole fetched")
 	}
-	select {
-	case <-time.After(s.fixed):
-	case <-ctx.Done():
-		return ctx.Err()
+	if err := s.request(ctx, n); err != nil {
+		return err
 	}
-	s.requests.Add(1)
-	s.bytes.Add(n)
 	for _, p := range bufs {
 		copy(p, s.ref[off:])
 		off += int64(len(p))

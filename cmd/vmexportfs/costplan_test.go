@@ -34,11 +34,7 @@ func TestCostPlannedReads(t *testing.T) {
 	stride := size / int64(n) / (4 * kib) * (4 * kib)
 	require.Greater(t, stride, int64(length), "the extents must have holes between them")
 	f := newFixture(t, coriolistest.Options{ChunkListCost: coriolistest.ObservedChunkListCost})
-	chunks := make([]coriolistest.Chunk, n)
-	for i := range chunks {
-		chunks[i] = coriolistest.Chunk{Start: uint64(int64(i) * stride), Length: uint64(length), PhysicalStart: 1<<40 + uint64(n-i)*4096}
-	}
-	sid := f.fragmented("vm-cost", size, chunks)
+	sid := f.fragmented("vm-cost", size, sparseChunks(n, stride, length))
 	want := sha256File(t, f.source("vm-cost", sid, "disk.img"))
 
 	cacheMiB := int64(envInt(t, "VMEXPORTFS_COST_CACHE_MIB", 64))
