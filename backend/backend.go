@@ -171,26 +171,58 @@ func ReadRanges(ctx context.Context, d Blob, pieces []Piece) error {
 // them all. Pieces out of order or overlapping are refused before anything
 // is read.
 func ReadRuns(ctx context.Context, readVec func(ctx context.Context, bufs [][]byte, off int64) error, pieces []Piece) error {
-	end := int64(0)
-	for _, p := range pieces {
-		if p.Off < end {
-			return fmt.Errorf("read ranges: %w: piece at %d overlaps or precedes the one before it", ErrInvalid, p.Off)
-		}
-		end = p.Off + int64(len(p.Buf))
+	if err := CheckPieces(pieces); err != nil {
+		return fmt.Errorf("read ranges: %w", err)
 	}
-	for i := 0; i < len(pieces); {
-		start := pieces[i].Off
-		end := start
-		var bufs [][]byte
-		for ; i < len(pieces) && pieces[i].Off == end; i++ {
-			bufs = append(bufs, pieces[i].Buf)
-			end += int64(len(pieces[i].Buf))
+	for _, r := range PieceRuns(pieces) {
+		bufs := make([][]byte, len(r.Pieces))
+		for i, p := range r.Pieces {
+			bufs[i] = p.Buf
 		}
-		if err := readVec(ctx, bufs, start); err != nil {
+		if err := readVec(ctx, bufs, r.Off); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// CheckPieces refuses pieces out of order or overlapping (ErrInvalid).
+func CheckPieces(pieces []Piece) error {
+	end := int64(0)
+	for i, p := range pieces {
+		if p.Off < end {
+			return fmt.Errorf("%w: piece %d at %d overlaps or precedes the one before it", ErrInvalid, i, p.Off)
+		}
+		end = p.Off + int64(len(p.Buf))
+	}
+	return nil
+}
+
+// PieceRun is a range of a disk and the touching pieces that fill it.
+type PieceRun struct {
+	extent.Extent
+	Pieces []Piece
+}
+
+// PieceRuns groups pieces that passed CheckPieces into runs of touching
+// pieces; empty pieces need no bytes and are left out.
+func PieceRuns(pieces []Piece) []PieceRun {
+	var runs []PieceRun
+	for i := 0; i < len(pieces); {
+		if len(pieces[i].Buf) == 0 {
+			i++
+			continue
+		}
+		r := PieceRun{Extent: extent.Extent{Off: pieces[i].Off}}
+		j := i
+		for ; j < len(pieces) && pieces[j].Off == r.End(); j++ {
+			r.Len += int64(len(pieces[j].Buf))
+		}
+		r.Pieces = pieces[i:j]
+		runs = append(runs, r)
+		i = j
+	}
+	return runs
 }
 
 // VecLen is the bytes of bufs together.

@@ -374,7 +374,7 @@ func (c *Cache) fill(ctx context.Context, r *Reader, job []*block) error {
 	c.mu.Unlock()
 	ctx, cancel := context.WithTimeout(ctx, c.opts.FetchTimeout)
 	defer cancel()
-	if rf, ok := r.f.(RangesFetcher); ok && rf.MultipleRanges() {
+	if rf := r.rangesFetcher(); rf != nil {
 		// One request for the whole job, carrying the extents only: a
 		// hole costs more to read through than a part of a multipart
 		// answer (a few header lines) unless it is shorter than one.

@@ -201,7 +201,7 @@ func (r *Reader) track(off, n int64) {
 	// that much is due.
 	maxSpan := max(min(r.window/2, c.opts.Capacity/int64(2*c.opts.Parallel)), bs)
 	span := r.cost.span(bs, maxSpan)
-	if rf, ok := r.f.(RangesFetcher); ok && rf.MultipleRanges() {
+	if r.rangesFetcher() != nil {
 		// Only the extents travel, however far apart: the largest fetch
 		// is the cheapest per byte.
 		span = maxSpan
@@ -264,6 +264,15 @@ func (r *Reader) dataBlockRuns() []blockRun {
 		}
 	})
 	return r.blockRuns
+}
+
+// rangesFetcher is the fetcher when it now fills ranges far apart with one
+// request, else nil.
+func (r *Reader) rangesFetcher() RangesFetcher {
+	if rf, ok := r.f.(RangesFetcher); ok && rf.MultipleRanges() {
+		return rf
+	}
+	return nil
 }
 
 // readRun reads run, which lies inside the job's blocks (the first at lo),

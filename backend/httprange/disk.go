@@ -158,7 +158,7 @@ func (d *Disk) readRanges(ctx context.Context, pieces []backend.Piece) error {
 		}
 		data = append(data, p)
 	}
-	runs := runsOf(data)
+	runs := backend.PieceRuns(data)
 	done := 0 // of data: the pieces of the runs read
 	for len(runs) > 0 {
 		if !d.MultipleRanges() {
@@ -170,7 +170,7 @@ func (d *Disk) readRanges(ctx context.Context, pieces []backend.Piece) error {
 		switch {
 		case err == nil:
 			for _, r := range runs[:k] {
-				done += len(r.pieces)
+				done += len(r.Pieces)
 			}
 			runs = runs[k:]
 		case ctx.Err() != nil:

@@ -106,51 +106,18 @@ func (c *Client) answerFault(err, transport error) *attemptError {
 // checkPieces refuses pieces out of order, overlapping, or not inside a
 // resource of size bytes.
 func checkPieces(pieces []backend.Piece, size int64) error {
-	end := int64(0)
 	for i, p := range pieces {
-		n := int64(len(p.Buf))
-		switch {
-		case p.Off < 0 || size < 0 || p.Off > size || n > size-p.Off:
+		if n := int64(len(p.Buf)); p.Off < 0 || size < 0 || p.Off > size || n > size-p.Off {
 			return fmt.Errorf("%w: piece %d: %d bytes at %d of a %d-byte resource", backend.ErrInvalid, i, n, p.Off, size)
-		case p.Off < end:
-			return fmt.Errorf("%w: piece %d at %d overlaps or precedes the one before it", backend.ErrInvalid, i, p.Off)
 		}
-		end = p.Off + n
 	}
-	return nil
-}
-
-// run is a range of bytes asked for, and the touching pieces it fills.
-type run struct {
-	extent.Extent
-	pieces []backend.Piece
-}
-
-// runsOf groups checked pieces into runs of touching pieces; empty pieces
-// need no bytes and are left out.
-func runsOf(pieces []backend.Piece) []run {
-	var runs []run
-	for i := 0; i < len(pieces); {
-		if len(pieces[i].Buf) == 0 {
-			i++
-			continue
-		}
-		r := run{Extent: extent.Extent{Off: pieces[i].Off}}
-		j := i
-		for ; j < len(pieces) && pieces[j].Off == r.End(); j++ {
-			r.Len += int64(len(pieces[j].Buf))
-		}
-		r.pieces = pieces[i:j]
-		runs = append(runs, r)
-		i = j
-	}
-	return runs
+	return backend.CheckPieces(pieces)
 }
 
 // batch is how many of runs, from the first, one request carries: at most
 // maxRanges (0: no such bound), and no more than a Range header of
 // maxRangeHeader bytes holds; at least one.
-func batch(runs []run, maxRanges int) int {
+func batch(runs []backend.PieceRun, maxRanges int) int {
 	n := len("bytes=")
 	for i, r := range runs {
 		if maxRanges > 0 && i == maxRanges {
@@ -200,7 +167,7 @@ func (c *Client) ReadRanges(ctx context.Context, rawURL string, size int64, piec
 	if err := checkPieces(pieces, size); err != nil {
 		return fmt.Errorf("read ranges: %w", err)
 	}
-	for runs := runsOf(pieces); len(runs) > 0; {
+	for runs := backend.PieceRuns(pieces); len(runs) > 0; {
 		k := batch(runs, 0)
 		if err := c.readRuns(ctx, rawURL, size, runs[:k]); err != nil {
 			return err
@@ -212,10 +179,10 @@ func (c *Client) ReadRanges(ctx context.Context, rawURL string, size int64, piec
 
 // readRuns fills runs, checked and within one Range header, with one
 // request.
-func (c *Client) readRuns(ctx context.Context, rawURL string, size int64, runs []run) error {
+func (c *Client) readRuns(ctx context.Context, rawURL string, size int64, runs []backend.PieceRun) error {
 	if len(runs) == 1 {
-		bufs := make([][]byte, len(runs[0].pieces))
-		for i, p := range runs[0].pieces {
+		bufs := make([][]byte, len(runs[0].Pieces))
+		for i, p := range runs[0].Pieces {
 			bufs[i] = p.Buf
 		}
 		return c.ReadRangeVec(ctx, rawURL, size, bufs, runs[0].Off)
@@ -224,7 +191,7 @@ func (c *Client) readRuns(ctx context.Context, rawURL string, size int64, runs [
 	var pieces []backend.Piece
 	for i, r := range runs {
 		ranges[i] = r.Extent
-		pieces = append(pieces, r.pieces...)
+		pieces = append(pieces, r.Pieces...)
 	}
 	hdr := rangeHeader(ranges)
 	op := fmt.Sprintf("read %s: %d ranges in bytes %d-%d", redactString(rawURL), len(ranges), ranges[0].Off, ranges[len(ranges)-1].End()-1)

@@ -842,7 +842,7 @@ func TestRecordedKubeVirtAnswer(t *testing.T) {
 		for i, s := range spec {
 			ps[i] = backend.Piece{Off: s[0], Buf: bytes.Repeat([]byte{0xee}, int(s[1]))}
 		}
-		for _, r := range runsOf(ps) {
+		for _, r := range backend.PieceRuns(ps) {
 			ranges = append(ranges, r.Extent)
 		}
 		return ps, readMultipartAnswer(bytes.NewReader(body), params["boundary"], size, ranges, ps)
@@ -870,7 +870,7 @@ func TestBatch(t *testing.T) {
 	for i := range n {
 		spec = append(spec, [2]int64{1_000_000_000 + i*1000, 10})
 	}
-	runs := runsOf(poisoned(spec...))
+	runs := backend.PieceRuns(poisoned(spec...))
 	require.Len(t, runs, int(n))
 	k := batch(runs, 0)
 	ranges := make([]extent.Extent, k)
@@ -1172,7 +1172,7 @@ func fuzzPieces(layout []byte, size int64) ([]backend.Piece, []extent.Extent) {
 	}
 	pieces := poisoned(spec...)
 	var ranges []extent.Extent
-	for _, r := range runsOf(pieces) {
+	for _, r := range backend.PieceRuns(pieces) {
 		ranges = append(ranges, r.Extent)
 	}
 	return pieces, ranges
