@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -189,6 +190,17 @@ type diskFile struct {
 	// snapshot does (a delta, gone with its base), which is kept no longer
 	// than a listing.
 	timeout time.Duration
+	meter   atomic.Pointer[diskMeter] // made on first use: a disk only looked up is not in the stats
+}
+
+// counters are the disk's meter, shared by its files.
+func (f *diskFile) counters() *diskMeter {
+	if m := f.meter.Load(); m != nil {
+		return m
+	}
+	m := f.st.meters.disk(f.ref)
+	f.meter.Store(m)
+	return m
 }
 
 var (
@@ -283,7 +295,8 @@ func (f *diskFile) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errn
 
 // handle is one open of a disk file.
 type handle struct {
-	s stream // nil for views without per-handle state
+	s    stream      // nil for views without per-handle state
+	fill *pageFiller // disk.img only
 }
 
 const writeFlags = syscall.O_WRONLY | syscall.O_RDWR | syscall.O_TRUNC | syscall.O_APPEND
@@ -299,6 +312,15 @@ func (f *diskFile) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uin
 			return nil, 0, f.st.toErrno(ctx, "open", f.path, err)
 		}
 		h.s = s
+		if rv, ok := f.v.(*rawView); ok {
+			data, err := rv.Data(ctx)
+			if err != nil {
+				s.Close()
+				return nil, 0, f.st.toErrno(ctx, "open", f.path, err)
+			}
+			size, _ := rv.Size(ctx) // known: Data needed it
+			h.fill = newPageFiller(f, rv.OpenStream, data, size, &f.counters().pageCacheBytes, f.st.log)
+		}
 	}
 	f.st.openFiles.Add(1)
 	return h, fuse.FOPEN_KEEP_CACHE, 0
@@ -307,6 +329,9 @@ func (f *diskFile) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uin
 func (f *diskFile) Release(ctx context.Context, fh gofs.FileHandle) syscall.Errno {
 	if h, ok := fh.(*handle); ok {
 		f.st.openFiles.Add(-1)
+		if h.fill != nil {
+			h.fill.stop()
+		}
 		if h.s != nil {
 			h.s.Close()
 		}
@@ -317,6 +342,7 @@ func (f *diskFile) Release(ctx context.Context, fh gofs.FileHandle) syscall.Errn
 func (f *diskFile) Read(ctx context.Context, fh gofs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
 	f.st.inflight.Add(1)
 	defer f.st.inflight.Add(-1)
+	f.counters().readRequests.Add(1)
 	if h, ok := fh.(*handle); ok {
 		if s, ok := h.s.(interface{ valid() error }); ok {
 			if err := s.valid(); err != nil {
@@ -338,7 +364,9 @@ func (f *diskFile) Read(ctx context.Context, fh gofs.FileHandle, dest []byte, of
 	// A short read before EOF would shrink the kernel's idea of the file:
 	// the whole range or an error.
 	if h, ok := fh.(*handle); ok && h.s != nil {
-		err = h.s.ReadAt(ctx, p, off)
+		if err = h.s.ReadAt(ctx, p, off); err == nil && h.fill != nil {
+			h.fill.read(off + int64(len(p)))
+		}
 	} else {
 		err = f.v.ReadAt(ctx, p, off)
 	}
@@ -368,12 +396,18 @@ func (f *diskFile) Lseek(ctx context.Context, fh gofs.FileHandle, off uint64, wh
 	if err != nil {
 		return 0, f.st.toErrno(ctx, "lseek", f.path, err)
 	}
+	var to int64
 	if whence == seekData {
 		next, ok := data.SeekData(int64(off))
 		if !ok {
 			return 0, syscall.ENXIO
 		}
-		return uint64(next), 0
+		to = next
+	} else {
+		to = data.SeekHole(int64(off), size)
 	}
-	return uint64(data.SeekHole(int64(off), size)), 0
+	if h, ok := fh.(*handle); ok && h.fill != nil {
+		h.fill.sought(to)
+	}
+	return uint64(to), 0
 }

@@ -38,6 +38,8 @@ type diskMeter struct {
 	ref                                backend.DiskRef
 	tally                              cache.Tally
 	fetches, fetchedBytes, fetchErrors atomic.Int64
+	pageCacheBytes                     atomic.Int64 // stored in the kernel's page cache ahead of readers (pageFiller)
+	readRequests                       atomic.Int64 // READs the kernel sent for the disk's files
 }
 
 // meters are the disks' counters and the errnos, for Stats.
@@ -79,6 +81,7 @@ func (m *meters) diskDocs(open map[backend.DiskRef]bool) []DiskDoc {
 		out = append(out, DiskDoc{
 			VM: d.ref.VM, Snapshot: d.ref.Snapshot, Disk: d.ref.Disk, Open: open[d.ref],
 			Reads: d.tally.Reads.Load(), CacheBytes: d.tally.HitBytes.Load(), FetchBytes: d.tally.MissBytes.Load(), HoleBytes: d.tally.HoleBytes.Load(),
+			PageCacheBytes: d.pageCacheBytes.Load(), ReadRequests: d.readRequests.Load(),
 			Fetches: d.fetches.Load(), FetchedBytes: d.fetchedBytes.Load(), FetchErrors: d.fetchErrors.Load(),
 		})
 	}

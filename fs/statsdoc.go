@@ -38,6 +38,12 @@ type ReadTotals struct {
 	CacheBytes int64 `json:"cache_bytes"`
 	FetchBytes int64 `json:"fetch_bytes"`
 	HoleBytes  int64 `json:"hole_bytes"`
+	// PageCacheBytes were put in the kernel's page cache ahead of a
+	// reader that skips holes; they are counted in the three above too.
+	PageCacheBytes int64 `json:"page_cache_bytes"`
+	// ReadRequests are the READs the kernel sent: what the page cache
+	// did not answer.
+	ReadRequests int64 `json:"read_requests"`
 }
 
 // FetchTotals are the disk reads made on the platform.
@@ -88,17 +94,19 @@ type CreationDoc struct {
 
 // DiskDoc is one disk (ids, as the platform gives them).
 type DiskDoc struct {
-	VM           string `json:"vm"`
-	Snapshot     string `json:"snapshot"`
-	Disk         string `json:"disk"`
-	Open         bool   `json:"open"`
-	Reads        int64  `json:"reads"`
-	CacheBytes   int64  `json:"cache_bytes"`
-	FetchBytes   int64  `json:"fetch_bytes"`
-	HoleBytes    int64  `json:"hole_bytes"`
-	Fetches      int64  `json:"fetches"`
-	FetchedBytes int64  `json:"fetched_bytes"`
-	FetchErrors  int64  `json:"fetch_errors"`
+	VM             string `json:"vm"`
+	Snapshot       string `json:"snapshot"`
+	Disk           string `json:"disk"`
+	Open           bool   `json:"open"`
+	Reads          int64  `json:"reads"`
+	CacheBytes     int64  `json:"cache_bytes"`
+	FetchBytes     int64  `json:"fetch_bytes"`
+	HoleBytes      int64  `json:"hole_bytes"`
+	PageCacheBytes int64  `json:"page_cache_bytes"`
+	ReadRequests   int64  `json:"read_requests"`
+	Fetches        int64  `json:"fetches"`
+	FetchedBytes   int64  `json:"fetched_bytes"`
+	FetchErrors    int64  `json:"fetch_errors"`
 }
 
 // DocumentVersion changes when a field changes meaning or goes.
@@ -149,6 +157,8 @@ func (st *state) document() Document {
 		doc.Reads.CacheBytes += d.CacheBytes
 		doc.Reads.FetchBytes += d.FetchBytes
 		doc.Reads.HoleBytes += d.HoleBytes
+		doc.Reads.PageCacheBytes += d.PageCacheBytes
+		doc.Reads.ReadRequests += d.ReadRequests
 		doc.Fetches.Requests += d.Fetches
 		doc.Fetches.Bytes += d.FetchedBytes
 		doc.Fetches.Errors += d.FetchErrors

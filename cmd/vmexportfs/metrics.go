@@ -64,6 +64,8 @@ var metricHelp = []struct {
 	{"vmexportfs_backend_bytes_total", "Disk data bytes by where they came from: fetched from the platform (readahead included), or served to readers from the block cache or as holes answered locally.", []string{"platform", "kind"}},
 	{"vmexportfs_read_bytes_total", "Bytes read from the disks by their files (raw and derived), every byte once.", []string{"platform"}},
 	{"vmexportfs_reads_total", "Reads of the disks by their files.", []string{"platform"}},
+	{"vmexportfs_kernel_read_requests_total", "READ requests the kernel sent for the disks' files: the reads its page cache did not answer.", []string{"platform"}},
+	{"vmexportfs_page_cache_stored_bytes_total", "Bytes stored in the kernel's page cache ahead of readers that seek over holes.", []string{"platform"}},
 	{"vmexportfs_disk_fetches_total", "Disk data reads asked of the platform.", []string{"platform"}},
 	{"vmexportfs_disk_fetch_errors_total", "Disk data reads that failed after their retries.", []string{"platform"}},
 	{"vmexportfs_backend_requests_total", "Requests sent to the platform, API calls included.", []string{"platform", "transport"}},
@@ -114,6 +116,8 @@ func (c *mountCollector) Collect(ch chan<- prometheus.Metric) {
 	counter("vmexportfs_backend_bytes_total", float64(doc.Reads.HoleBytes), p, "hole")
 	counter("vmexportfs_read_bytes_total", float64(doc.Reads.CacheBytes+doc.Reads.FetchBytes+doc.Reads.HoleBytes), p)
 	counter("vmexportfs_reads_total", float64(doc.Reads.Reads), p)
+	counter("vmexportfs_kernel_read_requests_total", float64(doc.Reads.ReadRequests), p)
+	counter("vmexportfs_page_cache_stored_bytes_total", float64(doc.Reads.PageCacheBytes), p)
 	counter("vmexportfs_disk_fetches_total", float64(doc.Fetches.Requests), p)
 	counter("vmexportfs_disk_fetch_errors_total", float64(doc.Fetches.Errors), p)
 	for _, t := range mr.Transports {

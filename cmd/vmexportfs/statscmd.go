@@ -205,6 +205,8 @@ func renderStats(w io.Writer, mountpoint string, cur fs.Document, prev *fs.Docum
 	waited, cached, holes := float64(r.FetchBytes), float64(r.CacheBytes), float64(r.HoleBytes)
 	line("reads", "%d reads  %s served: %s from cache, %s waited for a fetch, %s holes",
 		r.Reads, humanBytes(waited+cached+holes), humanBytes(cached), humanBytes(waited), humanBytes(holes))
+	line("kernel", "%d READs reached the mount  %s stored in its page cache ahead of readers",
+		r.ReadRequests, humanBytes(float64(r.PageCacheBytes)))
 
 	line("platform", "%d disk reads  %s fetched  %d errors", cur.Fetches.Requests, humanBytes(float64(cur.Fetches.Bytes)), cur.Fetches.Errors)
 

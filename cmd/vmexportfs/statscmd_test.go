@@ -27,7 +27,7 @@ func ptr(v float64) *float64 { return &v }
 func statsSample() fs.Document {
 	return fs.Document{
 		Version: 1, Time: "2025-01-02T03:04:05Z", UptimeSeconds: 3725, Platform: "coriolis",
-		Reads:   fs.ReadTotals{Reads: 12345, FetchBytes: 800 * mib, CacheBytes: 300 * mib, HoleBytes: 100 * mib},
+		Reads:   fs.ReadTotals{Reads: 12345, FetchBytes: 800 * mib, CacheBytes: 300 * mib, HoleBytes: 100 * mib, PageCacheBytes: 200 * mib, ReadRequests: 678},
 		Fetches: fs.FetchTotals{Requests: 345, Bytes: gib, Errors: 0},
 		Transports: []fs.TransportDoc{{
 			Name: "http", Requests: 400, Failed: 3, BytesReceived: gib + gib/10,
@@ -104,6 +104,7 @@ func TestStatsRender(t *testing.T) {
 	}{
 		{"vmexportfs on", []string{"/mnt/vms", "platform coriolis", "up 1h02m"}},
 		{"reads", []string{"12345 reads", "1.2 GiB served", "300.0 MiB from cache", "800.0 MiB waited for a fetch", "100.0 MiB holes"}},
+		{"kernel", []string{"678 READs reached the mount", "200.0 MiB stored in its page cache"}},
 		{"platform", []string{"345 disk reads", "1.0 GiB fetched", "0 errors"}},
 		{"http", []string{"400 requests (3 failed)", "1.1 GiB received", "p50 12ms", "p99 80ms", "conns 4 open / 9 opened"}},
 		{"rates", []string{"served -", "fetched -", "http -", "no previous sample"}},
