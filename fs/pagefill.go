@@ -33,6 +33,10 @@ const (
 	// either side go in one store: a store is a system call, about as
 	// costly as copying this many bytes.
 	fillGap = 16 << 10
+	// fillMaxExtent: extents this long or longer are not stored. A reader
+	// reads them in several reads one after the other (cp: 128 KiB each),
+	// and the kernel's readahead takes them from there.
+	fillMaxExtent = 128 << 10
 	// fillChunkExtents bounds the extents walked for one chunk.
 	fillChunkExtents = 256
 )
@@ -192,18 +196,35 @@ func (pf *pageFiller) next() (off, end int64, ok bool) {
 }
 
 func (pf *pageFiller) chunkAt(from int64) (off, end int64, ok bool) {
-	off, ok = pf.data.SeekData(from)
-	if !ok {
-		return 0, 0, false
+	for skipped := 0; ; skipped++ {
+		if off, ok = pf.data.SeekData(from); !ok {
+			return 0, 0, false
+		}
+		if end = pf.data.SeekHole(off, pf.size); end-off < fillMaxExtent {
+			break
+		}
+		// The kernel reads ahead inside a long extent: storing it too
+		// would copy it twice.
+		from = end
+		if skipped == fillChunkExtents {
+			// Go on when the reader moves: never a long walk under
+			// the lock.
+			pf.filled, pf.storing = from, from
+			return 0, 0, false
+		}
 	}
 	limit := min(off+fillChunk, pf.size)
-	end = min(pf.data.SeekHole(off, pf.size), limit)
+	end = min(end, limit)
 	for i := 0; i < fillChunkExtents && end < limit; i++ {
 		next, ok := pf.data.SeekData(end)
 		if !ok || next-end > fillGap || next >= limit {
 			break
 		}
-		end = min(pf.data.SeekHole(next, pf.size), limit)
+		nextEnd := pf.data.SeekHole(next, pf.size)
+		if nextEnd-next >= fillMaxExtent {
+			break
+		}
+		end = min(nextEnd, limit)
 	}
 	// The filler starts where the data starts: the hole before it is
 	// nothing to store.
