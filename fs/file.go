@@ -318,8 +318,12 @@ func (f *diskFile) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uin
 				s.Close()
 				return nil, 0, f.st.toErrno(ctx, "open", f.path, err)
 			}
-			size, _ := rv.Size(ctx) // known: Data needed it
-			h.fill = newPageFiller(f, rv.OpenStream, data, size, &f.counters().pageCacheBytes, f.st.log)
+			size, err := rv.Size(ctx)
+			if err != nil {
+				s.Close()
+				return nil, 0, f.st.toErrno(ctx, "open", f.path, err)
+			}
+			h.fill = newPageFiller(f.st.bg, f, rv.OpenStream, data, size, &f.counters().pageCacheBytes, f.st.log)
 		}
 	}
 	f.st.openFiles.Add(1)

@@ -75,8 +75,10 @@ type pageFiller struct {
 // storedChunk is a stored range that the reader has not reached yet.
 type storedChunk struct{ end, n int64 }
 
-func newPageFiller(node cacheStorer, open func(context.Context) (stream, error), data extent.Map, size int64, stored *atomic.Int64, log *slog.Logger) *pageFiller {
-	ctx, cancel := context.WithCancel(context.Background())
+// newPageFiller returns a filler that stores nothing until the reader has
+// sought and read; its work ends with stop, or with ctx (the tree's).
+func newPageFiller(ctx context.Context, node cacheStorer, open func(context.Context) (stream, error), data extent.Map, size int64, stored *atomic.Int64, log *slog.Logger) *pageFiller {
+	ctx, cancel := context.WithCancel(ctx)
 	pf := &pageFiller{node: node, open: open, data: data, size: size, stored: stored, log: log, ctx: ctx, cancel: cancel, done: make(chan struct{})}
 	pf.cond = sync.NewCond(&pf.mu)
 	return pf

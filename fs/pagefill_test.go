@@ -155,7 +155,7 @@ func TestPageFillerStores(t *testing.T) {
 			open := func(context.Context) (stream, error) { return c.Open("d", size, disk.Allocated(), disk), nil }
 			rec := &recordingStorer{pages: map[int64][]byte{}}
 			var stored atomic.Int64
-			pf := newPageFiller(rec, open, data, size, &stored, slog.New(slog.DiscardHandler))
+			pf := newPageFiller(context.Background(), rec, open, data, size, &stored, slog.New(slog.DiscardHandler))
 			tt.events(pf)
 			// covered: the data after from is all in the stores.
 			covered := func() bool {
