@@ -314,11 +314,10 @@ func (f *diskFile) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uin
 		h.s = s
 		if rv, ok := f.v.(*rawView); ok {
 			data, err := rv.Data(ctx)
-			if err != nil {
-				s.Close()
-				return nil, 0, f.st.toErrno(ctx, "open", f.path, err)
+			var size int64
+			if err == nil {
+				size, err = rv.Size(ctx)
 			}
-			size, err := rv.Size(ctx)
 			if err != nil {
 				s.Close()
 				return nil, 0, f.st.toErrno(ctx, "open", f.path, err)

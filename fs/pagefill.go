@@ -62,8 +62,7 @@ type pageFiller struct {
 	mu      sync.Mutex
 	cond    *sync.Cond
 	seeks   bool  // the reader asked SEEK_DATA or SEEK_HOLE
-	armed   bool  // and read too: it reads what it seeks
-	started bool  // the goroutine runs
+	started bool  // it read too (it reads what it seeks): the goroutine runs
 	pos     int64 // where the reader is
 	filled  int64 // stored up to here (from where the filler last started)
 	storing int64 // the end of the store under way, else filled
@@ -99,7 +98,10 @@ func (pf *pageFiller) sought(off int64) {
 func (pf *pageFiller) read(end int64) {
 	pf.mu.Lock()
 	defer pf.mu.Unlock()
-	pf.armed = pf.armed || pf.seeks
+	if pf.seeks && !pf.started && !pf.stopped {
+		pf.started = true
+		go pf.run()
+	}
 	pf.moveLocked(end)
 }
 
@@ -120,14 +122,9 @@ func (pf *pageFiller) moveLocked(off int64) {
 		i++
 	}
 	pf.ahead = pf.ahead[i:]
-	if !pf.armed {
-		return
+	if pf.started {
+		pf.cond.Signal()
 	}
-	if !pf.started {
-		pf.started = true
-		go pf.run()
-	}
-	pf.cond.Signal()
 }
 
 // stop ends the filling and waits for it.
