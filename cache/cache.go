@@ -60,6 +60,7 @@ var ErrClosed = errors.New("cache closed")
 type Stats struct {
 	Hits, Misses, FetchedBytes, Fetches, Evictions, ResidentBytes int64
 	Capacity                                                      int64
+	Pinned                                                        int64 // block pins held by Pinned results not yet released
 }
 
 type blockKey struct {
@@ -68,8 +69,8 @@ type blockKey struct {
 }
 
 // block is one cached block. buf and state change only under Cache.mu
-// (write); readers copy out under the read lock, so a buffer is never
-// recycled while being copied.
+// (write); readers copy out, or pin, under the read lock, so a buffer is
+// never recycled while being copied or while pinned.
 type block struct {
 	key   blockKey
 	buf   []byte
@@ -82,6 +83,11 @@ type block struct {
 	readahead bool
 	used      atomic.Bool // CLOCK reference bit
 	unread    atomic.Bool // read ahead and not read yet
+	// pins counts the Pinned results that hand buf out without a copy.
+	// It rises only under the read lock, so the write lock sees every
+	// pin taken before it; a pinned block is not evicted, and its buffer
+	// never goes back to the pool (if Close drops it, the collector has it).
+	pins atomic.Int32
 }
 
 // Cache is a block cache shared by all readers; safe for concurrent use.
@@ -93,6 +99,7 @@ type Cache struct {
 	wg     sync.WaitGroup
 	sem    chan struct{}
 	pool   sync.Pool
+	zeros  []byte // a block of zeros that Pinned results hand out for holes; never written
 
 	mu       sync.RWMutex
 	closed   bool
@@ -103,6 +110,7 @@ type Cache struct {
 	files    map[string]*fileState
 
 	hits, misses, fetchedBytes, fetches, evictions atomic.Int64
+	pinned                                         atomic.Int64
 	// streams counts the readers now reading sequentially: they share the
 	// readahead budget, half the capacity.
 	streams atomic.Int64
@@ -143,6 +151,7 @@ func New(opts Options) *Cache {
 	}
 	bs := opts.BlockSize
 	c.pool.New = func() any { b := make([]byte, bs); return &b }
+	c.zeros = make([]byte, bs)
 	return c
 }
 
@@ -159,6 +168,7 @@ func (c *Cache) Stats() Stats {
 		Evictions:     c.evictions.Load(),
 		ResidentBytes: res,
 		Capacity:      c.opts.Capacity,
+		Pinned:        c.pinned.Load(),
 	}
 }
 
@@ -217,17 +227,17 @@ func (c *Cache) blockLen(idx, size int64) int64 {
 	return min(c.opts.BlockSize, size-idx*c.opts.BlockSize)
 }
 
-// copyOut copies from a ready block under the read lock. It reports false
-// when the block is absent or not ready yet, returning the pending block if
-// a fetch is in flight.
-func (c *Cache) copyOut(k blockKey, dst []byte, inBlock int64) (bool, *block) {
+// useReady calls use with the ready block k under the read lock. It
+// reports false when the block is absent or not ready yet, returning the
+// pending block if a fetch is in flight.
+func (c *Cache) useReady(k blockKey, use func(*block)) (bool, *block) {
 	c.mu.RLock()
 	b := c.blocks[k]
 	if b == nil || !b.ready {
 		c.mu.RUnlock()
 		return false, b
 	}
-	copy(dst, b.buf[inBlock:])
+	use(b)
 	b.used.Store(true)
 	b.unread.Store(false)
 	c.mu.RUnlock()
@@ -442,9 +452,14 @@ func (c *Cache) evictLocked(need int64) {
 		if c.hand >= len(c.clock) {
 			c.hand = 0
 			passes++
+			if passes > 2 {
+				// Everything left is pinned: the pins go within
+				// microseconds (a reply's write), the next fetch evicts.
+				return
+			}
 		}
 		b := c.clock[c.hand]
-		if b.used.Swap(false) || (b.unread.Load() && passes < 2) {
+		if b.used.Swap(false) || (b.unread.Load() && passes < 2) || b.pins.Load() > 0 {
 			c.hand++
 			continue
 		}
@@ -460,7 +475,9 @@ func (c *Cache) evictLocked(need int64) {
 
 func (c *Cache) freeLocked(b *block) {
 	c.resident -= int64(len(b.buf))
-	c.putBuf(b.buf)
+	if b.pins.Load() == 0 {
+		c.putBuf(b.buf)
+	}
 	b.buf = nil
 	b.ready = false
 }

@@ -76,7 +76,76 @@ func (r *Reader) setStreaming(on bool) {
 // ReadAt fills p with [off, off+len(p)); it never returns partial data.
 func (r *Reader) ReadAt(ctx context.Context, p []byte, off int64) error {
 	n := int64(len(p))
-	if off < 0 || off > r.size-n {
+	if err := r.begin(off, n); err != nil || n == 0 {
+		return err
+	}
+	bs := r.c.opts.BlockSize
+	for pos := off; pos < off+n; {
+		idx := pos / bs
+		end := min((idx+1)*bs, off+n)
+		dst := p[pos-off : end-off]
+		inBlock := pos - idx*bs
+		if !r.data.Overlaps(pos, end-pos) {
+			clear(dst)
+		} else if err := r.awaitBlock(ctx, idx, inBlock, len(dst), func(b *block) { copy(dst, b.buf[inBlock:]) }); err != nil {
+			return err
+		}
+		pos = end
+	}
+	return nil
+}
+
+// Pinned is a range's bytes where they lie in the cache, for a FUSE reply
+// written straight from them (writev) instead of copied into a buffer
+// first. Until Release, none of its blocks is evicted or recycled.
+type Pinned struct {
+	Bufs   [][]byte
+	c      *Cache
+	blocks []*block
+}
+
+// Release lets the blocks go; Bufs must not be used after it. Safe to call
+// more than once.
+func (p *Pinned) Release() {
+	for _, b := range p.blocks {
+		b.pins.Add(-1)
+	}
+	p.c.pinned.Add(-int64(len(p.blocks)))
+	p.blocks = nil
+}
+
+// ReadPinned is ReadAt without the copy: the bytes of [off, off+n) as
+// slices of the cached blocks (holes as slices of zeros), fetched first
+// where missing. The slices are read-only.
+func (r *Reader) ReadPinned(ctx context.Context, off, n int64) (*Pinned, error) {
+	if err := r.begin(off, n); err != nil {
+		return nil, err
+	}
+	bs := r.c.opts.BlockSize
+	p := &Pinned{Bufs: make([][]byte, 0, n/bs+2), c: r.c}
+	for pos := off; pos < off+n; {
+		idx := pos / bs
+		end := min((idx+1)*bs, off+n)
+		inBlock, m := pos-idx*bs, end-pos
+		if !r.data.Overlaps(pos, m) {
+			p.Bufs = append(p.Bufs, r.c.zeros[:m])
+		} else if err := r.awaitBlock(ctx, idx, inBlock, int(m), func(b *block) {
+			b.pins.Add(1)
+			r.c.pinned.Add(1)
+			p.blocks = append(p.blocks, b)
+			p.Bufs = append(p.Bufs, b.buf[inBlock:inBlock+m])
+		}); err != nil {
+			p.Release()
+			return nil, err
+		}
+		pos = end
+	}
+	return p, nil
+}
+
+// begin checks a read of [off, off+n), counts it and feeds the readahead.
+func (r *Reader) begin(off, n int64) error {
+	if n < 0 || off < 0 || off > r.size-n {
 		return fmt.Errorf("cache read [%d, +%d) of disk size %d: out of range", off, n, r.size)
 	}
 	if r.closed.Load() {
@@ -89,44 +158,29 @@ func (r *Reader) ReadAt(ctx context.Context, p []byte, off int64) error {
 		r.tally.Reads.Add(1)
 		r.tally.HoleBytes.Add(n - r.data.DataIn(off, n))
 	}
-	if !r.data.Overlaps(off, n) {
-		clear(p)
-		r.track(off, n)
-		return nil
-	}
 	r.track(off, n)
-	bs := r.c.opts.BlockSize
-	for pos := off; pos < off+n; {
-		idx := pos / bs
-		end := min((idx+1)*bs, off+n)
-		dst := p[pos-off : end-off]
-		if !r.data.Overlaps(pos, end-pos) {
-			clear(dst)
-		} else if err := r.readBlock(ctx, idx, dst, pos-idx*bs); err != nil {
-			return err
-		}
-		pos = end
-	}
 	return nil
 }
 
-// readBlock copies block idx from inBlock into dst, fetching it on a miss.
-func (r *Reader) readBlock(ctx context.Context, idx int64, dst []byte, inBlock int64) error {
+// awaitBlock calls use with block idx once it is ready (under the cache's
+// read lock), fetching it on a miss; n bytes from inBlock are what the
+// caller takes, for the counters.
+func (r *Reader) awaitBlock(ctx context.Context, idx, inBlock int64, n int, use func(*block)) error {
 	c := r.c
 	k := blockKey{r.file, idx}
 	counted := false
 	for {
-		ok, b := c.copyOut(k, dst, inBlock)
+		ok, b := c.useReady(k, use)
 		if ok {
 			if !counted {
 				c.hits.Add(1)
-				r.count(true, idx, inBlock, len(dst))
+				r.count(true, idx, inBlock, n)
 			}
 			return nil
 		}
 		if !counted {
 			c.misses.Add(1)
-			r.count(false, idx, inBlock, len(dst))
+			r.count(false, idx, inBlock, n)
 			counted = true
 		}
 		if b == nil {
@@ -147,7 +201,7 @@ func (r *Reader) readBlock(ctx context.Context, idx int64, dst []byte, inBlock i
 			}
 			return b.err
 		}
-		// Ready now; loop to copy (or refetch if already evicted).
+		// Ready now; loop to use it (or refetch if already evicted).
 	}
 }
 

@@ -363,7 +363,20 @@ func (f *diskFile) Read(ctx context.Context, fh gofs.FileHandle, dest []byte, of
 	if off >= size {
 		return fuse.ReadResultData(nil), 0
 	}
-	p := dest[:min(int64(len(dest)), size-off)]
+	n := min(int64(len(dest)), size-off)
+	if h, ok := fh.(*handle); ok {
+		if ps, ok := h.s.(pinningStream); ok {
+			pinned, err := ps.ReadPinned(ctx, off, n)
+			if err != nil {
+				return nil, f.st.toErrno(ctx, "read", f.path, err)
+			}
+			if h.fill != nil {
+				h.fill.read(off + n)
+			}
+			return pinnedResult{pinned, int(n)}, 0
+		}
+	}
+	p := dest[:n]
 	// A short read before EOF would shrink the kernel's idea of the file:
 	// the whole range or an error.
 	if h, ok := fh.(*handle); ok && h.s != nil {
