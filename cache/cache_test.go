@@ -1,6 +1,7 @@
 package cache
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -160,8 +161,15 @@ func TestRandomReadsMatchReference(t *testing.T) {
 				}
 				require.NoError(t, r.ReadAt(ctx, p, off))
 				require.Equal(t, src.ref[off:off+n], p, "read [%d,+%d)", off, n)
+				pinned, err := r.ReadPinned(ctx, off, n)
+				require.NoError(t, err)
+				got := bytes.Join(pinned.Bufs, nil)
+				pinned.Release()
+				require.Equal(t, src.ref[off:off+n], append([]byte{}, got...), "pinned read [%d,+%d)", off, n)
 				assert.LessOrEqual(t, c.Stats().ResidentBytes, tc.capacity+3*tc.blockSize)
 			}
+			assert.Equal(t, make([]byte, tc.blockSize), c.zeros, "the zeros handed out for holes were written to")
+			assert.Zero(t, c.Stats().Pinned, "pins left after every release")
 			if tc.nExt == -1 {
 				assert.Zero(t, src.calls.Load(), "an all-hole disk needs no fetch")
 			}

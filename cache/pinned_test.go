@@ -3,7 +3,6 @@ package cache
 import (
 	"bytes"
 	"context"
-	"math/rand/v2"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -11,46 +10,6 @@ import (
 
 	"github.com/vmexportfs/vmexportfs/backend/extent"
 )
-
-func TestReadPinnedMatchesReference(t *testing.T) {
-	tests := []struct {
-		name      string
-		size      int64
-		blockSize int64
-		capacity  int64
-		nExt      int
-	}{
-		{"unaligned size, small blocks", 1<<20 + 12345, 4096, 64 << 10, 20},
-		{"tiny cache forces eviction", 300001, 1024, 4096, 50},
-		{"all hole", 1 << 18, 8192, 1 << 20, 0},
-		{"many extents", 2<<20 + 7, 65536, 512 << 10, 200},
-	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			rng := rand.New(rand.NewPCG(uint64(tc.size), uint64(tc.nExt+5)))
-			src := randomDisk(t, rng, tc.size, tc.nExt)
-			c := New(Options{Capacity: tc.capacity, BlockSize: tc.blockSize, Parallel: 3})
-			defer c.Close()
-			r := c.Open("disk", tc.size, src.data, src)
-			defer r.Close()
-			for range 500 {
-				off := rng.Int64N(tc.size)
-				n := rng.Int64N(min(tc.size-off, 3*tc.blockSize) + 1)
-				p, err := r.ReadPinned(context.Background(), off, n)
-				require.NoError(t, err)
-				got := bytes.Join(p.Bufs, nil)
-				p.Release()
-				require.Equal(t, src.ref[off:off+n], append([]byte{}, got...), "read [%d,+%d)", off, n)
-				assert.LessOrEqual(t, c.Stats().ResidentBytes, tc.capacity+3*tc.blockSize)
-			}
-			assert.Equal(t, make([]byte, tc.blockSize), c.zeros, "the zeros handed out for holes were written to")
-			assert.Zero(t, c.Stats().Pinned, "pins left after every release")
-			if tc.nExt == 0 {
-				assert.Zero(t, src.calls.Load(), "an all-hole disk needs no fetch")
-			}
-		})
-	}
-}
 
 // A pinned block's bytes go to the kernel after ReadPinned returns; reads
 // of other blocks meanwhile must neither evict it nor recycle its buffer.

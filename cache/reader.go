@@ -79,20 +79,9 @@ func (r *Reader) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if err := r.begin(off, n); err != nil || n == 0 {
 		return err
 	}
-	bs := r.c.opts.BlockSize
-	for pos := off; pos < off+n; {
-		idx := pos / bs
-		end := min((idx+1)*bs, off+n)
-		dst := p[pos-off : end-off]
-		inBlock := pos - idx*bs
-		if !r.data.Overlaps(pos, end-pos) {
-			clear(dst)
-		} else if err := r.awaitBlock(ctx, idx, inBlock, len(dst), func(b *block) { copy(dst, b.buf[inBlock:]) }); err != nil {
-			return err
-		}
-		pos = end
-	}
-	return nil
+	return r.eachBlock(ctx, off, n,
+		func(pos, m int64) { clear(p[pos-off : pos-off+m]) },
+		func(b *block, pos, inBlock, m int64) { copy(p[pos-off:pos-off+m], b.buf[inBlock:]) })
 }
 
 // Pinned is a range's bytes where they lie in the cache, for a FUSE reply
@@ -121,26 +110,40 @@ func (r *Reader) ReadPinned(ctx context.Context, off, n int64) (*Pinned, error) 
 	if err := r.begin(off, n); err != nil {
 		return nil, err
 	}
+	p := &Pinned{Bufs: make([][]byte, 0, n/r.c.opts.BlockSize+2), c: r.c}
+	err := r.eachBlock(ctx, off, n,
+		func(_, m int64) { p.Bufs = append(p.Bufs, r.c.zeros[:m]) },
+		func(b *block, _, inBlock, m int64) {
+			b.pins.Add(1)
+			r.c.pinned.Add(1)
+			p.blocks = append(p.blocks, b)
+			p.Bufs = append(p.Bufs, b.buf[inBlock:inBlock+m])
+		})
+	if err != nil {
+		p.Release()
+		return nil, err
+	}
+	return p, nil
+}
+
+// eachBlock walks [off, off+n) a block at a time: hole gets the parts the
+// map has no data in, use each data part's block once it is ready (under
+// the cache's read lock, fetched first on a miss), with the part's offset
+// in the disk and in the block and its length.
+func (r *Reader) eachBlock(ctx context.Context, off, n int64, hole func(pos, m int64), use func(b *block, pos, inBlock, m int64)) error {
 	bs := r.c.opts.BlockSize
-	p := &Pinned{Bufs: make([][]byte, 0, n/bs+2), c: r.c}
 	for pos := off; pos < off+n; {
 		idx := pos / bs
 		end := min((idx+1)*bs, off+n)
 		inBlock, m := pos-idx*bs, end-pos
 		if !r.data.Overlaps(pos, m) {
-			p.Bufs = append(p.Bufs, r.c.zeros[:m])
-		} else if err := r.awaitBlock(ctx, idx, inBlock, int(m), func(b *block) {
-			b.pins.Add(1)
-			r.c.pinned.Add(1)
-			p.blocks = append(p.blocks, b)
-			p.Bufs = append(p.Bufs, b.buf[inBlock:inBlock+m])
-		}); err != nil {
-			p.Release()
-			return nil, err
+			hole(pos, m)
+		} else if err := r.awaitBlock(ctx, idx, inBlock, int(m), func(b *block) { use(b, pos, inBlock, m) }); err != nil {
+			return err
 		}
 		pos = end
 	}
-	return p, nil
+	return nil
 }
 
 // begin checks a read of [off, off+n), counts it and feeds the readahead.

@@ -299,6 +299,14 @@ type handle struct {
 	fill *pageFiller // disk.img only
 }
 
+// stream is the handle's stream; nil for a nil handle or a view without one.
+func (h *handle) stream() stream {
+	if h == nil {
+		return nil
+	}
+	return h.s
+}
+
 const writeFlags = syscall.O_WRONLY | syscall.O_RDWR | syscall.O_TRUNC | syscall.O_APPEND
 
 func (f *diskFile) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
@@ -346,11 +354,10 @@ func (f *diskFile) Read(ctx context.Context, fh gofs.FileHandle, dest []byte, of
 	f.st.inflight.Add(1)
 	defer f.st.inflight.Add(-1)
 	f.counters().readRequests.Add(1)
-	if h, ok := fh.(*handle); ok {
-		if s, ok := h.s.(interface{ valid() error }); ok {
-			if err := s.valid(); err != nil {
-				return nil, f.st.toErrno(ctx, "read", f.path, err)
-			}
+	h, _ := fh.(*handle)
+	if s, ok := h.stream().(interface{ valid() error }); ok {
+		if err := s.valid(); err != nil {
+			return nil, f.st.toErrno(ctx, "read", f.path, err)
 		}
 	}
 	size, err := f.v.Size(ctx)
@@ -363,33 +370,29 @@ func (f *diskFile) Read(ctx context.Context, fh gofs.FileHandle, dest []byte, of
 	if off >= size {
 		return fuse.ReadResultData(nil), 0
 	}
-	n := min(int64(len(dest)), size-off)
-	if h, ok := fh.(*handle); ok {
-		if ps, ok := h.s.(pinningStream); ok {
-			pinned, err := ps.ReadPinned(ctx, off, n)
-			if err != nil {
-				return nil, f.st.toErrno(ctx, "read", f.path, err)
-			}
-			if h.fill != nil {
-				h.fill.read(off + n)
-			}
-			return pinnedResult{pinned, int(n)}, 0
-		}
-	}
-	p := dest[:n]
 	// A short read before EOF would shrink the kernel's idea of the file:
 	// the whole range or an error.
-	if h, ok := fh.(*handle); ok && h.s != nil {
-		if err = h.s.ReadAt(ctx, p, off); err == nil && h.fill != nil {
-			h.fill.read(off + int64(len(p)))
-		}
+	n := min(int64(len(dest)), size-off)
+	var res fuse.ReadResult
+	if ps, ok := h.stream().(pinningStream); ok {
+		pinned, e := ps.ReadPinned(ctx, off, n)
+		res, err = pinnedResult{pinned, int(n)}, e
 	} else {
-		err = f.v.ReadAt(ctx, p, off)
+		p := dest[:n]
+		if s := h.stream(); s != nil {
+			err = s.ReadAt(ctx, p, off)
+		} else {
+			err = f.v.ReadAt(ctx, p, off)
+		}
+		res = fuse.ReadResultData(p)
 	}
 	if err != nil {
 		return nil, f.st.toErrno(ctx, "read", f.path, err)
 	}
-	return fuse.ReadResultData(p), 0
+	if h != nil && h.fill != nil {
+		h.fill.read(off + n)
+	}
+	return res, 0
 }
 
 const (
