@@ -7,6 +7,8 @@ import (
 	"encoding/hex"
 	"log/slog"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -19,6 +21,7 @@ import (
 	"github.com/vmexportfs/vmexportfs/backend"
 	"github.com/vmexportfs/vmexportfs/backend/backendtest"
 	"github.com/vmexportfs/vmexportfs/backend/extent"
+	"github.com/vmexportfs/vmexportfs/backend/testenv"
 	"github.com/vmexportfs/vmexportfs/cache"
 )
 
@@ -221,9 +224,10 @@ func TestPageFillerStores(t *testing.T) {
 // page cache by the time cp reads it, so almost no READ reaches the mount,
 // and the copy is still the disk's bytes.
 func TestPageCacheFill(t *testing.T) {
-	const n, stride, length = 1000, 32 << 10, 4096
+	// Holes of 92 KiB: longer than minSeekHole, so cp seeks over each.
+	const n, stride, length = 1000, 96 << 10, 4096
 	d := sparseDisk(t, n*stride, n, stride, length)
-	newRoot := func(t *testing.T) (*Root, string) {
+	mountDisk := func(t *testing.T, d *backendtest.Disk) (*Root, string) {
 		src := backendtest.New(&backendtest.VM{ID: "vm", Snapshots: []*backendtest.Snapshot{{Snapshot: backend.Snapshot{ID: "s"}, Disks: []*backendtest.Disk{d}}}})
 		c := cache.New(cache.Options{Capacity: 16 * mib})
 		t.Cleanup(c.Close)
@@ -232,12 +236,18 @@ func TestPageCacheFill(t *testing.T) {
 		mnt := mountRoot(t, root)
 		return root, filepath.Join(mnt, "vms/vm/snapshots/s/disk.img")
 	}
-	t.Run("cp --sparse", func(t *testing.T) {
-		root, in := newRoot(t)
+	// copySparse copies in with cp --sparse=always, checks the copy holds
+	// d's bytes and returns its path.
+	copySparse := func(t *testing.T, in string, d *backendtest.Disk) string {
 		out := filepath.Join(t.TempDir(), "out.img")
 		mustRun(t, "cp", "--sparse=always", in, out)
 		want := sha256.Sum256(d.Data)
-		assert.Equal(t, hex.EncodeToString(want[:]), sha(t, out))
+		assert.Equal(t, hex.EncodeToString(want[:]), sha(t, out), "sha256 of the copy")
+		return out
+	}
+	t.Run("cp --sparse", func(t *testing.T) {
+		root, in := mountDisk(t, d)
+		copySparse(t, in, d)
 		doc := root.Document()
 		t.Logf("%d extents: %d READs reached the mount, %d bytes stored in the page cache", n, doc.Reads.ReadRequests, doc.Reads.PageCacheBytes)
 		// One READ an extent without the filler; with it, the few that
@@ -248,27 +258,15 @@ func TestPageCacheFill(t *testing.T) {
 	})
 	t.Run("cp --sparse of long extents: the kernel reads ahead, nothing stored", func(t *testing.T) {
 		long := sparseDisk(t, 16*mib, 4, 4*mib, mib)
-		src := backendtest.New(&backendtest.VM{ID: "vm", Snapshots: []*backendtest.Snapshot{{Snapshot: backend.Snapshot{ID: "s"}, Disks: []*backendtest.Disk{long}}}})
-		root, err := NewRoot(src, Options{Cache: cache.New(cache.Options{Capacity: 16 * mib})})
-		require.NoError(t, err)
-		in := filepath.Join(mountRoot(t, root), "vms/vm/snapshots/s/disk.img")
-		out := filepath.Join(t.TempDir(), "out.img")
-		mustRun(t, "cp", "--sparse=always", in, out)
-		want := sha256.Sum256(long.Data)
-		assert.Equal(t, hex.EncodeToString(want[:]), sha(t, out))
+		root, in := mountDisk(t, long)
+		copySparse(t, in, long)
 		assert.Zero(t, root.Document().Reads.PageCacheBytes, "bytes stored: the kernel's readahead has them")
 	})
 	t.Run("cp --sparse of long extents far apart: the kernel reads ahead little of the holes", func(t *testing.T) {
 		const extents, stride, length = 8, 24 * mib, 8 * mib
 		far := sparseDisk(t, extents*stride, extents, stride, length)
-		src := backendtest.New(&backendtest.VM{ID: "vm", Snapshots: []*backendtest.Snapshot{{Snapshot: backend.Snapshot{ID: "s"}, Disks: []*backendtest.Disk{far}}}})
-		root, err := NewRoot(src, Options{Cache: cache.New(cache.Options{Capacity: 16 * mib})})
-		require.NoError(t, err)
-		in := filepath.Join(mountRoot(t, root), "vms/vm/snapshots/s/disk.img")
-		out := filepath.Join(t.TempDir(), "out.img")
-		mustRun(t, "cp", "--sparse=always", in, out)
-		want := sha256.Sum256(far.Data)
-		assert.Equal(t, hex.EncodeToString(want[:]), sha(t, out))
+		root, in := mountDisk(t, far)
+		copySparse(t, in, far)
 		// What the kernel reads past an extent's end before cp seeks on
 		// is a hole answered with zeros, each page allocated and copied:
 		// with 4 MiB of read_ahead_kb that was 16 MiB an extent, twice
@@ -278,8 +276,33 @@ func TestPageCacheFill(t *testing.T) {
 		t.Logf("%d extents of %d MiB: %d MiB of holes read", extents, length/mib, holes/mib)
 		assert.LessOrEqual(t, holes, int64(extents*length), "hole bytes the kernel read ahead: no more than the data")
 	})
+	t.Run("cp --sparse of extents closer than minSeekHole: one sequential read, a sparse copy", func(t *testing.T) {
+		// 4 KiB extents 4 KiB apart, then a long hole and one more.
+		const n, stride, length = 2048, 8 << 10, 4096
+		exts := make([]extent.Extent, 0, n+1)
+		for i := range n {
+			exts = append(exts, extent.Extent{Off: int64(i) * stride, Len: length})
+		}
+		exts = append(exts, extent.Extent{Off: 48 * mib, Len: length})
+		close := mustDisk(t, "d", "xvda", 64*mib, 7, exts...)
+		root, in := mountDisk(t, close)
+
+		// lseek shows the close extents as one, the long hole as a hole;
+		// st_blocks counts only the data.
+		assert.Equal(t, []extent.Extent{{Off: 0, Len: (n-1)*stride + length}, {Off: 48 * mib, Len: length}}, testenv.SeekMap(t, in))
+		blocks := strconv.Itoa((n + 1) * length / 512)
+		assert.Equal(t, blocks, strings.TrimSpace(mustRun(t, "stat", "-c", "%b", in)))
+
+		out := copySparse(t, in, close)
+		// cp found the zeros it read and left them holes.
+		assert.Equal(t, blocks, strings.TrimSpace(mustRun(t, "stat", "-c", "%b", out)), "blocks of the copy")
+		doc := root.Document()
+		assert.LessOrEqual(t, doc.Reads.ReadRequests, int64(64), "READs: 16 MiB read in 1 MiB READs, not one an extent")
+		assert.LessOrEqual(t, doc.Reads.PageCacheBytes, int64(length), "bytes stored: the lone extent at most, the kernel's readahead has the rest")
+		assert.LessOrEqual(t, doc.Fetches.Bytes, int64(n+1)*length*2, "bytes fetched: the data, never the holes")
+	})
 	t.Run("qemu-img map reads nothing", func(t *testing.T) {
-		root, in := newRoot(t)
+		root, in := mountDisk(t, d)
 		mustRun(t, "qemu-img", "map", "-f", "raw", in)
 		doc := root.Document()
 		assert.Zero(t, doc.Reads.PageCacheBytes, "bytes stored for a walk of the map")

@@ -251,6 +251,16 @@ func (m Map) Runs(off, n, maxGap int64) []Extent {
 	return out
 }
 
+// WithoutHolesUnder returns m with every hole between two extents that is
+// shorter than n made data; the holes before the first extent and after the
+// last stay. n <= 1 returns m.
+func (m Map) WithoutHolesUnder(n int64) Map {
+	if len(m.exts) < 2 || n <= 1 {
+		return m
+	}
+	return Map{exts: m.Runs(0, m.exts[len(m.exts)-1].End(), n-1)}
+}
+
 // ZeroHoles clears every byte of p, which holds [off, off+len(p)), that is
 // not data in m: what a run read from the backend brought in from holes.
 func (m Map) ZeroHoles(p []byte, off int64) {

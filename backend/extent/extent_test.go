@@ -187,6 +187,35 @@ func TestRunsAndZeroHoles(t *testing.T) {
 	}
 }
 
+func TestWithoutHolesUnder(t *testing.T) {
+	m, err := Normalize([]Extent{{10, 2}, {20, 2}, {30, 2}, {100, 5}, {200, 50}}, 1000)
+	require.NoError(t, err)
+	tests := []struct {
+		name string
+		n    int64
+		want []Extent
+	}{
+		{"zero keeps every hole", 0, m.Extents()},
+		{"one keeps every hole", 1, m.Extents()},
+		{"holes shorter than 9", 9, []Extent{{10, 22}, {100, 5}, {200, 50}}},
+		{"a hole of exactly n stays", 8, m.Extents()},
+		{"holes shorter than 96", 96, []Extent{{10, 240}}},
+		{"the holes at either end stay", 1 << 40, []Extent{{10, 240}}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := m.WithoutHolesUnder(tt.n)
+			assert.Equal(t, tt.want, got.Extents())
+			// Still a normalized map of the same disk, holding all of m.
+			again, err := Normalize(got.Extents(), 1000)
+			require.NoError(t, err)
+			assert.Equal(t, got.Extents(), again.Extents())
+			assert.Zero(t, m.Subtract(got).Len(), "data of m outside the result")
+		})
+	}
+	assert.Zero(t, Map{}.WithoutHolesUnder(64).Len())
+}
+
 func TestWriteToMatchesFormat(t *testing.T) {
 	var raw []Extent
 	for i := range int64(20000) { // many 64 KiB pieces

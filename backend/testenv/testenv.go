@@ -7,12 +7,17 @@
 package testenv
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"slices"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/vmexportfs/vmexportfs/backend/extent"
 )
 
 // AllowSkipEnv, set to 1, lets a test whose needs are not met skip instead
@@ -80,4 +85,36 @@ func Missing(t testing.TB, what, how string) {
 		return
 	}
 	t.Fatal(msg + "; or set " + AllowSkipEnv + "=1 to skip such tests")
+}
+
+// SeekMap is the SEEK_DATA/SEEK_HOLE map of the file at path, as a reader
+// that skips holes sees it.
+func SeekMap(t testing.TB, path string) []extent.Extent {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatalf("seek map: %v", err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		t.Fatalf("seek map: %v", err)
+	}
+	var out []extent.Extent
+	for off := int64(0); off < st.Size(); {
+		start, err := unix.Seek(int(f.Fd()), off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("seek map: SEEK_DATA %d of %s: %v", off, path, err)
+		}
+		end, err := unix.Seek(int(f.Fd()), start, unix.SEEK_HOLE)
+		if err != nil {
+			t.Fatalf("seek map: SEEK_HOLE %d of %s: %v", start, path, err)
+		}
+		out = append(out, extent.Extent{Off: start, Len: end - start})
+		off = end
+	}
+	return out
 }

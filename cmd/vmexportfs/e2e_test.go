@@ -19,6 +19,7 @@ import (
 	"github.com/vmexportfs/vmexportfs/backend/coriolis/coriolistest"
 	"github.com/vmexportfs/vmexportfs/backend/extent"
 	"github.com/vmexportfs/vmexportfs/backend/meter"
+	"github.com/vmexportfs/vmexportfs/backend/testenv"
 	"github.com/vmexportfs/vmexportfs/backend/xapi/xapitest"
 	"github.com/vmexportfs/vmexportfs/fs"
 )
@@ -70,7 +71,7 @@ func newCopyDisk(t *testing.T, p simPlatform) (sid, source string) {
 	for _, e := range copyWrites {
 		want = append(want, extent.Extent{Off: e.Off, Len: min((e.End()+64*kib-1)/(64*kib)*64*kib, size) - e.Off})
 	}
-	require.Equal(t, formatExtents(want), formatExtents(dataMap(t, source)), "the simulator's snapshot file")
+	require.Equal(t, formatExtents(want), formatExtents(testenv.SeekMap(t, source)), "the simulator's snapshot file")
 	return sid, source
 }
 
@@ -273,7 +274,7 @@ func TestXattrMaps(t *testing.T) {
 	assert.Contains(t, dump, "user.vmexport.changed."+base+"=", "the previous snapshot's map is listed")
 
 	allocated := tool(t, "getfattr", "--only-values", "-n", "user.vmexport.extents", disk)
-	assert.Equal(t, formatExtents(dataMap(t, f.source("vm-x", target, "x.img"))), allocated)
+	assert.Equal(t, formatExtents(testenv.SeekMap(t, f.source("vm-x", target, "x.img"))), allocated)
 
 	// What changed: the rewritten extents, and the discarded megabyte, which a
 	// delta must carry as zeros.

@@ -23,7 +23,6 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
-	"golang.org/x/sys/unix"
 
 	"github.com/vmexportfs/vmexportfs/backend/coriolis/coriolistest"
 	"github.com/vmexportfs/vmexportfs/backend/extent"
@@ -297,7 +296,7 @@ func contentDigest(t *testing.T, path string) string {
 	h := sha256.New()
 	block := make([]byte, 4096)
 	next := int64(0) // where the blocks not yet hashed start
-	for _, e := range dataMap(t, path) {
+	for _, e := range testenv.SeekMap(t, path) {
 		for b := max(e.Off/4096*4096, next); b < e.End(); b += 4096 {
 			n, err := f.ReadAt(block, b)
 			if !errors.Is(err, io.EOF) {
@@ -312,29 +311,6 @@ func contentDigest(t *testing.T, path string) string {
 	}
 	_ = binary.Write(h, binary.BigEndian, st.Size())
 	return hex.EncodeToString(h.Sum(nil))
-}
-
-// dataMap is the SEEK_DATA/SEEK_HOLE map of a local sparse file.
-func dataMap(t *testing.T, path string) []extent.Extent {
-	t.Helper()
-	f, err := os.Open(path)
-	require.NoError(t, err)
-	defer f.Close()
-	st, err := f.Stat()
-	require.NoError(t, err)
-	var out []extent.Extent
-	for off := int64(0); off < st.Size(); {
-		start, err := unix.Seek(int(f.Fd()), off, unix.SEEK_DATA)
-		if errors.Is(err, unix.ENXIO) {
-			break
-		}
-		require.NoError(t, err)
-		end, err := unix.Seek(int(f.Fd()), start, unix.SEEK_HOLE)
-		require.NoError(t, err)
-		out = append(out, extent.Extent{Off: start, Len: end - start})
-		off = end
-	}
-	return out
 }
 
 func formatExtents(es []extent.Extent) string {

@@ -14,6 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/vmexportfs/vmexportfs/backend/kubevirt/kubevirttest"
+	"github.com/vmexportfs/vmexportfs/backend/testenv"
 )
 
 // newKVFixtureWith is newKVFixture with simulator options of its own.
@@ -68,7 +69,7 @@ func TestKubeVirtBackupCopyTools(t *testing.T) {
 		t.Run(backup, func(t *testing.T) {
 			ref := f.sim.BackupFile(backup, copyDisk)
 			want := sha256File(t, ref)
-			allocated := allocatedBytes(dataMap(t, ref))
+			allocated := allocatedBytes(testenv.SeekMap(t, ref))
 			for _, tc := range copyTools {
 				t.Run(tc.name, func(t *testing.T) {
 					m := f.mount(t) // cold
