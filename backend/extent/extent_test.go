@@ -214,6 +214,8 @@ func TestWithoutHolesUnder(t *testing.T) {
 		})
 	}
 	assert.Zero(t, Map{}.WithoutHolesUnder(64).Len())
+	kept := m.WithoutHolesUnder(8)
+	assert.Same(t, &m.Extents()[0], &kept.Extents()[0], "no hole under n: the map itself, not a copy")
 }
 
 func TestWriteToMatchesFormat(t *testing.T) {
